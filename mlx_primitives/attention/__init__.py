@@ -1,0 +1,32 @@
+"""Attention functions: flash-attention's interface on MLX arrays, one dispatcher behind it."""
+
+from .dispatch import Route, choose_route
+from .flash import (
+    explain,
+    flash_attention,
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+)
+from .layers import Attention, ChunkedCrossAttention, FlashAttention, SlidingWindowAttention
+from .reference import reference_attention
+from .spec import AttentionSpec, describe_attention
+from .varlen import flash_attn_varlen_func
+
+__all__ = [
+    "Attention",
+    "AttentionSpec",
+    "ChunkedCrossAttention",
+    "FlashAttention",
+    "Route",
+    "SlidingWindowAttention",
+    "choose_route",
+    "describe_attention",
+    "explain",
+    "flash_attention",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "reference_attention",
+]

@@ -1,0 +1,214 @@
+"""Attention layers: thin ``mlx.nn.Module`` wrappers around :func:`flash_attention`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .flash import flash_attention
+from .spec import check_layout
+
+KERNELS = {"flash": "auto", "sdpa": "sdpa", "reference": "reference"}
+
+
+class FlashAttention(nn.Module):
+    """Attention over given queries, keys and values, routed to the fastest path.
+
+    Args:
+        num_heads (int): query heads.
+        head_dim (int): size of each head.
+        causal (bool): bottom-right aligned causal mask. Default: ``False``.
+        window_size (tuple[int, int]): ``(left, right)`` visible keys, ``-1`` unbounded. Default: ``(-1, -1)``.
+        softcap (float): ``c`` of ``c * tanh(s / c)``; ``0`` disables. Default: ``0.0``.
+        layout (str): ``"BSHD"`` ``(batch, seq, heads, dim)`` or ``"BHSD"``. Default: ``"BSHD"``.
+        scale (float, optional): softmax scale. Default: ``1 / sqrt(head_dim)``.
+        dropout_p (float): attention dropout, applied in training mode only. Default: ``0.0``.
+
+    Call with ``q``, ``k``, ``v`` in ``layout`` (k and v may have fewer heads, GQA) and an
+    optional ``mask`` (``"causal"`` or an array broadcastable to ``(batch, heads, seq_q, seq_k)``).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        causal: bool = False,
+        window_size: Tuple[int, int] = (-1, -1),
+        softcap: float = 0.0,
+        layout: str = "BSHD",
+        scale: Optional[float] = None,
+        dropout_p: float = 0.0,
+    ):
+        super().__init__()
+        check_layout(layout)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.causal = causal
+        self.window_size = tuple(window_size)
+        self.softcap = softcap
+        self.layout = layout
+        self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+        self.dropout_p = dropout_p
+
+    def _extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, head_dim={self.head_dim}, causal={self.causal}, "
+            f"window_size={self.window_size}, softcap={self.softcap}, layout={self.layout!r}"
+        )
+
+    def _check_heads(self, q: mx.array) -> None:
+        heads, dim = (q.shape[2], q.shape[3]) if self.layout == "BSHD" else (q.shape[1], q.shape[3])
+        if (heads, dim) != (self.num_heads, self.head_dim):
+            raise ValueError(
+                f"q must have {self.num_heads} heads of dim {self.head_dim} in layout {self.layout}; "
+                f"got shape {q.shape}"
+            )
+
+    def __call__(self, q: mx.array, k: mx.array, v: mx.array, mask: Union[None, str, mx.array] = None,
+                 **options: Any) -> mx.array:
+        if q.ndim == 4:
+            self._check_heads(q)
+        options.setdefault("window_size", self.window_size)
+        options.setdefault("softcap", self.softcap)
+        options.setdefault("dropout_p", self.dropout_p if self.training else 0.0)
+        return flash_attention(q, k, v, causal=self.causal, layout=self.layout, scale=self.scale, mask=mask,
+                               **options)
+
+
+def sliding_window(window_size: Union[int, Tuple[int, int]], causal: bool) -> Tuple[int, int]:
+    """``(left, right)`` of a window given as its total width ``W`` (``W`` keys per query, itself included)."""
+    if isinstance(window_size, int) and not isinstance(window_size, bool):
+        if window_size < 1:
+            raise ValueError(f"window_size must be >= 1; got {window_size}")
+        return (window_size - 1, 0) if causal else ((window_size - 1) // 2, window_size // 2)
+    return tuple(window_size)
+
+
+class SlidingWindowAttention(FlashAttention):
+    """Local attention: each query sees a fixed window of keys (Mistral, Gemma-2 local layers).
+
+    Args:
+        num_heads (int): query heads.
+        head_dim (int): size of each head.
+        window_size (int or tuple[int, int]): ``W`` keys per query including itself
+            (``(W - 1, 0)`` when causal, centred otherwise) or an explicit ``(left, right)``.
+        causal (bool): Default: ``True``.
+        softcap, layout, scale, dropout_p: as in :class:`FlashAttention`.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, window_size: Union[int, Tuple[int, int]],
+                 causal: bool = True, softcap: float = 0.0, layout: str = "BSHD", scale: Optional[float] = None,
+                 dropout_p: float = 0.0):
+        super().__init__(num_heads, head_dim, causal, sliding_window(window_size, causal), softcap, layout,
+                         scale, dropout_p)
+
+
+class ChunkedCrossAttention(FlashAttention):
+    """Cross-attention over a long key/value sequence with bounded memory.
+
+    Keys are visited ``chunk_size`` at a time with online softmax, so memory stays
+    O(seq_q * head_dim + chunk_size^2) per head on every backend (fused kernels on
+    GPUs are O(N) already; on the CPU the blockwise reference path is used).
+
+    Args:
+        num_heads (int): query heads.
+        head_dim (int): size of each head.
+        chunk_size (int): keys (and queries) per block. Default: ``1024``.
+        layout, scale: as in :class:`FlashAttention`.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, chunk_size: int = 1024, layout: str = "BSHD",
+                 scale: Optional[float] = None):
+        super().__init__(num_heads, head_dim, layout=layout, scale=scale)
+        self.chunk_size = chunk_size
+
+    def _extra_repr(self) -> str:
+        return f"{super()._extra_repr()}, chunk_size={self.chunk_size}"
+
+    def __call__(self, q: mx.array, k: mx.array, v: mx.array, mask=None, **options: Any) -> mx.array:
+        return super().__call__(q, k, v, mask, chunk_size=self.chunk_size, **options)
+
+
+class Attention(nn.Module):
+    """A full multi-head attention block: projections, RoPE, optional cache, attention, output.
+
+    Args:
+        dims (int): model width.
+        num_heads (int): query heads.
+        num_kv_heads (int, optional): key/value heads (GQA/MQA). Default: ``num_heads``.
+        head_dim (int, optional): Default: ``dims // num_heads``.
+        bias (bool): biases in the projections. Default: ``False``.
+        rope (bool or nn.Module): ``True`` for ``nn.RoPE(head_dim, base=rope_base)``, ``False`` for none,
+            or any module called as ``rope(x, offset=...)`` on ``(batch, heads, seq, dim)``. Default: ``True``.
+        rope_base (float): RoPE base when ``rope=True``. Default: ``10000``.
+        kernel (str): ``"flash"`` (dispatcher picks), ``"sdpa"`` or ``"reference"``. Default: ``"flash"``.
+        window_size, softcap, scale: as in :class:`FlashAttention`.
+
+    Call with ``x`` ``(batch, seq, dims)``, an optional ``mask`` (``"causal"`` or an array
+    broadcastable to ``(batch, heads, seq, seq_k)``) and an optional cache with mlx-lm's
+    ``update_and_fetch(keys, values)`` / ``offset`` interface. Returns ``(batch, seq, dims)``.
+    """
+
+    def __init__(
+        self,
+        dims: int,
+        num_heads: int,
+        num_kv_heads: Optional[int] = None,
+        head_dim: Optional[int] = None,
+        bias: bool = False,
+        rope: Union[bool, nn.Module] = True,
+        rope_base: float = 10000.0,
+        kernel: str = "flash",
+        window_size: Tuple[int, int] = (-1, -1),
+        softcap: float = 0.0,
+        scale: Optional[float] = None,
+    ):
+        super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {tuple(KERNELS)}; got {kernel!r}")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = head_dim or dims // num_heads
+        self.kernel = kernel
+        self.window_size = tuple(window_size)
+        self.softcap = softcap
+        self.scale = scale if scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.q_proj = nn.Linear(dims, num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(dims, num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(dims, num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, dims, bias=bias)
+        if rope is True:
+            self.rope = nn.RoPE(self.head_dim, base=rope_base)
+        elif rope is False:
+            self.rope = None
+        else:
+            self.rope = rope
+
+    def _extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"kernel={self.kernel!r}"
+        )
+
+    def __call__(self, x: mx.array, mask: Union[None, str, mx.array] = None, cache: Any = None) -> mx.array:
+        if x.ndim != 3:
+            raise ValueError(f"x must have shape (batch, seq, dims); got {x.shape}")
+        batch, length, _ = x.shape
+        q = self.q_proj(x).reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        if self.rope is not None:
+            offset = cache.offset if cache is not None else 0
+            q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = flash_attention(
+            q, k, v, layout="BHSD", scale=self.scale, mask=mask, window_size=self.window_size,
+            softcap=self.softcap, path=KERNELS[self.kernel],
+        )
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))

@@ -1,0 +1,196 @@
+"""The reference path: attention in pure MLX ops, blockwise with online softmax.
+
+It runs on every backend, is differentiable through MLX's autodiff, and keeps
+memory at O(q_len * head_dim + chunk^2) per head: queries and keys are visited in
+``chunk x chunk`` blocks and only the running max, denominator and output
+accumulator of each query block are kept. Key blocks that the causal mask or the
+window hides entirely are never computed. It is the oracle for the kernels and
+their fallback.
+
+Layout is BHSD. GQA is computed with queries viewed as
+``(batch, num_kv_heads, groups, q_len, head_dim)`` against keys broadcast over the
+group axis, so repeated K/V are never materialized.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import mlx.core as mx
+
+from .dropout import keep_mask
+from .spec import AttentionSpec
+
+DEFAULT_CHUNK = 256
+
+
+def _grouped(x: mx.array, spec: AttentionSpec) -> mx.array:
+    """(B, Hq, ...) -> (B, Hk, G, ...)."""
+    return x.reshape(x.shape[0], spec.num_kv_heads, spec.groups, *x.shape[2:])
+
+
+def _per_head(values: mx.array, spec: AttentionSpec) -> mx.array:
+    """(H,) or (B, H) per-head values -> broadcastable (B|1, Hk, G, 1, 1) float32."""
+    values = values.astype(mx.float32)
+    if values.ndim == 1:
+        values = values[None]
+    return values.reshape(values.shape[0], spec.num_kv_heads, spec.groups, 1, 1)
+
+
+class _Block:
+    """Index helpers of one (query rows, key columns) block, shared by the paths below."""
+
+    def __init__(self, spec: AttentionSpec, i0: int, i1: int, j0: int, j1: int):
+        self.spec, self.i0, self.i1, self.j0, self.j1 = spec, i0, i1, j0, j1
+        self.rows = mx.arange(i0, i1, dtype=mx.int32)[:, None]
+        self.cols = mx.arange(j0, j1, dtype=mx.int32)[None, :]
+
+    def scores(
+        self, q_blk: mx.array, k_blk: mx.array, slopes: Optional[mx.array], mask: Optional[mx.array]
+    ) -> mx.array:
+        """Scaled, capped, biased and masked scores ``(B, Hk, G, rows, cols)``, -inf where hidden."""
+        spec = self.spec
+        s = q_blk @ k_blk.swapaxes(-1, -2)
+        if spec.softcap > 0:
+            s = spec.softcap * mx.tanh(s / spec.softcap)
+        if slopes is not None:
+            s = s - slopes * mx.abs(self.rows + spec.offset - self.cols).astype(mx.float32)
+        if mask is not None:
+            block = self._mask_block(mask)
+            s = mx.where(block, s, -mx.inf) if block.dtype == mx.bool_ else s + block.astype(mx.float32)
+        if not spec.fully_visible(self.i0, self.i1, self.j0, self.j1):
+            s = mx.where(self._visible(), s, -mx.inf)
+        return s
+
+    def _visible(self) -> mx.array:
+        left, right = self.spec.window
+        pos = self.rows + self.spec.offset
+        visible = mx.ones((self.i1 - self.i0, self.j1 - self.j0), dtype=mx.bool_)
+        if right >= 0:
+            visible = visible & (self.cols <= pos + right)
+        if left >= 0:
+            visible = visible & (self.cols >= pos - left)
+        return visible
+
+    def _mask_block(self, mask: mx.array) -> mx.array:
+        spec = self.spec
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        rows = slice(self.i0, self.i1) if mask.shape[2] > 1 else slice(None)
+        cols = slice(self.j0, self.j1) if mask.shape[3] > 1 else slice(None)
+        block = mx.broadcast_to(
+            mask[:, :, rows, cols], (spec.batch, spec.num_heads, self.i1 - self.i0, self.j1 - self.j0)
+        )
+        return _grouped(block, spec)
+
+    def keep(self, seed: mx.array, batch_offset: int) -> mx.array:
+        spec = self.spec
+        heads = mx.arange(spec.num_heads, dtype=mx.uint32).reshape(spec.num_kv_heads, spec.groups)
+        batches = mx.arange(batch_offset, batch_offset + spec.batch, dtype=mx.uint32)
+        batch_head = (batches[:, None, None] * spec.num_heads + heads)[..., None, None]
+        return keep_mask(seed, batch_head, self.rows.astype(mx.uint32), self.cols.astype(mx.uint32), spec.dropout_p)
+
+
+def reference_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    spec: AttentionSpec,
+    dropout_seed: Optional[mx.array] = None,
+    batch_offset: int = 0,
+) -> Tuple[mx.array, mx.array]:
+    """Blockwise attention with online softmax.
+
+    Args:
+        q: ``(batch, num_heads, q_len, head_dim)``.
+        k: ``(batch, num_kv_heads, k_len, head_dim)``.
+        v: ``(batch, num_kv_heads, k_len, v_head_dim)``.
+        spec: the call's description (:func:`describe_attention`).
+        dropout_seed: uint32 scalar, required when ``spec.dropout_p > 0``.
+        batch_offset: index of batch row 0 in the dropout counter (varlen sequences).
+
+    Returns:
+        ``(out, lse)``: ``out`` ``(batch, num_heads, q_len, v_head_dim)`` in q's dtype;
+        ``lse`` ``(batch, num_heads, q_len)`` float32, ``-inf`` for rows that see no key.
+    """
+    if spec.q_len == 0:
+        return (
+            mx.zeros((spec.batch, spec.num_heads, 0, spec.v_head_dim), dtype=q.dtype),
+            mx.zeros((spec.batch, spec.num_heads, 0), dtype=mx.float32),
+        )
+    chunk = spec.chunk_size or DEFAULT_CHUNK
+    q_scaled = _grouped(q.astype(mx.float32) * spec.scale, spec)
+    k32 = k.astype(mx.float32)[:, :, None]
+    v32 = v.astype(mx.float32)[:, :, None]
+    slopes = None if spec.alibi_slopes is None else _per_head(spec.alibi_slopes, spec)
+    sinks = None if spec.sinks is None else _per_head(spec.sinks, spec)
+
+    outs, lses = [], []
+    for i0 in range(0, spec.q_len, chunk):
+        i1 = min(spec.q_len, i0 + chunk)
+        q_blk = q_scaled[..., i0:i1, :]
+        shape = q_blk.shape[:-1] + (1,)
+        if sinks is None:
+            running_max = mx.full(shape, -mx.inf, dtype=mx.float32)
+            denom = mx.zeros(shape, dtype=mx.float32)
+        else:
+            running_max = mx.broadcast_to(sinks, shape)
+            denom = mx.ones(shape, dtype=mx.float32)
+        acc = mx.zeros(q_blk.shape[:-1] + (spec.v_head_dim,), dtype=mx.float32)
+        key_start, key_stop = spec.visible_keys(i0, i1)
+        for j0 in range(key_start, key_stop, chunk):
+            j1 = min(key_stop, j0 + chunk)
+            block = _Block(spec, i0, i1, j0, j1)
+            s = block.scores(q_blk, k32[..., j0:j1, :], slopes, spec.mask)
+            # The softmax does not depend on the shift, so the running max carries no gradient.
+            new_max = mx.stop_gradient(mx.maximum(running_max, s.max(axis=-1, keepdims=True)))
+            safe_max = mx.where(new_max == -mx.inf, 0.0, new_max)
+            correction = mx.exp(running_max - safe_max)
+            p = mx.exp(s - safe_max)
+            denom = denom * correction + p.sum(axis=-1, keepdims=True)
+            if spec.dropout_p > 0:
+                p = mx.where(block.keep(dropout_seed, batch_offset), p * (1.0 / (1.0 - spec.dropout_p)), 0.0)
+            acc = acc * correction + p @ v32[..., j0:j1, :]
+            running_max = new_max
+        seen = denom > 0
+        safe_denom = mx.where(seen, denom, 1.0)
+        outs.append(acc / safe_denom)
+        safe_max = mx.where(running_max == -mx.inf, 0.0, running_max)
+        lses.append(mx.where(seen, safe_max + mx.log(safe_denom), -mx.inf))
+
+    out = mx.concatenate(outs, axis=-2) if len(outs) > 1 else outs[0]
+    lse = mx.concatenate(lses, axis=-2) if len(lses) > 1 else lses[0]
+    b = spec.batch
+    return (
+        out.reshape(b, spec.num_heads, spec.q_len, spec.v_head_dim).astype(q.dtype),
+        lse.reshape(b, spec.num_heads, spec.q_len),
+    )
+
+
+def attention_probabilities(
+    q: mx.array,
+    k: mx.array,
+    spec: AttentionSpec,
+    dropout_seed: Optional[mx.array] = None,
+    batch_offset: int = 0,
+) -> mx.array:
+    """The full attention matrix ``(batch, num_heads, q_len, k_len)`` in float32.
+
+    O(q_len * k_len) memory: only for ``return_attn_probs=True``. As in
+    flash-attention, weights removed by dropout are returned negated.
+    """
+    q_scaled = _grouped(q.astype(mx.float32) * spec.scale, spec)
+    slopes = None if spec.alibi_slopes is None else _per_head(spec.alibi_slopes, spec)
+    block = _Block(spec, 0, spec.q_len, 0, spec.k_len)
+    s = block.scores(q_scaled, k.astype(mx.float32)[:, :, None], slopes, spec.mask)
+    row_max = s.max(axis=-1, keepdims=True)
+    if spec.sinks is not None:
+        row_max = mx.maximum(row_max, _per_head(spec.sinks, spec))
+    row_max = mx.where(row_max == -mx.inf, 0.0, row_max)
+    p = mx.exp(s - row_max)
+    denom = p.sum(axis=-1, keepdims=True)
+    if spec.sinks is not None:
+        denom = denom + mx.exp(_per_head(spec.sinks, spec) - row_max)
+    p = p / mx.where(denom > 0, denom, 1.0)
+    if spec.dropout_p > 0:
+        p = mx.where(block.keep(dropout_seed, batch_offset), p, -p)
+    return p.reshape(spec.batch, spec.num_heads, spec.q_len, spec.k_len)

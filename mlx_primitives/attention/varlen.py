@@ -1,0 +1,111 @@
+"""Variable-length (packed) attention: many sequences in one tensor, none attending across another."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import mlx.core as mx
+
+from .dispatch import run_attention
+from .dropout import draw_seed
+from .flash import Output
+from .spec import describe_attention
+
+
+def _check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: str) -> List[int]:
+    if not isinstance(cu_seqlens, mx.array) or cu_seqlens.ndim != 1 or cu_seqlens.size < 2:
+        got = cu_seqlens.shape if isinstance(cu_seqlens, mx.array) else type(cu_seqlens).__name__
+        raise ValueError(f"{name} must be an int32 mx.array of shape (batch + 1,); got {got}")
+    if cu_seqlens.dtype != mx.int32:
+        raise TypeError(f"{name} must be int32; got {cu_seqlens.dtype}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+        raise ValueError(f"{name} must start at 0 and be non-decreasing; got {bounds}")
+    if bounds[-1] != total:
+        raise ValueError(f"{name}[-1] must equal the number of packed tokens ({total}); got {bounds[-1]}")
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    if not isinstance(max_seqlen, int) or max_seqlen < longest:
+        raise ValueError(f"{max_name} must be an int >= the longest sequence ({longest}); got {max_seqlen!r}")
+    return bounds
+
+
+def _check_packed(name: str, x, expected: str) -> None:
+    if not isinstance(x, mx.array) or x.ndim != 3:
+        got = x.shape if isinstance(x, mx.array) else type(x).__name__
+        raise ValueError(f"{name} must have shape {expected}; got {got}")
+
+
+def flash_attn_varlen_func(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    cu_seqlens_q: mx.array,
+    cu_seqlens_k: mx.array,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[mx.array] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    sinks: Optional[mx.array] = None,
+    dropout_key: Optional[mx.array] = None,
+    path: str = "auto",
+) -> Output:
+    """Attention over packed sequences of different lengths.
+
+    Args:
+        q: ``(total_q, nheads, headdim)``: the queries of all sequences, one after another.
+        k: ``(total_k, nheads_k, headdim)``.
+        v: ``(total_k, nheads_k, headdim_v)``.
+        cu_seqlens_q: int32 ``(batch + 1,)`` offsets of each sequence in ``q`` (0 first, ``total_q`` last).
+        cu_seqlens_k: int32 ``(batch + 1,)`` offsets in ``k`` and ``v``.
+        max_seqlen_q, max_seqlen_k: upper bounds on the sequence lengths.
+        The other arguments are those of :func:`flash_attn_func`; causal and window
+        alignment is bottom-right within each sequence, and ``alibi_slopes`` may be ``(batch, nheads)``.
+
+    Returns:
+        ``out`` ``(total_q, nheads, headdim_v)``; with ``return_attn_probs``,
+        ``(out, softmax_lse, None)`` with ``softmax_lse`` float32 ``(nheads, total_q)``
+        (the dense matrix of packed sequences is not formed).
+    """
+    del deterministic
+    _check_packed("q", q, "(total_q, nheads, headdim)")
+    _check_packed("k", k, "(total_k, nheads_k, headdim)")
+    _check_packed("v", v, "(total_k, nheads_k, headdim_v)")
+    q_bounds = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
+    k_bounds = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
+    if len(q_bounds) != len(k_bounds):
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences; "
+            f"got {len(q_bounds) - 1} and {len(k_bounds) - 1}"
+        )
+    num_seqs = len(q_bounds) - 1
+    if alibi_slopes is not None and alibi_slopes.ndim == 2 and alibi_slopes.shape[0] != num_seqs:
+        raise ValueError(f"alibi_slopes must have shape (nheads,) or ({num_seqs}, nheads); got {alibi_slopes.shape}")
+
+    seed = draw_seed(dropout_key) if dropout_p > 0 else None
+    outs, lses = [], []
+    for b in range(num_seqs):
+        qs, ks = slice(q_bounds[b], q_bounds[b + 1]), slice(k_bounds[b], k_bounds[b + 1])
+        slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.ndim == 2 else alibi_slopes
+        qb, kb, vb = (x[None].swapaxes(1, 2) for x in (q[qs], k[ks], v[ks]))
+        spec = describe_attention(
+            qb, kb, vb, scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+            alibi_slopes=slopes, sinks=sinks, dropout_p=dropout_p,
+        )
+        if spec.q_len == 0:
+            continue
+        out, lse = run_attention(qb, kb, vb, spec, return_attn_probs, seed, path, batch_offset=b)
+        outs.append(out[0].swapaxes(0, 1))
+        lses.append(lse[0] if lse is not None else None)
+
+    out = mx.concatenate(outs, axis=0) if outs else mx.zeros((0,) + q.shape[1:2] + v.shape[2:], dtype=q.dtype)
+    if not return_attn_probs:
+        return out
+    lse = mx.concatenate(lses, axis=1) if lses else mx.zeros((q.shape[1], 0), dtype=mx.float32)
+    return out, lse, None
