@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks.run --suite attention|kernels|all [--quick] [--out DIR]``."""

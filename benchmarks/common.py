@@ -1,0 +1,141 @@
+"""Timing, tables and plots shared by every benchmark suite.
+
+A suite is a module with ``run(quick: bool) -> list[Table]``. Times are medians
+of repeated, synchronised calls after warm-up; a table states the limit each row
+is measured against (TFLOP/s or GB/s of the device) where it is known.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import mlx.core as mx
+
+from mlx_primitives.hardware import device_profile
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10, min_seconds: float = 0.0) -> float:
+    """Median wall time of ``fn()`` in milliseconds, each call evaluated to completion."""
+    for _ in range(warmup):
+        mx.eval(fn())
+    samples = []
+    start = time.perf_counter()
+    while len(samples) < repeats or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        mx.eval(fn())
+        samples.append((time.perf_counter() - t0) * 1e3)
+        if len(samples) >= 10 * repeats:
+            break
+    return statistics.median(samples)
+
+
+def time_per_call_ms(fn: Callable[[], object], calls: int = 20, repeats: int = 5) -> float:
+    """Median time per call of ``fn`` when ``calls`` of them are queued and evaluated together.
+
+    Measures what a model sees when attention is one node of a larger lazy graph:
+    Python overhead of building each call plus the device time.
+    """
+    def batch():
+        return [fn() for _ in range(calls)]
+
+    return time_ms(batch, warmup=2, repeats=repeats) / calls
+
+
+@dataclass
+class Table:
+    """A titled markdown table; ``series`` names the columns a plot draws against ``x``."""
+
+    title: str
+    columns: Sequence[str]
+    rows: List[Sequence[object]] = field(default_factory=list)
+    note: str = ""
+    x: Optional[str] = None
+    series: Sequence[str] = ()
+    ylabel: str = "ms"
+
+    def add(self, *row: object) -> None:
+        self.rows.append(row)
+
+    def markdown(self) -> str:
+        def cell(v: object) -> str:
+            if isinstance(v, float):
+                return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+            return str(v)
+
+        lines = [f"### {self.title}", ""]
+        if self.note:
+            lines += [self.note, ""]
+        lines.append("| " + " | ".join(self.columns) + " |")
+        lines.append("|" + "---|" * len(self.columns))
+        lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in self.rows]
+        return "\n".join(lines) + "\n"
+
+
+def header() -> str:
+    """Device, date and MLX version: the first lines of every results file."""
+    p = device_profile()
+    limits = []
+    if p.bandwidth_gbs:
+        limits.append(f"{p.bandwidth_gbs:.0f} GB/s")
+    if p.matmul_tflops:
+        limits.append(f"{p.matmul_tflops:.0f} TFLOP/s fp16 dense")
+    return (
+        f"- device: {p.name} ({p.backend}, {p.family})\n"
+        f"- date: {datetime.date.today().isoformat()}\n"
+        f"- MLX: {mx.__version__}\n"
+        f"- peak: {', '.join(limits) if limits else 'unknown'}\n"
+    )
+
+
+def plot(table: Table, path: str) -> bool:
+    """Write ``table`` as a PNG line plot (one line per series); False without matplotlib."""
+    if not table.x or not table.series or not table.rows:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    cols = list(table.columns)
+    xi = cols.index(table.x)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in table.series:
+        si = cols.index(name)
+        points = [(r[xi], r[si]) for r in table.rows if isinstance(r[si], (int, float))]
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax.set_xlabel(table.x)
+    ax.set_ylabel(table.ylabel)
+    ax.set_title(table.title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")[:60]
+
+
+def write_results(suite: str, tables: Sequence[Table], out_dir: str) -> str:
+    """Write ``<suite>.md`` (header + tables) and one PNG per plottable table; return the md path."""
+    os.makedirs(out_dir, exist_ok=True)
+    body = [f"# {suite} benchmarks", "", header()]
+    for table in tables:
+        png = f"{suite}_{slug(table.title)}.png"
+        if plot(table, os.path.join(out_dir, png)):
+            body.append(f"![{table.title}]({png})\n")
+        body.append(table.markdown())
+    path = os.path.join(out_dir, f"{suite}.md")
+    with open(path, "w") as f:
+        f.write("\n".join(body))
+    return path

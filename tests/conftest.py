@@ -1,0 +1,23 @@
+"""Shared test configuration: GPU tests skip cleanly where MLX has no GPU backend."""
+
+import mlx.core as mx
+import pytest
+
+from mlx_primitives.hardware import detect_backend
+
+
+def pytest_collection_modifyitems(config, items):
+    backend = detect_backend()
+    if backend in ("metal", "cuda"):
+        return
+    skip = pytest.mark.skip(reason=f"needs a GPU backend (Metal or CUDA); MLX runs on {backend} here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Each test draws fresh random inputs, reproducible from its node id."""
+    mx.random.seed(abs(hash(request.node.nodeid)) % (2**31))
+    yield
