@@ -8,6 +8,7 @@ are measured against.
 from __future__ import annotations
 
 import functools
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
@@ -135,4 +136,6 @@ def device_profile() -> DeviceProfile:
         info = mx.device_info(device)
     except (AttributeError, RuntimeError, ValueError):
         info = mx.metal.device_info() if backend == "metal" else {}
+    if backend == "cpu" and "memory_size" not in info and hasattr(os, "sysconf"):
+        info = dict(info, memory_size=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     return profile_from_info(backend, info)

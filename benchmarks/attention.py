@@ -1,0 +1,125 @@
+"""Attention benchmarks: every path against ``mx.fast.scaled_dot_product_attention`` and naive MLX.
+
+Tables:
+1. dispatcher overhead -- ``flash_attention(layout="BHSD")`` routed to sdpa vs
+   calling ``mx.fast.scaled_dot_product_attention`` directly (target: <= 3%);
+2. features -- ms and TFLOP/s of our dispatcher for plain, causal, window, softcap
+   and ALiBi attention, beside sdpa (with an additive mask where it needs one),
+   naive attention and the reference path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List
+
+import mlx.core as mx
+
+from mlx_primitives.attention import describe_attention, explain, flash_attention
+from mlx_primitives.hardware import device_profile
+
+from .common import Table, time_ms, time_per_call_ms
+
+
+def _inputs(batch, heads, kv_heads, length, dim, dtype):
+    q = mx.random.normal((batch, heads, length, dim)).astype(dtype)
+    k = mx.random.normal((batch, kv_heads, length, dim)).astype(dtype)
+    v = mx.random.normal((batch, kv_heads, length, dim)).astype(dtype)
+    mx.eval(q, k, v)
+    return q, k, v
+
+
+def naive_attention(q, k, v, scale, bias=None):
+    """Materialized ``softmax(q kᵀ * scale + bias) v`` in plain MLX ops (GQA by repeating K/V)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = mx.repeat(k, groups, axis=1), mx.repeat(v, groups, axis=1)
+    scores = (q * scale) @ k.swapaxes(-1, -2)
+    if bias is not None:
+        scores = scores + bias
+    return mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype) @ v
+
+
+def _bias(spec, dtype) -> mx.array:
+    """Additive mask of the spec's window (0 visible, -inf hidden) for sdpa and naive."""
+    rows = mx.arange(spec.q_len)[:, None] + spec.offset
+    cols = mx.arange(spec.k_len)[None, :]
+    left, right = spec.window
+    visible = mx.ones((spec.q_len, spec.k_len), dtype=mx.bool_)
+    if right >= 0:
+        visible = visible & (cols <= rows + right)
+    if left >= 0:
+        visible = visible & (cols >= rows - left)
+    return mx.where(visible, 0.0, -mx.inf).astype(dtype)
+
+
+def overhead_table(quick: bool) -> Table:
+    table = Table(
+        "Dispatcher overhead: flash_attention(layout='BHSD') -> sdpa vs mx.fast.scaled_dot_product_attention",
+        ["B", "H", "L", "D", "causal", "sdpa ms", "ours ms", "overhead %", "route"],
+        note="Per-call time with 20 calls queued per evaluation (Python graph building included).",
+    )
+    gpu = device_profile().is_gpu
+    dtype = mx.float16 if gpu else mx.float32
+    heads, dim = (16, 128) if gpu else (4, 64)
+    if gpu:
+        lengths = [512, 2048] if quick else [1024, 4096, 8192]
+    else:
+        lengths = [128] if quick else [256, 1024]
+    for length in lengths:
+        for causal in (False, True):
+            q, k, v = _inputs(1, heads, heads, length, dim, dtype)
+            scale = 1.0 / math.sqrt(q.shape[-1])
+            mask = "causal" if causal else None
+            direct = time_per_call_ms(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask))
+            ours = time_per_call_ms(lambda: flash_attention(q, k, v, causal=causal, layout="BHSD"))
+            route = explain(q, k, v, layout="BHSD", causal=causal).path
+            table.add(1, heads, length, dim, causal, direct, ours, 100.0 * (ours / direct - 1.0), route)
+    return table
+
+
+FEATURES: Dict[str, dict] = {
+    "plain": {},
+    "causal": {"causal": True},
+    "window": {"causal": True, "window_size": (256, 0)},
+    "softcap": {"causal": True, "softcap": 30.0},
+    "alibi": {"causal": True, "alibi": True},
+}
+
+
+def features_table(quick: bool) -> Table:
+    gpu = device_profile().is_gpu
+    dtype = mx.float16 if gpu else mx.float32
+    length = (1024 if quick else 4096) if gpu else (256 if quick else 1024)
+    heads, dim = (16, 128) if gpu else (4, 64)
+    table = Table(
+        f"Attention paths, B=1 H={heads} L={length} D={dim} {dtype}",
+        ["feature", "route", "ours ms", "ours TFLOP/s", "sdpa(+mask) ms", "naive ms", "reference ms", "vs sdpa"],
+        note="TFLOP/s counts visible (query, key) pairs only. 'vs sdpa' > 1 means ours is faster.",
+    )
+    q, k, v = _inputs(1, heads, heads, length, dim, dtype)
+    scale = 1.0 / math.sqrt(dim)
+    for name, feature in FEATURES.items():
+        options = {key: val for key, val in feature.items() if key != "alibi"}
+        if feature.get("alibi"):
+            options["alibi_slopes"] = mx.array([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)])
+        spec = describe_attention(q, k, v, **options)
+        route = explain(q, k, v, layout="BHSD", **options).path
+        ours = time_ms(lambda: flash_attention(q, k, v, layout="BHSD", **options))
+        reference = time_ms(lambda: flash_attention(q, k, v, layout="BHSD", path="reference", **options),
+                            warmup=1, repeats=3)
+        exact_on_sdpa = spec.softcap == 0 and spec.alibi_slopes is None
+        if exact_on_sdpa:
+            mask = _bias(spec, dtype) if spec.windowed else ("causal" if spec.causal else None)
+            sdpa = time_ms(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask))
+        else:
+            sdpa = "n/a"
+        bias = _bias(spec, dtype) if spec.causal or spec.windowed else None
+        naive = time_ms(lambda: naive_attention(q, k, v, scale, bias), warmup=1, repeats=3)
+        ratio = sdpa / ours if isinstance(sdpa, float) else "n/a"
+        table.add(name, route, ours, spec.flops() / (ours * 1e9), sdpa, naive, reference, ratio)
+    return table
+
+
+def run(quick: bool = False) -> List[Table]:
+    return [overhead_table(quick), features_table(quick)]

@@ -1,0 +1,131 @@
+"""Command line: ``python -m mlx_primitives info|demo|bench``."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from typing import List, Sequence
+
+import mlx.core as mx
+
+from . import __version__
+from .attention import (
+    explain,
+    flash_attention,
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+)
+from .hardware import device_profile
+
+
+def info_lines() -> List[str]:
+    """The self-diagnosis a user pastes into a bug report."""
+    p = device_profile()
+    gib = p.memory_bytes / 2**30
+    custom = "yes" if p.is_gpu else "no (CPU backend: kernels fall back to the reference path)"
+    lines = [
+        f"mlx_primitives {__version__}",
+        f"MLX            {mx.__version__}",
+        f"Python         {platform.python_version()} ({platform.system()} {platform.machine()})",
+        f"backend        {p.backend}",
+        f"device         {p.name}",
+        f"family         {p.family}" + (f", {p.gpu_cores} GPU cores" if p.gpu_cores else ""),
+        f"memory         {gib:.1f} GiB" if p.memory_bytes else "memory         unknown",
+        f"peak           {p.bandwidth_gbs or '?'} GB/s, {p.matmul_tflops or '?'} TFLOP/s fp16 (table of known chips)",
+        "paths:",
+        "  sdpa         yes (mx.fast.scaled_dot_product_attention)",
+        f"  kernels      {custom}",
+        "  reference    yes (blockwise MLX ops, any backend)",
+    ]
+    return lines
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(c) for c in header]] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*cells[0]), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in cells[1:]])
+
+
+def _timed(fn) -> tuple:
+    mx.eval(fn())
+    start = time.perf_counter()
+    out = fn()
+    mx.eval(out)
+    return out, (time.perf_counter() - start) * 1e3
+
+
+def _max_error(out, reference) -> float:
+    first = out[0] if isinstance(out, tuple) else out
+    ref = reference[0] if isinstance(reference, tuple) else reference
+    return mx.abs(first.astype(mx.float32) - ref.astype(mx.float32)).max().item()
+
+
+def _packed(x: mx.array) -> mx.array:
+    return x.reshape(-1, *x.shape[2:])
+
+
+def demo_rows(batch: int = 2, length: int = 256, heads: int = 8, kv_heads: int = 2, dim: int = 64):
+    """(function, route, ms, max error vs the float32 reference path) of each function on float16 inputs."""
+    dtype = mx.float16
+    q, k, v = (mx.random.normal((batch, length, h, dim)) for h in (heads, kv_heads, kv_heads))
+    slopes = mx.array([2.0 ** (-(h + 1)) for h in range(heads)])
+    cu = mx.array([0, length // 3, length * batch], dtype=mx.int32)
+    total = length * batch
+    cases = [
+        ("flash_attn_func", {}, flash_attn_func),
+        ("flash_attn_func causal", {"causal": True}, flash_attn_func),
+        ("flash_attn_func window (64, 0)", {"causal": True, "window_size": (64, 0)}, flash_attn_func),
+        ("flash_attn_func softcap 20", {"causal": True, "softcap": 20.0}, flash_attn_func),
+        ("flash_attn_func alibi", {"causal": True, "alibi_slopes": slopes}, flash_attn_func),
+        ("flash_attn_kvpacked_func", {"causal": True},
+         lambda x, y, z, **o: flash_attn_kvpacked_func(x, mx.stack([y, z], axis=2), **o)),
+        ("flash_attn_qkvpacked_func", {"causal": True},
+         lambda x, y, z, **o: flash_attn_qkvpacked_func(mx.stack([x, x, x], axis=2), **o)),
+        ("flash_attn_varlen_func", {"causal": True},
+         lambda x, y, z, **o: flash_attn_varlen_func(_packed(x), _packed(y), _packed(z), cu, cu, total, total, **o)),
+        ("flash_attention BHSD", {"causal": True},
+         lambda x, y, z, **o: flash_attention(x.swapaxes(1, 2), y.swapaxes(1, 2), z.swapaxes(1, 2),
+                                              layout="BHSD", **o)),
+    ]
+    rows = []
+    for name, options, call in cases:
+        fast_inputs = [x.astype(dtype) for x in (q, k, v)]
+        out, ms = _timed(lambda: call(*fast_inputs, **options))
+        reference = call(q, k, v, path="reference", **options)
+        route = explain(*fast_inputs, **options).path
+        rows.append((name, route, ms, _max_error(out, reference)))
+    return rows
+
+
+def demo() -> None:
+    print("\n".join(info_lines()))
+    print()
+    print("Attention functions, float16 (B=2, L=256, Hq=8, Hk=2, D=64): error vs the float32 reference path")
+    print(_table(["function", "route", "ms", "max |err|"], demo_rows()))
+
+
+def main(argv: Sequence[str] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mlx_primitives", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="MLX version, backend, device and available paths")
+    sub.add_parser("demo", help="info, then an accuracy/speed table of each attention function")
+    bench = sub.add_parser("bench", help="run the benchmark suites (from a source checkout)")
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print("\n".join(info_lines()))
+    elif args.command == "demo":
+        demo()
+    elif args.command == "bench":
+        try:
+            from benchmarks.run import main as bench_main
+        except ImportError:
+            print("benchmarks/ is not importable: run from a source checkout of mlx_primitives", file=sys.stderr)
+            return 1
+        bench_main(args.args)
+    return 0
