@@ -11,6 +11,7 @@ from .attention import (
     SlidingWindowAttention,
     flash_attention,
 )
+from .kernels import GeGLU, LayerNorm, RMSNorm, SwiGLU
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,8 @@ __all__ = [
     "FlashAttention",
     "SlidingWindowAttention",
     "flash_attention",
+    "GeGLU",
+    "LayerNorm",
+    "RMSNorm",
+    "SwiGLU",
 ]

@@ -1,0 +1,65 @@
+"""Every kernel of the package and the template values a tuner may pick for it, in one place.
+
+The sizes that follow from the problem (row length, access width, head counts) are chosen by the
+op; the ones listed under ``tunables`` are free choices, and the Metal compile check in CI builds
+every combination of them. ``DEFAULTS`` holds the values used until a tuner knows better.
+"""
+
+from __future__ import annotations
+
+from .launcher import Kernel
+
+THREADS_PER_ROW = (32, 64, 128, 256, 512, 1024)
+
+
+def _norm(name: str, layer_norm: bool, residual: bool) -> Kernel:
+    inputs = ("x",) + (("residual",) if residual else ()) + ("weight",) + (("bias",) if layer_norm else ())
+    return Kernel(
+        name=name,
+        body="norm.kern",
+        inputs=inputs,
+        outputs=("out", "h") if residual else ("out",),
+        defines=(("LAYER_NORM", int(layer_norm)), ("RESIDUAL", int(residual))),
+        tunables=(("TPR", THREADS_PER_ROW),),
+    )
+
+
+RMS_NORM = _norm("rms_norm", layer_norm=False, residual=False)
+RMS_NORM_RESIDUAL = _norm("rms_norm_residual", layer_norm=False, residual=True)
+LAYER_NORM = _norm("layer_norm", layer_norm=True, residual=False)
+LAYER_NORM_RESIDUAL = _norm("layer_norm_residual", layer_norm=True, residual=True)
+
+ROPE = Kernel(
+    name="rope",
+    body="rope.kern",
+    inputs=("q", "k", "offsets"),
+    outputs=("q_out", "k_out"),
+    helpers=("rope.inc",),
+    tunables=(("HPT", (1, 2, 4, 8, 16)), ("THREADS", (128, 256))),
+)
+
+GLU = Kernel(
+    name="glu",
+    body="glu.kern",
+    inputs=("gate", "up"),
+    outputs=("out",),
+    helpers=("glu.inc",),
+    tunables=(("ITEMS", (1, 2, 4)), ("THREADS", (128, 256, 512))),
+)
+
+MATMUL = Kernel(
+    name="tiled_matmul",
+    body="matmul.kern",
+    inputs=("a", "b"),
+    outputs=("out",),
+    tunables=(("BM", (32, 64, 128)), ("BN", (32, 64, 128)), ("WM", (1, 2)), ("WN", (2, 4))),
+)
+
+# Defaults: norms pick threads per row from the row length (see norms.py); the rest are fixed.
+DEFAULTS = {
+    "rope": {"HPT": 4, "THREADS": 256},
+    "glu": {"ITEMS": 2, "THREADS": 256},
+    "tiled_matmul": {"BM": 64, "BN": 64, "WM": 2, "WN": 2},
+}
+
+KERNELS = (RMS_NORM, RMS_NORM_RESIDUAL, LAYER_NORM, LAYER_NORM_RESIDUAL, ROPE, GLU, MATMUL)

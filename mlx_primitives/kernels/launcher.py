@@ -1,0 +1,210 @@
+"""The one launcher of every custom kernel.
+
+A :class:`Kernel` is a body in the portable dialect (``src/<body>.kern``), the names of its inputs
+and outputs, extra helper sources and macros for its header, and the template values a tuner may
+pick. :func:`launch` compiles it with ``mx.fast.metal_kernel`` or ``mx.fast.cuda_kernel`` (the
+same call shape), keeps the compiled object per (backend, kernel) and the outcome of the first
+launch per (backend, kernel, template, dtypes), and falls back to the reference op, with one
+warning per kernel, where the backend is the CPU or the kernel does not compile.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+
+from mlx_primitives.hardware import device_profile
+
+SRC = Path(__file__).parent / "src"
+
+# Header files in front of every kernel, per backend: prelude, matrix unit, shared helpers.
+PRELUDES = {
+    "metal": ("prelude_metal.h", "mma_metal.inc", "common.inc"),
+    "cuda": ("prelude_cuda.h", "mma_cuda.inc", "common.inc"),
+}
+
+# The entry snippet names the indices for the body. Metal adds a thread attribute to the kernel
+# signature only when its name appears in the body, so this goes in front of the body, not the header.
+ENTRY = {
+    "metal": (
+        "  const uint tid = thread_position_in_threadgroup.x;\n"
+        "  const uint lane = thread_index_in_simdgroup;\n"
+        "  const uint warp = simdgroup_index_in_threadgroup;\n"
+        "  const uint group_x = threadgroup_position_in_grid.x;\n"
+        "  const uint group_y = threadgroup_position_in_grid.y;\n"
+        "  const uint group_z = threadgroup_position_in_grid.z;\n"
+    ),
+    "cuda": (
+        "  const uint tid = threadIdx.x;\n"
+        "  const uint lane = threadIdx.x % 32;\n"
+        "  const uint warp = threadIdx.x / 32;\n"
+        "  const uint group_x = blockIdx.x;\n"
+        "  const uint group_y = blockIdx.y;\n"
+        "  const uint group_z = blockIdx.z;\n"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A kernel body and what the launcher needs to compile it.
+
+    Attributes:
+        name: unique kernel name (MLX appends the template values).
+        body: file name of the body under ``src_dir``.
+        inputs, outputs: argument names, in order, as the body uses them.
+        helpers: extra source files placed in the header after the prelude.
+        defines: ``(macro, value)`` pairs defined in the header (variants of one body).
+        tunables: ``(template name, candidate values)`` pairs a tuner may pick from.
+        src_dir: where the sources live.
+    """
+
+    name: str
+    body: str
+    inputs: Tuple[str, ...]
+    outputs: Tuple[str, ...]
+    helpers: Tuple[str, ...] = ()
+    defines: Tuple[Tuple[str, int], ...] = ()
+    tunables: Tuple[Tuple[str, Tuple[int, ...]], ...] = ()
+    src_dir: Path = SRC
+
+    def header(self, backend: str) -> str:
+        parts = [f"#define {macro} {value}\n" for macro, value in self.defines]
+        parts += [_read(SRC / f) for f in PRELUDES[backend]]
+        parts += [_read(self.src_dir / f) for f in self.helpers]
+        return "\n".join(parts)
+
+    def source(self, backend: str) -> str:
+        return ENTRY[backend] + _read(self.src_dir / self.body)
+
+    def configs(self) -> List[Dict[str, int]]:
+        """Every combination of the tunable template values."""
+        names = [name for name, _ in self.tunables]
+        return [dict(zip(names, values)) for values in itertools.product(*(v for _, v in self.tunables))]
+
+
+@dataclass
+class Launch:
+    """One call of a kernel: inputs (in ``kernel.inputs`` order), template values, sizes, outputs."""
+
+    kernel: Kernel
+    inputs: Sequence[mx.array]
+    template: Sequence[Tuple[str, object]]
+    grid: Tuple[int, int, int]
+    threadgroup: Tuple[int, int, int]
+    output_shapes: Sequence[Sequence[int]]
+    output_dtypes: Sequence[mx.Dtype]
+
+    def call(self, compiled, verbose: bool = False) -> List[mx.array]:
+        return compiled(
+            inputs=list(self.inputs),
+            template=list(self.template),
+            grid=self.grid,
+            threadgroup=self.threadgroup,
+            output_shapes=[tuple(s) for s in self.output_shapes],
+            output_dtypes=list(self.output_dtypes),
+            verbose=verbose,
+        )
+
+
+def _read(path: Path) -> str:
+    return path.read_text()
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(kernel: Kernel, backend: str):
+    """The ``mx.fast`` kernel object of ``kernel`` on ``backend`` (built once per process)."""
+    make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
+    return make(
+        name=kernel.name,
+        input_names=list(kernel.inputs),
+        output_names=list(kernel.outputs),
+        source=kernel.source(backend),
+        header=kernel.header(backend),
+    )
+
+
+_verified: Dict[tuple, bool] = {}  # (backend, kernel, template, dtypes) -> compiled and ran
+_warned: set = set()
+
+
+def _fallback_warning(kernel: Kernel, reason: str) -> None:
+    if kernel.name in _warned:
+        return
+    _warned.add(kernel.name)
+    warnings.warn(
+        f"mlx_primitives: kernel '{kernel.name}' is unavailable ({reason}); using the MLX reference ops instead",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def launch(plan: Launch, reference: Callable[[], List[mx.array]]) -> List[mx.array]:
+    """Run ``plan`` on the GPU, or ``reference()`` where the kernel can't run (warning once per kernel).
+
+    The first launch of each (template, dtypes) is evaluated on the spot so that a compilation
+    error turns into the fallback rather than an exception at the user's ``mx.eval``. Inside
+    ``mx.compile`` that check can't run and the kernel is trusted.
+    """
+    backend = device_profile().backend
+    if backend not in PRELUDES:
+        _fallback_warning(plan.kernel, f"MLX runs on the {backend}")
+        return reference()
+    key = (backend, plan.kernel, tuple(plan.template), tuple(a.dtype for a in plan.inputs))
+    if _verified.get(key) is False:
+        return reference()
+    outputs = plan.call(compiled(plan.kernel, backend))
+    if key not in _verified:
+        try:
+            mx.eval(outputs)
+        except (RuntimeError, ValueError) as error:
+            if "transformation" in str(error):  # under mx.compile / vmap: can't evaluate here
+                return outputs
+            _verified[key] = False
+            _fallback_warning(plan.kernel, f"{backend} compilation or launch failed: {str(error)[:300]}")
+            return reference()
+        _verified[key] = True
+    return outputs
+
+
+def float_bits(value: float) -> int:
+    """The float32 bit pattern of ``value`` as a signed int: how float constants become template values."""
+    return struct.unpack("<i", struct.pack("<f", value))[0]
+
+
+def with_reference_vjp(forward: Callable, reference: Callable) -> Callable:
+    """``forward`` (which launches kernels) made differentiable through ``reference`` (MLX ops).
+
+    Both take the same arrays and return the same structure.
+    """
+    function = mx.custom_function(forward)
+
+    @function.vjp
+    def _vjp(primals, cotangents, outputs):
+        # MLX passes a lone primal or cotangent bare, several as a tuple.
+        several = isinstance(primals, (list, tuple))
+        primals = list(primals) if several else [primals]
+        cotangents = list(cotangents) if isinstance(cotangents, (list, tuple)) else [cotangents]
+        _, grads = mx.vjp(reference, primals, cotangents)
+        return tuple(grads) if several else grads[0]
+
+    return function
+
+
+def div_vec(n: int, itemsize: int, max_bytes: int = 16) -> int:
+    """The widest access (elements, a power of two of at most ``max_bytes``) that divides ``n``."""
+    vec = max_bytes // itemsize
+    while vec > 1 and n % vec:
+        vec //= 2
+    return vec
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())

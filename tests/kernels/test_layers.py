@@ -1,0 +1,38 @@
+"""The layers over the kernels, as a decoder block uses them, plain and quantized."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from mlx_primitives import GeGLU, LayerNorm, RMSNorm, SwiGLU
+
+from .helpers import random
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def test_rmsnorm_matches_mlx_layer_and_fuses_residual():
+    x, r = random((2, 5, 64), mx.float32), random((2, 5, 64), mx.float32)
+    ours, theirs = RMSNorm(64), nn.RMSNorm(64)
+    assert mx.allclose(ours(x), theirs(x), atol=1e-5)
+    out, h = ours(x, r)
+    assert mx.allclose(h, x + r) and mx.allclose(out, theirs(x + r), atol=1e-5)
+    assert "64" in repr(ours)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_layernorm_matches_mlx_layer(affine):
+    x = random((3, 48), mx.float32)
+    assert mx.allclose(LayerNorm(48, affine=affine)(x), nn.LayerNorm(48, affine=affine)(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("layer, act", [(SwiGLU, nn.silu), (GeGLU, nn.gelu)])
+def test_gated_mlp_matches_its_definition_and_quantizes(layer, act):
+    mlp = layer(64, 128)
+    x = random((2, 3, 64), mx.float32)
+    want = mlp.down_proj(act(mlp.gate_proj(x)) * mlp.up_proj(x))
+    assert mx.allclose(mlp(x), want, atol=1e-5)
+    nn.quantize(mlp, group_size=64, bits=4)
+    assert isinstance(mlp.gate_proj, nn.QuantizedLinear)
+    want = mlp.down_proj(act(mlp.gate_proj(x)) * mlp.up_proj(x))
+    assert mlp(x).shape == (2, 3, 64) and mx.allclose(mlp(x), want, atol=1e-4)
