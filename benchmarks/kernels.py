@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_primitives.hardware import device_profile
-from mlx_primitives.kernels import catalog, geglu, layer_norm, norms, rms_norm, rope, swiglu
+from mlx_primitives.kernels import catalog, geglu, layer_norm, norms, rms_norm, rope, rotary, swiglu
 
 from .common import Table, time_per_call_ms
 
@@ -87,8 +87,8 @@ def norm_table(quick: bool, routing: Table) -> Table:
                 nbytes = x.nbytes * (4 if res else 2)
                 ms = {name: _time(paths[name + suffix]) for name in ("kernel", "fast", "naive")}
                 gbs = {name: _gbs(nbytes, t) for name, t in ms.items()}
-                auto = norms.AUTO_WITH_RESIDUAL if res else norms.AUTO_WITHOUT_RESIDUAL
                 op = "layer_norm" if layer else "rms_norm"
+                auto = norms.auto_path(op, res, x.size)
                 table.add(op, shape, res, gbs["kernel"], gbs["fast"], gbs["naive"], ms["fast"] / ms["kernel"],
                           _pct(gbs["kernel"]), auto)
                 routing.add(f"{op}{' + residual' if res else ''}", shape, auto,
@@ -115,7 +115,8 @@ def rope_table(quick: bool, routing: Table) -> Table:
         gbs = _gbs(2 * (q.nbytes + k.nbytes), ms["kernel"])
         table.add(f"{shape} / {k.shape}", offset, ms["kernel"], ms["fast"], ms["reference"],
                   ms["fast"] / ms["kernel"], gbs, _pct(gbs))
-        routing.add("rope q+k", shape, "kernel", "kernel" if ms["kernel"] < ms["fast"] else "fast",
+        auto = "kernel" if q.size + k.size >= rotary.AUTO_MIN_ELEMENTS else "fast"
+        routing.add("rope q+k", shape, auto, "kernel" if ms["kernel"] < ms["fast"] else "fast",
                     ms["kernel"], ms["fast"])
     return table
 

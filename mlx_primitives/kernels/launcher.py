@@ -24,11 +24,13 @@ from mlx_primitives.hardware import device_profile
 
 SRC = Path(__file__).parent / "src"
 
-# Header files in front of every kernel, per backend: prelude, matrix unit, shared helpers.
+# Header files in front of every kernel, per backend: prelude and shared helpers. MLX rebuilds and
+# hashes the whole source on every call, so the matrix unit (MMA) comes only with kernels that ask.
 PRELUDES = {
-    "metal": ("prelude_metal.h", "mma_metal.inc", "common.inc"),
-    "cuda": ("prelude_cuda.h", "mma_cuda.inc", "common.inc"),
+    "metal": ("prelude_metal.h", "common.inc"),
+    "cuda": ("prelude_cuda.h", "common.inc"),
 }
+MMA = {"metal": "mma_metal.inc", "cuda": "mma_cuda.inc"}
 
 # The entry snippet names the indices for the body. Metal adds a thread attribute to the kernel
 # signature only when its name appears in the body, so this goes in front of the body, not the header.
@@ -61,6 +63,7 @@ class Kernel:
         body: file name of the body under ``src_dir``.
         inputs, outputs: argument names, in order, as the body uses them.
         helpers: extra source files placed in the header after the prelude.
+        mma: include the matrix-unit primitive (``mma_<backend>.inc``) in the header.
         defines: ``(macro, value)`` pairs defined in the header (variants of one body).
         tunables: ``(template name, candidate values)`` pairs a tuner may pick from.
         src_dir: where the sources live.
@@ -71,13 +74,14 @@ class Kernel:
     inputs: Tuple[str, ...]
     outputs: Tuple[str, ...]
     helpers: Tuple[str, ...] = ()
+    mma: bool = False
     defines: Tuple[Tuple[str, int], ...] = ()
     tunables: Tuple[Tuple[str, Tuple[int, ...]], ...] = ()
     src_dir: Path = SRC
 
     def header(self, backend: str) -> str:
         parts = [f"#define {macro} {value}\n" for macro, value in self.defines]
-        parts += [_read(SRC / f) for f in PRELUDES[backend]]
+        parts += [_read(SRC / f) for f in PRELUDES[backend] + ((MMA[backend],) if self.mma else ())]
         parts += [_read(self.src_dir / f) for f in self.helpers]
         return "\n".join(parts)
 

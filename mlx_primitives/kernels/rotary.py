@@ -20,6 +20,10 @@ from .validate import check_array, check_same_dtype
 
 PATHS = ("auto", "kernel", "fast", "reference")
 
+# path="auto" runs the kernel from this many elements of q and k together; below it (decode) the two
+# mx.fast.rope calls win on the H100 because the launcher's Python cost is not hidden by GPU time.
+AUTO_MIN_ELEMENTS = 1 << 20
+
 
 def _pairs_per_thread(dims: int, dim: int, itemsize: int) -> int:
     """Widest VP (pairs per thread, access of at most 16 bytes) dividing dims / 2 and dim - dims."""
@@ -109,8 +113,8 @@ def rope(
         base (float): base of the angular frequencies. Default: ``10000``.
         scale (float): multiplies the positions. Default: ``1``.
         offset (int or array): first position, one int or an int array ``(batch,)``.
-        path (str): ``"auto"``/``"kernel"`` (fused kernel), ``"fast"`` (two ``mx.fast.rope`` calls)
-            or ``"reference"`` (MLX ops).
+        path (str): ``"auto"`` (the kernel for large q and k, two ``mx.fast.rope`` calls for decode
+            sizes), ``"kernel"``, ``"fast"`` or ``"reference"`` (MLX ops).
         config (dict, optional): template values, e.g. ``{"HPT": 4, "THREADS": 256}``.
 
     Returns:
@@ -138,6 +142,8 @@ def rope(
     else:
         raise TypeError(f"offset must be an int or an int array of shape ({batch},); got {type(offset).__name__}")
 
+    if path == "auto":
+        path = "kernel" if q.size + k.size >= AUTO_MIN_ELEMENTS else "fast"
     if path == "fast":
         fast_offset = offset if isinstance(offset, int) else offsets
         return tuple(mx.fast.rope(t, dims, traditional=traditional, base=base, scale=scale, offset=fast_offset)

@@ -38,5 +38,5 @@ def test_every_tile_config(config):
     cols = np.zeros((k, n), np.float32)
     cols[0, :], cols[1, :] = 1.0, np.arange(n) % 64 * 64
     out = tiled_matmul(mx.array(rows, mx.float16), mx.array(cols, mx.float16), config=config)
-    want = (np.arange(m)[:, None] % 64) + (np.arange(n)[None] % 64) * 64.0
-    assert np.array_equal(np.array(out.astype(mx.float32)), want)
+    want = (np.arange(m)[:, None] % 64) + (np.arange(n)[None] % 64) * 64.0  # exact in fp32, then rounded once
+    assert np.array_equal(np.array(out.astype(mx.float32)), want.astype(np.float16).astype(np.float32))

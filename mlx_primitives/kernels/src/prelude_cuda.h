@@ -12,6 +12,7 @@
 //   k_exp2 k_exp k_rsqrt k_tanh k_erf k_sincos bits_to_float   float math
 //   KVec<T, N>, kload<T, N>(ptr, i), kstore<T, N>(ptr, i, v)   wide loads and stores
 //   MmaA/MmaB/MmaAcc, mma_load_a/b/bt, mma, acc_row/acc_col, acc_row_sum/max   matrix unit
+//                       (mma_cuda.inc / mma_metal.inc, for kernels declared with mma=True)
 // and the entry snippet the launcher puts in front of each body names the indices:
 //   tid (thread in group, x), lane, warp, group_x/y/z (group in grid).
 // Scalars: the template type T is __half, __nv_bfloat16 or float; `float(v)` and `T(f)`
