@@ -7,7 +7,7 @@ import importlib
 
 from .common import header, write_results
 
-SUITES = ("attention", "kernels")
+SUITES = ("attention", "kernels", "tuning")
 
 
 def main(argv=None) -> None:

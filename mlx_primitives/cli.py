@@ -1,4 +1,4 @@
-"""Command line: ``python -m mlx_primitives info|demo|bench``."""
+"""Command line: ``python -m mlx_primitives info|demo|tune|bench``."""
 
 from __future__ import annotations
 
@@ -109,11 +109,56 @@ def demo() -> None:
     print(_table(["function", "route", "ms", "max |err|"], demo_rows()))
 
 
+def _progress(done: int, total: int, task) -> None:
+    width = 30
+    filled = width * done // max(total, 1)
+    label = f"{task.space.kernel} {task.bucket} {task.dtype}"
+    end = "\n" if done == total else ""
+    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<48}", end=end, file=sys.stderr,
+          flush=True)
+
+
+def tune(kernels: Sequence[str], quick: bool) -> None:
+    """Tune the kernels on the local device and print the chosen configurations."""
+    if not device_profile().is_gpu:
+        print(f"nothing to tune: MLX runs on the {device_profile().backend}, where kernels use the reference ops")
+        return
+    from .hardware.tuning import run_tasks, tuning_cache
+    from .kernels.tuning import tuning_tasks
+
+    tasks = tuning_tasks(quick=quick, kernels=kernels or None)
+    results = run_tasks(tasks, repeats=5 if quick else 9, progress=_progress)
+    rows = [(r.kernel, r.dtype, r.bucket, " ".join(f"{k}={v}" for k, v in r.config.items()), r.ms, r.default_ms,
+             r.speedup) for r in results]
+    print(_table(["kernel", "dtype", "shape", "config", "ms", "default ms", "speedup"], rows))
+    print(f"cache: {tuning_cache().path}")
+
+
+def show_tuning() -> None:
+    from .hardware.tuning import tuning_cache
+
+    entries = tuning_cache().entries()
+    rows = []
+    for key, entry in sorted(entries.items()):
+        device, backend, version, kernel, dtype, bucket = key.split("|", 5)
+        config = " ".join(f"{k}={v}" for k, v in entry["config"].items())
+        speedup = entry.get("default_ms", float("nan")) / entry["ms"] if entry.get("ms") else float("nan")
+        rows.append((device, version, kernel, dtype, bucket, config, speedup))
+    print(f"cache: {tuning_cache().path} ({len(rows)} entries)")
+    if rows:
+        print(_table(["device", "mlx", "kernel", "dtype", "shape", "config", "speedup"], rows))
+
+
 def main(argv: Sequence[str] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlx_primitives", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="MLX version, backend, device and available paths")
     sub.add_parser("demo", help="info, then an accuracy/speed table of each attention function")
+    tune_cmd = sub.add_parser("tune", help="auto-tune the kernels for the local device and cache the result")
+    tune_cmd.add_argument("--kernels", nargs="*", default=[], help="kernel names (default: all)")
+    tune_cmd.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    tune_cmd.add_argument("--show", action="store_true", help="print the tuning cache")
+    tune_cmd.add_argument("--clear", action="store_true", help="remove the tuning cache")
     bench = sub.add_parser("bench", help="run the benchmark suites (from a source checkout)")
     bench.add_argument("args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -121,6 +166,16 @@ def main(argv: Sequence[str] = None) -> int:
         print("\n".join(info_lines()))
     elif args.command == "demo":
         demo()
+    elif args.command == "tune":
+        if args.clear:
+            from .hardware.tuning import tuning_cache
+
+            tuning_cache().clear()
+            print(f"removed {tuning_cache().path}")
+        elif args.show:
+            show_tuning()
+        else:
+            tune(args.kernels, args.quick)
     elif args.command == "bench":
         try:
             from benchmarks.run import main as bench_main

@@ -265,3 +265,31 @@ def autotune(
             }
         })
     return result
+
+
+@dataclass(frozen=True)
+class TuningTask:
+    """One (kernel, representative problem) the ``tune`` command times.
+
+    ``make_call(config)`` builds inputs of the problem's shape and returns a
+    zero-argument callable that runs the kernel with ``config``.
+    """
+
+    space: TuningSpace
+    problem: Mapping[str, int]
+    dtype: mx.Dtype
+    bucket: str
+    make_call: Callable[[Config], Callable[[], object]]
+
+
+def run_tasks(tasks: Sequence[TuningTask], repeats: int = 9,
+              progress: Optional[Callable[[int, int, TuningTask], None]] = None) -> List[TuneResult]:
+    """Autotune each task in turn, storing every winner in the cache."""
+    results = []
+    for i, task in enumerate(tasks):
+        if progress is not None:
+            progress(i, len(tasks), task)
+        results.append(autotune(task.space, task.make_call, task.problem, task.dtype, task.bucket, repeats))
+    if progress is not None and tasks:
+        progress(len(tasks), len(tasks), tasks[-1])
+    return results

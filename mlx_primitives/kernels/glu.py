@@ -14,6 +14,7 @@ import mlx.core as mx
 
 from . import catalog
 from .launcher import Launch, div_vec, launch, with_reference_vjp
+from .tuning import config_for
 from .validate import check_array, check_same_dtype
 
 # The ACT template value of glu.kern per activation.
@@ -23,8 +24,8 @@ PATHS = ("auto", "kernel", "reference")
 
 def plan(gate, up, activation: str, config=None) -> Launch:
     """The launch of glu.kern over the flat views of gate and up."""
-    config = {**catalog.DEFAULTS["glu"], **(config or {})}
     n = gate.size
+    config = {**config_for(catalog.GLU, gate.dtype, {"N": n}), **(config or {})}
     vec = div_vec(n, gate.dtype.size)
     per_group = config["THREADS"] * config["ITEMS"] * vec
     return Launch(

@@ -13,11 +13,13 @@ import mlx.core as mx
 
 from . import catalog
 from .launcher import Launch, launch, with_reference_vjp
+from .tuning import config_for
 from .validate import check_array, check_same_dtype
 
 
 def plan(a, b, config=None) -> Launch:
-    config = {**catalog.DEFAULTS["tiled_matmul"], **(config or {})}
+    problem = {"M": a.shape[0], "N": b.shape[1], "K": a.shape[1]}
+    config = {**config_for(catalog.MATMUL, a.dtype, problem), **(config or {})}
     m, n = a.shape[0], b.shape[1]
     threads = config["WM"] * config["WN"] * 32
     return Launch(

@@ -15,6 +15,7 @@ import mlx.core as mx
 
 from . import catalog
 from .launcher import Kernel, Launch, div_vec, float_bits, launch, next_pow2, with_reference_vjp
+from .tuning import config_for
 from .validate import check_array, check_same_dtype
 
 PATHS = ("auto", "kernel", "fast", "reference")
@@ -54,9 +55,11 @@ def plan(inputs, eps: float, layer_norm: bool, config: Optional[dict] = None) ->
     dims = x.shape[-1]
     rows = x.size // dims
     vec = div_vec(dims, x.dtype.size)
-    tpr = (config or {}).get("TPR") or default_threads_per_row(dims, vec)
+    kernel = _kernel(layer_norm, residual)
+    config = {**config_for(kernel, x.dtype, {"rows": rows, "D": dims}, exact=("D",)), **(config or {})}
+    tpr = config.get("TPR") or default_threads_per_row(dims, vec)
     return Launch(
-        kernel=_kernel(layer_norm, residual),
+        kernel=kernel,
         inputs=inputs,
         template=[("T", x.dtype), ("W", inputs[-1].dtype), ("D", dims), ("TPR", tpr), ("VEC", vec),
                   ("EPS_BITS", float_bits(eps))],

@@ -16,6 +16,7 @@ import mlx.core as mx
 
 from . import catalog
 from .launcher import Launch, float_bits, launch, with_reference_vjp
+from .tuning import config_for
 from .validate import check_array, check_same_dtype
 
 PATHS = ("auto", "kernel", "fast", "reference")
@@ -35,9 +36,10 @@ def _pairs_per_thread(dims: int, dim: int, itemsize: int) -> int:
 
 def plan(q, k, offsets, dims: int, traditional: bool, base: float, scale: float, config=None) -> Launch:
     """The launch of rope.kern over q (B, Hq, L, D), k (B, Hk, L, D), offsets (B,) int32."""
-    config = {**catalog.DEFAULTS["rope"], **(config or {})}
     batch, hq, length, dim = q.shape
     hk = k.shape[1]
+    problem = {"L": length, "H": hq + hk, "D": dim}
+    config = {**config_for(catalog.ROPE, q.dtype, problem, exact=("H", "D")), **(config or {})}
     vp = _pairs_per_thread(dims, dim, q.dtype.size)
     if traditional:  # a thread's pairs are 2 * VP contiguous elements: keep that within 16 bytes
         vp = max(1, min(vp, 8 // q.dtype.size))

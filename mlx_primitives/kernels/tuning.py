@@ -1,0 +1,89 @@
+"""The kernels' tuning spaces and the shapes ``python -m mlx_primitives tune`` times them on.
+
+Each catalog kernel's tunables become a :class:`TuningSpace` whose default is the
+catalog's; :func:`config_for` is what an op's launch plan asks for its template
+values: the tuned configuration of the call's dtype and shape bucket when the cache
+has one, else the default.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import mlx.core as mx
+
+from ..hardware.tuning import Config, TuningSpace, TuningTask, choose_config, shape_bucket
+from . import catalog
+from .launcher import Kernel
+
+
+def _matmul_invalid(config: Config, profile, problem) -> Optional[str]:
+    if config["BM"] % (config["WM"] * 16) or config["BN"] % (config["WN"] * 8):
+        return "warp tiles do not divide the block"
+    return None
+
+
+SPACES: Dict[str, TuningSpace] = {
+    kernel.name: TuningSpace(
+        kernel=kernel.name,
+        candidates=kernel.configs(),
+        default=catalog.DEFAULTS.get(kernel.name, {}),
+        invalid=_matmul_invalid if kernel is catalog.MATMUL else None,
+    )
+    for kernel in catalog.KERNELS
+}
+
+
+def config_for(kernel: Kernel, dtype: mx.Dtype, problem: Mapping[str, int], exact: Sequence[str] = ()) -> Config:
+    """Template values for a launch of ``kernel`` on ``problem`` (tuned, or the default)."""
+    return choose_config(SPACES[kernel.name], dtype, shape_bucket(problem, exact))
+
+
+def _task(kernel: Kernel, dtype, problem, exact, make_call) -> TuningTask:
+    return TuningTask(SPACES[kernel.name], dict(problem), dtype, shape_bucket(problem, exact), make_call)
+
+
+def tuning_tasks(quick: bool = False, kernels: Optional[Sequence[str]] = None) -> List[TuningTask]:
+    """Representative problems of every tunable kernel (LLM-sized, float16)."""
+    from .glu import swiglu
+    from .matmul import tiled_matmul
+    from .norms import layer_norm, rms_norm
+    from .rotary import rope
+
+    dtype = mx.float16
+    rows, dims = (4 * 1024, 4096) if quick else (8 * 2048, 4096)
+    x = mx.random.normal((rows, dims)).astype(dtype)
+    r = mx.random.normal((rows, dims)).astype(dtype)
+    w = mx.random.normal((dims,)).astype(dtype)
+    hidden = (rows, 11008 if not quick else 4096)
+    gate, up = (mx.random.normal(hidden).astype(dtype) for _ in range(2))
+    batch, length = (2, 2048) if quick else (8, 2048)
+    q = mx.random.normal((batch, 32, length, 128)).astype(dtype)
+    k = mx.random.normal((batch, 8, length, 128)).astype(dtype)
+    size = 2048 if quick else 4096
+    a, b = (mx.random.normal((size, size)).astype(dtype) for _ in range(2))
+    mx.eval(x, r, w, gate, up, q, k, a, b)
+
+    norm_problem = {"rows": rows, "D": dims}
+    tasks = [
+        _task(catalog.RMS_NORM, dtype, norm_problem, ("D",),
+              lambda c: lambda: rms_norm(x, w, path="kernel", config=c)),
+        _task(catalog.RMS_NORM_RESIDUAL, dtype, norm_problem, ("D",),
+              lambda c: lambda: rms_norm(x, w, residual=r, path="kernel", config=c)),
+        _task(catalog.LAYER_NORM, dtype, norm_problem, ("D",),
+              lambda c: lambda: layer_norm(x, w, None, path="kernel", config=c)),
+        _task(catalog.LAYER_NORM_RESIDUAL, dtype, norm_problem, ("D",),
+              lambda c: lambda: layer_norm(x, w, None, residual=r, path="kernel", config=c)),
+        _task(catalog.GLU, dtype, {"N": gate.size}, (),
+              lambda c: lambda: swiglu(gate, up, path="kernel", config=c)),
+        _task(catalog.ROPE, dtype, {"L": length, "H": 40, "D": 128}, ("H", "D"),
+              lambda c: lambda: rope(q, k, 128, path="kernel", config=c)),
+        _task(catalog.MATMUL, dtype, {"M": size, "N": size, "K": size}, (),
+              lambda c: lambda: tiled_matmul(a, b, config=c)),
+    ]
+    if kernels:
+        unknown = set(kernels) - set(SPACES)
+        if unknown:
+            raise ValueError(f"unknown kernels {sorted(unknown)}; choose from {sorted(SPACES)}")
+        tasks = [t for t in tasks if t.space.kernel in kernels]
+    return tasks
