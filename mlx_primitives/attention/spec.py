@@ -19,7 +19,8 @@ from typing import Optional, Sequence, Tuple, Union
 import mlx.core as mx
 import numpy as np
 
-FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+from ..validation import check_array, check_same_dtype
+
 LAYOUTS = ("BSHD", "BHSD")
 
 Mask = Union[None, str, mx.array]
@@ -104,13 +105,6 @@ def _shape_error(name: str, expected: str, got: Sequence[int]) -> ValueError:
     return ValueError(f"{name} must have shape {expected}; got shape {tuple(got)}")
 
 
-def _check_array(name: str, x, ndim: int, expected: str) -> None:
-    if not isinstance(x, mx.array):
-        raise TypeError(f"{name} must be an mx.array of shape {expected}; got {type(x).__name__}")
-    if x.ndim != ndim:
-        raise _shape_error(name, expected, x.shape)
-
-
 def to_bhsd(x: mx.array, layout: str) -> mx.array:
     """View ``x`` in BHSD order from ``layout``."""
     return x if layout == "BHSD" else x.swapaxes(1, 2)
@@ -184,12 +178,8 @@ def describe_attention(
         expected = ("(batch, num_heads, seqlen_q, head_dim)", "(batch, num_kv_heads, seqlen_k, head_dim)",
                     "(batch, num_kv_heads, seqlen_k, head_dim_v)")
     for name, x, exp in zip(names, (q, k, v), expected):
-        _check_array(name, x, 4, exp)
-    for name, x in zip(names, (q, k, v)):
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32; got {x.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+        check_array(name, x, exp, ndim=4)
+    check_same_dtype(names, (q, k, v))
 
     seq_axis, head_axis = (1, 2) if layout == "BSHD" else (2, 1)
     batch, num_heads, q_len, head_dim = q.shape[0], q.shape[head_axis], q.shape[seq_axis], q.shape[3]

@@ -15,7 +15,7 @@ import mlx.core as mx
 from . import catalog
 from .launcher import Launch, div_vec, launch, with_reference_vjp
 from .tuning import config_for
-from .validate import check_array, check_same_dtype
+from ..validation import check_array, check_same_dtype
 
 # The ACT template value of glu.kern per activation.
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}

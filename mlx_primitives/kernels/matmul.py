@@ -14,7 +14,7 @@ import mlx.core as mx
 from . import catalog
 from .launcher import Launch, launch, with_reference_vjp
 from .tuning import config_for
-from .validate import check_array, check_same_dtype
+from ..validation import check_array, check_same_dtype
 
 
 def plan(a, b, config=None) -> Launch:

@@ -16,7 +16,7 @@ import mlx.core as mx
 from . import catalog
 from .launcher import Kernel, Launch, div_vec, float_bits, launch, next_pow2, with_reference_vjp
 from .tuning import config_for
-from .validate import check_array, check_same_dtype
+from ..validation import check_array, check_same_dtype
 
 PATHS = ("auto", "kernel", "fast", "reference")
 

@@ -17,7 +17,7 @@ import mlx.core as mx
 from . import catalog
 from .launcher import Launch, float_bits, launch, with_reference_vjp
 from .tuning import config_for
-from .validate import check_array, check_same_dtype
+from ..validation import check_array, check_same_dtype
 
 PATHS = ("auto", "kernel", "fast", "reference")
 

@@ -1,4 +1,4 @@
-"""Argument checks of the kernel functions: one helper, errors that name the argument and the expected shape."""
+"""Argument checks shared by every public function: errors that name the argument and the expected shape."""
 
 from __future__ import annotations
 
