@@ -20,13 +20,18 @@ from .attention import (
     flash_attn_varlen_func,
 )
 from .hardware import device_profile
+from .kernels.catalog import KERNELS
 
 
 def info_lines() -> List[str]:
     """The self-diagnosis a user pastes into a bug report."""
     p = device_profile()
     gib = p.memory_bytes / 2**30
-    custom = "yes" if p.is_gpu else "no (CPU backend: kernels fall back to the reference path)"
+    names = ", ".join(k.name for k in KERNELS)
+    if p.is_gpu:
+        custom = f"yes, mx.fast.{p.backend}_kernel: {names}"
+    else:
+        custom = f"no (CPU backend: {names} run as MLX reference ops)"
     lines = [
         f"mlx_primitives {__version__}",
         f"MLX            {mx.__version__}",
