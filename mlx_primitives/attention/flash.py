@@ -14,7 +14,7 @@ which one a call would take.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import mlx.core as mx
 
@@ -26,12 +26,33 @@ from .spec import AttentionSpec, describe_attention, to_bhsd
 Output = Union[mx.array, Tuple[mx.array, mx.array, Optional[mx.array]]]
 
 
+# Validated specs of array-free calls, keyed by everything they depend on: the hot path of a model
+# repeats the same few shapes, and re-validating each call costs more than a small attention on a GPU.
+_SPECS: Dict[tuple, AttentionSpec] = {}
+_MAX_SPECS = 512
+
+
 def _describe(q, k, v, layout, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
               mask=None, chunk_size=None) -> AttentionSpec:
-    return describe_attention(
+    key = None
+    if alibi_slopes is None and sinks is None and not isinstance(mask, mx.array):
+        try:
+            key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, type(q), type(k), type(v), layout,
+                   dropout_p, softmax_scale, causal, window_size, softcap, mask, chunk_size)
+            spec = _SPECS.get(key)
+        except (AttributeError, TypeError):  # not arrays, or unhashable options: let validation say why
+            key, spec = None, None
+        if spec is not None:
+            return spec
+    spec = describe_attention(
         q, k, v, layout=layout, scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
         alibi_slopes=alibi_slopes, sinks=sinks, mask=mask, dropout_p=dropout_p, chunk_size=chunk_size,
     )
+    if key is not None:
+        if len(_SPECS) >= _MAX_SPECS:
+            _SPECS.clear()
+        _SPECS[key] = spec
+    return spec
 
 
 def _attend(
@@ -46,7 +67,7 @@ def _attend(
 ) -> Output:
     """Run a described call on BSHD or BHSD tensors; return in the same layout."""
     seed = draw_seed(dropout_key) if spec.dropout_p > 0 else None
-    qh, kh, vh = (to_bhsd(x, layout) for x in (q, k, v))
+    qh, kh, vh = (q, k, v) if layout == "BHSD" else (to_bhsd(q, layout), to_bhsd(k, layout), to_bhsd(v, layout))
     out, lse = run_attention(qh, kh, vh, spec, need_lse=return_attn_probs, dropout_seed=seed, path=path)
     out = to_bhsd(out, layout)
     if not return_attn_probs:
