@@ -188,9 +188,14 @@ def tuning_cache() -> TuningCache:
     return _CACHE
 
 
+def dtype_name(dtype: mx.Dtype) -> str:
+    """``"float16"`` for ``mx.float16``."""
+    return str(dtype).rsplit(".", 1)[-1]
+
+
 def cache_key(space: TuningSpace, dtype: mx.Dtype, bucket: str, profile: Optional[DeviceProfile] = None) -> str:
     profile = profile or device_profile()
-    return f"{profile.name}|{profile.backend}|mlx-{mx.__version__}|{space.kernel}|{dtype}|{bucket}"
+    return f"{profile.name}|{profile.backend}|mlx-{mx.__version__}|{space.kernel}|{dtype_name(dtype)}|{bucket}"
 
 
 def choose_config(space: TuningSpace, dtype: mx.Dtype, bucket: str) -> Config:
@@ -256,7 +261,7 @@ def autotune(
     for config in candidates:
         timings[json.dumps(config, sort_keys=True)] = median_ms(make_call(config), repeats=repeats)
     best = min(timings, key=timings.get)
-    result = TuneResult(space.kernel, bucket, str(dtype), json.loads(best), timings[best],
+    result = TuneResult(space.kernel, bucket, dtype_name(dtype), json.loads(best), timings[best],
                         timings[json.dumps(default, sort_keys=True)])
     if store:
         tuning_cache().store({
