@@ -5,6 +5,9 @@ Paths, in order of preference:
 * ``"sdpa"`` -- ``mx.fast.scaled_dot_product_attention``, whenever the call's
   features map onto it (no window, softcap, ALiBi or dropout, no LSE requested,
   causal only with ``q_len <= k_len`` so that no row is fully masked).
+* ``"kernel"`` -- the prefill flash kernel (:mod:`mlx_primitives.kernels.flash_attention`)
+  on a GPU backend, for the features sdpa lacks (window, softcap, ALiBi, LSE, ...)
+  and for head dims past sdpa's fast path, when the kernel supports the call.
 * ``"reference"`` -- the blockwise pure-MLX path (:mod:`.reference`) for
   everything else, and wherever memory must stay O(N) on a backend whose
   ``scaled_dot_product_attention`` materializes the score matrix (the CPU).
@@ -21,12 +24,16 @@ from typing import NamedTuple, Optional, Tuple
 import mlx.core as mx
 
 from ..hardware import device_profile
+from ..kernels import flash_attention
 from .reference import reference_attention
 from .spec import AttentionSpec
 
 logger = logging.getLogger("mlx_primitives.dispatch")
 
-PATHS = ("auto", "sdpa", "reference")
+PATHS = ("auto", "sdpa", "kernel", "reference")
+
+# Past this head dim, sdpa leaves its fast path (cuDNN on CUDA) and the kernel is faster.
+SDPA_FAST_HEAD_DIM = 128
 
 
 class Route(NamedTuple):
@@ -57,14 +64,21 @@ def _sdpa_blocker(spec: AttentionSpec, need_lse: bool) -> Optional[str]:
     return None
 
 
+def _kernel_blocker(spec: AttentionSpec) -> Optional[str]:
+    """Why the flash kernel cannot compute ``spec`` here, or None."""
+    if not device_profile().is_gpu:
+        return "kernels need a GPU backend"
+    return flash_attention.unsupported(spec)
+
+
 def choose_route(spec: AttentionSpec, need_lse: bool = False, path: str = "auto") -> Route:
     """Pick the path for ``spec``.
 
     Args:
         spec: the validated call.
         need_lse: whether the caller needs the log-sum-exp.
-        path: ``"auto"``, or a path to force (``"sdpa"`` fails with ``ValueError``
-            when the features do not map onto it).
+        path: ``"auto"``, or a path to force (``"sdpa"`` and ``"kernel"`` fail with
+            ``ValueError`` when they cannot run the call).
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}; got {path!r}")
@@ -75,6 +89,15 @@ def choose_route(spec: AttentionSpec, need_lse: bool = False, path: str = "auto"
         if blocker:
             raise ValueError(f"path='sdpa' cannot run this call: {blocker}")
         return Route("sdpa", "forced by the caller")
+    kernel_blocker = _kernel_blocker(spec)
+    if path == "kernel":
+        if kernel_blocker:
+            raise ValueError(f"path='kernel' cannot run this call: {kernel_blocker}")
+        return Route("kernel", "forced by the caller")
+    if kernel_blocker is None and blocker:
+        return Route("kernel", f"{blocker}: the flash kernel computes it")
+    if kernel_blocker is None and spec.head_dim > SDPA_FAST_HEAD_DIM:
+        return Route("kernel", f"head_dim {spec.head_dim} is past sdpa's fast path")
     if blocker:
         return Route("reference", blocker)
     if spec.chunk_size is not None and not device_profile().is_gpu:
@@ -108,6 +131,8 @@ def run_attention(
         logger.debug("attention %s -> %s (%s)", _shape_text(spec), route.path, route.reason)
     if route.path == "sdpa":
         return _sdpa(q, k, v, spec), None
+    if route.path == "kernel":
+        return flash_attention.flash_attention(q, k, v, spec)
     return reference_attention(q, k, v, spec, dropout_seed, batch_offset)
 
 
