@@ -7,7 +7,7 @@ import importlib
 
 from .common import header, write_results
 
-SUITES = ("attention", "kernels", "tuning")
+SUITES = ("attention", "kernels", "tuning", "flash_kernel")
 
 
 def main(argv=None) -> None:

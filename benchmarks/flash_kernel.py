@@ -1,0 +1,87 @@
+"""The prefill flash kernel against ``mx.fast.scaled_dot_product_attention`` (and the reference path).
+
+Rows: fp16, B=2, H=16, L in {4k, 8k, 16k}, D in {128, 256}. Plain and causal are timed against sdpa
+on the same call; softcap and ALiBi (which sdpa can't run) against sdpa's plain attention of the same
+shape, the issue-5 target being >= 50% of its TFLOP/s; the sliding window (L=16k, W=1k, causal)
+against sdpa with the equivalent additive mask, target >= 10x. TFLOP/s count visible pairs only
+(``AttentionSpec.flops``).
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import mlx.core as mx
+
+from mlx_primitives.attention.reference import reference_attention
+from mlx_primitives.attention.spec import describe_attention
+from mlx_primitives.kernels.flash_attention import flash_attention
+
+from .common import Table, time_ms
+
+BATCH, HEADS = 2, 16
+
+
+def _inputs(length: int, head_dim: int):
+    q, k, v = (mx.random.normal((BATCH, HEADS, length, head_dim)).astype(mx.float16) for _ in range(3))
+    mx.eval(q, k, v)
+    return q, k, v
+
+
+def _window_mask(length: int, window: int) -> mx.array:
+    i = mx.arange(length)[:, None]
+    j = mx.arange(length)[None, :]
+    visible = (j <= i) & (j >= i - window)
+    return mx.where(visible, 0.0, -mx.inf).astype(mx.float16)
+
+
+def run(quick: bool = False) -> List[Table]:
+    lengths = (4096,) if quick else (4096, 8192, 16384)
+    repeats = 3 if quick else 10
+    table = Table(
+        title=f"Prefill flash kernel vs sdpa (fp16, B={BATCH}, H={HEADS})",
+        columns=("variant", "L", "D", "ours ms", "ours TFLOP/s", "sdpa ms", "sdpa TFLOP/s", "sdpa/ours",
+                 "reference ms", "target"),
+        note="sdpa column: the same call for plain/causal; sdpa's plain attention of the same shape for "
+             "softcap/ALiBi (target: ours >= 50% of its TFLOP/s); sdpa with the equivalent additive mask for "
+             "the window (target: >= 10x faster).",
+    )
+    slopes = 2.0 ** (-8.0 * (mx.arange(HEADS) + 1) / HEADS)
+    for head_dim in (128, 256):
+        for length in lengths:
+            q, k, v = _inputs(length, head_dim)
+            plain_spec = describe_attention(q, k, v)
+            sdpa_plain = time_ms(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=plain_spec.scale),
+                                 repeats=repeats)
+            variants = [
+                ("plain", {}, sdpa_plain, ""),
+                ("causal", {"causal": True}, time_ms(
+                    lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=plain_spec.scale, mask="causal"),
+                    repeats=repeats), ""),
+                ("softcap 30", {"softcap": 30.0}, sdpa_plain, ">= 50% sdpa plain"),
+                ("alibi", {"alibi_slopes": slopes}, sdpa_plain, ">= 50% sdpa plain"),
+            ]
+            for name, features, sdpa_ms, target in variants:
+                spec = describe_attention(q, k, v, **features)
+                ours = time_ms(lambda: flash_attention(q, k, v, spec)[0], repeats=repeats)
+                sdpa_tflops = (plain_spec if target else spec).flops() / sdpa_ms / 1e9
+                reference = ""
+                if target and length == 4096 and head_dim == 128:
+                    reference = time_ms(lambda: reference_attention(q, k, v, spec)[0], warmup=1, repeats=3)
+                table.add(name, length, head_dim, ours, spec.flops() / ours / 1e9, sdpa_ms, sdpa_tflops,
+                          sdpa_ms / ours, reference, target)
+            del q, k, v
+
+    length, window = (4096, 1024) if quick else (16384, 1024)
+    for head_dim in (128, 256):
+        q, k, v = _inputs(length, head_dim)
+        spec = describe_attention(q, k, v, causal=True, window_size=(window, 0))
+        mask = _window_mask(length, window)
+        mx.eval(mask)
+        ours = time_ms(lambda: flash_attention(q, k, v, spec)[0], repeats=repeats)
+        sdpa_ms = time_ms(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=spec.scale, mask=mask),
+                          repeats=repeats)
+        table.add(f"window {window} causal", length, head_dim, ours, spec.flops() / ours / 1e9, sdpa_ms,
+                  spec.flops() / sdpa_ms / 1e9, sdpa_ms / ours, "", ">= 10x sdpa+mask")
+        del q, k, v, mask
+    return [table]
