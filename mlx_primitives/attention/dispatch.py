@@ -7,7 +7,7 @@ Paths, in order of preference:
   causal only with ``q_len <= k_len`` so that no row is fully masked).
 * ``"kernel"`` -- the prefill flash kernel (:mod:`mlx_primitives.kernels.flash_attention`)
   on a GPU backend, for the features sdpa lacks (window, softcap, ALiBi, LSE, ...)
-  and for head dims past sdpa's fast path, when the kernel supports the call.
+  and for causal calls at head dims past sdpa's fast path, when the kernel supports the call.
 * ``"reference"`` -- the blockwise pure-MLX path (:mod:`.reference`) for
   everything else, and wherever memory must stay O(N) on a backend whose
   ``scaled_dot_product_attention`` materializes the score matrix (the CPU).
@@ -32,7 +32,8 @@ logger = logging.getLogger("mlx_primitives.dispatch")
 
 PATHS = ("auto", "sdpa", "kernel", "reference")
 
-# Past this head dim, sdpa leaves its fast path (cuDNN on CUDA) and the kernel is faster.
+# Past this head dim sdpa leaves its fast path (cuDNN on CUDA): on the H100 the kernel is 2-3x faster
+# there for causal calls, sdpa still ~1.3x faster without a mask (benchmarks/results/h100/flash_kernel.md).
 SDPA_FAST_HEAD_DIM = 128
 
 
@@ -96,8 +97,8 @@ def choose_route(spec: AttentionSpec, need_lse: bool = False, path: str = "auto"
         return Route("kernel", "forced by the caller")
     if kernel_blocker is None and blocker:
         return Route("kernel", f"{blocker}: the flash kernel computes it")
-    if kernel_blocker is None and spec.head_dim > SDPA_FAST_HEAD_DIM:
-        return Route("kernel", f"head_dim {spec.head_dim} is past sdpa's fast path")
+    if kernel_blocker is None and spec.causal and spec.head_dim > SDPA_FAST_HEAD_DIM:
+        return Route("kernel", f"causal at head_dim {spec.head_dim} is past sdpa's fast path")
     if blocker:
         return Route("reference", blocker)
     if spec.chunk_size is not None and not device_profile().is_gpu:

@@ -217,7 +217,6 @@ def _spec(head_dim=128, dtype=mx.float16, q_len=64, k_len=64, **features):
         ({"window_size": (32, 0)}, False),
         ({}, True),
         ({"causal": True, "q_len": 100, "k_len": 50}, False),
-        ({"head_dim": 256}, False),
         ({"head_dim": 256, "causal": True}, False),
     ],
 )
@@ -225,7 +224,7 @@ def test_gpu_routes_features_sdpa_lacks_to_the_kernel(on_gpu, features, need_lse
     assert dispatch.choose_route(_spec(**features), need_lse).path == "kernel"
 
 
-@pytest.mark.parametrize("features", [{}, {"causal": True}, {"head_dim": 64, "causal": True}])
+@pytest.mark.parametrize("features", [{}, {"causal": True}, {"head_dim": 64, "causal": True}, {"head_dim": 256}])
 def test_gpu_keeps_plain_and_causal_on_sdpa(on_gpu, features):
     assert dispatch.choose_route(_spec(**features)).path == "sdpa"
 
