@@ -17,11 +17,13 @@ import mlx.core as mx
 
 from ..attention.reference import reference_attention
 from ..attention.spec import AttentionSpec
+from ..hardware import device_profile
 from .launcher import SRC, Kernel, Launch, float_bits, launch, with_reference_vjp
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
 DTYPES = (mx.float16, mx.bfloat16)
-SHARED_MEMORY_LIMIT = 48 * 1024  # static shared memory of one threadgroup, both backends
+# Static shared (threadgroup) memory one group may declare: 48 KiB on CUDA, 32 KiB on Apple GPUs.
+SHARED_MEMORY_LIMITS = {"cuda": 48 * 1024, "metal": 32 * 1024}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +55,19 @@ def shared_memory_bytes(head_dim: int, config: Dict[str, int], itemsize: int = 2
     return rows * (head_dim + 8) * itemsize
 
 
+def shared_memory_limit(backend: Optional[str] = None) -> int:
+    """The static shared-memory budget of ``backend`` (default: the current one; CUDA's where unknown)."""
+    return SHARED_MEMORY_LIMITS.get(backend or device_profile().backend, SHARED_MEMORY_LIMITS["cuda"])
+
+
 def unsupported(spec: AttentionSpec) -> Optional[str]:
     """Why the kernel cannot compute ``spec``, or None when it can."""
     if spec.dtype not in DTYPES:
         return f"dtype {spec.dtype} is not float16 or bfloat16"
     if spec.head_dim not in HEAD_DIMS or spec.v_head_dim != spec.head_dim:
         return f"head dims ({spec.head_dim}, {spec.v_head_dim}) are not one of {HEAD_DIMS} for q, k and v"
+    if shared_memory_bytes(spec.head_dim, DEFAULTS[spec.head_dim]) > shared_memory_limit():
+        return f"head_dim {spec.head_dim} needs more shared memory than this backend's {shared_memory_limit()} bytes"
     if spec.dropout_p > 0:
         return "dropout runs on the reference path"
     if spec.mask is not None:
@@ -73,10 +82,10 @@ def config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> 
     chosen = {**DEFAULTS[spec.head_dim], **(config or {})}
     if chosen["BK"] % 16 or chosen["WARPS"] < 1:
         raise ValueError(f"BK must be a multiple of 16 and WARPS positive; got {chosen}")
-    if shared_memory_bytes(spec.head_dim, chosen) > SHARED_MEMORY_LIMIT:
+    if shared_memory_bytes(spec.head_dim, chosen) > shared_memory_limit():
         raise ValueError(
             f"config {chosen} needs {shared_memory_bytes(spec.head_dim, chosen)} bytes of shared memory "
-            f"at head_dim {spec.head_dim}; the limit is {SHARED_MEMORY_LIMIT}"
+            f"at head_dim {spec.head_dim}; the limit is {shared_memory_limit()}"
         )
     return chosen
 
@@ -166,7 +175,7 @@ def compile_examples():
             for options in features:
                 spec = describe_attention(q, kv, kv, **options)
                 for config in FLASH_FWD.configs():
-                    if shared_memory_bytes(head_dim, config) > SHARED_MEMORY_LIMIT:
+                    if shared_memory_bytes(head_dim, config) > shared_memory_limit("metal"):
                         continue
                     yield plan(q, kv, kv, mx.array(spec.window, dtype=mx.int32), _placeholder(), _placeholder(),
                                spec, config)

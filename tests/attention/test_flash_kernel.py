@@ -160,7 +160,7 @@ def test_rows_without_keys_are_zero_with_lse_minus_inf(no_fallback):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [c for c in fa.FLASH_FWD.configs() if fa.shared_memory_bytes(128, c) <= fa.SHARED_MEMORY_LIMIT])
+@pytest.mark.parametrize("config", [c for c in fa.FLASH_FWD.configs() if fa.shared_memory_bytes(128, c) <= fa.shared_memory_limit()])
 def test_every_fitting_tile_config(no_fallback, config):
     check(q_len=200, k_len=300, head_dim=128, causal=True, config=config)
 
@@ -255,6 +255,13 @@ def test_cpu_never_routes_to_the_kernel(monkeypatch):
 
 def test_shared_memory_of_default_configs_fits():
     for head_dim, config in fa.DEFAULTS.items():
-        assert fa.shared_memory_bytes(head_dim, config) <= fa.SHARED_MEMORY_LIMIT
+        assert fa.shared_memory_bytes(head_dim, config) <= fa.shared_memory_limit("cuda")
     with pytest.raises(ValueError, match="shared memory"):
         fa.config_for(_spec(head_dim=256), {"BK": 64})
+
+
+def test_head_dim_256_stays_off_the_kernel_where_threadgroup_memory_is_32_kib(monkeypatch):
+    metal = profile_from_info("metal", {"device_name": "Apple M3 Max"})
+    monkeypatch.setattr(fa, "device_profile", lambda: metal)
+    assert "shared memory" in fa.unsupported(_spec(head_dim=256))
+    assert fa.unsupported(_spec(head_dim=128)) is None
