@@ -32,7 +32,8 @@ class _AttentionKernel(Kernel):
     between backends: register-level P, ldmatrix-style loads, asynchronous copies), then ``flash.inc``."""
 
     def header(self, backend: str) -> str:
-        return "\n".join([super().header(backend)] + [(SRC / f).read_text() for f in (f"flash_{backend}.inc", "flash.inc")])
+        helpers = (f"flash_{backend}.inc", "flash.inc")
+        return "\n".join([super().header(backend)] + [(SRC / f).read_text() for f in helpers])
 
 
 FLASH_FWD = _AttentionKernel(
@@ -110,7 +111,10 @@ def plan(q, k, v, window, slopes, sinks, spec: AttentionSpec, config: Dict[str, 
         template=template,
         grid=(query_blocks * threads, spec.num_heads, spec.batch),
         threadgroup=(threads, 1, 1),
-        output_shapes=[(spec.batch, spec.num_heads, spec.q_len, spec.head_dim), (spec.batch, spec.num_heads, spec.q_len)],
+        output_shapes=[
+            (spec.batch, spec.num_heads, spec.q_len, spec.head_dim),
+            (spec.batch, spec.num_heads, spec.q_len),
+        ],
         output_dtypes=[q.dtype, mx.float32],
     )
 
@@ -153,7 +157,8 @@ def flash_attention(
         call_spec, slopes, sinks = with_extras(extra_arrays)
         slopes = _placeholder() if slopes is None else slopes.reshape(-1)
         sinks = _placeholder() if sinks is None else sinks
-        return launch(plan(q, k, v, window, slopes, sinks, call_spec, chosen), lambda: reference(q, k, v, *extra_arrays))
+        launch_plan = plan(q, k, v, window, slopes, sinks, call_spec, chosen)
+        return launch(launch_plan, lambda: reference(q, k, v, *extra_arrays))
 
     out, lse = with_reference_vjp(forward, reference)(q, k, v, *extras)
     return out, lse

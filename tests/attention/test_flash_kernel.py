@@ -159,8 +159,11 @@ def test_rows_without_keys_are_zero_with_lse_minus_inf(no_fallback):
     assert np.all(np.array(out[:, :, :20].astype(mx.float32)) == 0) and np.all(np.isneginf(lse[:, :, :20]))
 
 
+FITTING_CONFIGS = [c for c in fa.FLASH_FWD.configs() if fa.shared_memory_bytes(128, c) <= fa.shared_memory_limit()]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [c for c in fa.FLASH_FWD.configs() if fa.shared_memory_bytes(128, c) <= fa.shared_memory_limit()])
+@pytest.mark.parametrize("config", FITTING_CONFIGS)
 def test_every_fitting_tile_config(no_fallback, config):
     check(q_len=200, k_len=300, head_dim=128, causal=True, config=config)
 
