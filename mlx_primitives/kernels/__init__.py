@@ -1,11 +1,13 @@
 """The kernel layer: the portable Metal/CUDA dialect, one launcher, and the fused kernels.
 
-Functions: ``rms_norm``, ``layer_norm`` (optionally fused with a residual add), ``rope`` (q and k in
+Functions: ``decode_attention`` (split-KV attention over a contiguous or paged KV cache), ``rms_norm``,
+``layer_norm`` (optionally fused with a residual add), ``rope`` (q and k in
 one launch), ``swiglu``, ``geglu`` and ``tiled_matmul`` (the matrix-unit primitive's proof).
 Layers: ``RMSNorm``, ``LayerNorm``, ``SwiGLU``, ``GeGLU``. Kernel bodies live in ``src/``; see
 ``launcher`` for how they are compiled and ``catalog`` for their tile configurations.
 """
 
+from .decode import decode_attention
 from .glu import geglu, swiglu
 from .launcher import Kernel, Launch, launch
 from .layers import GeGLU, LayerNorm, RMSNorm, SwiGLU
@@ -20,6 +22,7 @@ __all__ = [
     "Launch",
     "RMSNorm",
     "SwiGLU",
+    "decode_attention",
     "geglu",
     "launch",
     "layer_norm",

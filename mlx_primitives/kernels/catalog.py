@@ -56,12 +56,30 @@ MATMUL = Kernel(
     tunables=(("BM", (32, 64, 128)), ("BN", (32, 64, 128)), ("WM", (1, 2)), ("WN", (2, 4))),
 )
 
+# Decode attention (decode.py): the split-KV pass, whose threads per group and minimum keys per
+# split are free, and the pass that merges the splits.
+DECODE = Kernel(
+    name="decode_attention",
+    body="decode.kern",
+    inputs=("q", "k_cache", "v_cache", "cache_seqlens", "block_table", "params", "slopes"),
+    outputs=("o_part", "lse_part"),
+    tunables=(("THREADS", (64, 128, 256)), ("SPLIT", (128, 256, 512))),
+)
+
+DECODE_COMBINE = Kernel(
+    name="decode_attention_combine",
+    body="decode_combine.kern",
+    inputs=("o_part", "lse_part", "sinks"),
+    outputs=("out", "lse"),
+)
+
 # Defaults: norms pick threads per row from the row length (see norms.py); the rest are the best
 # of the H100 sweep in benchmarks/results/h100/kernels.md.
 DEFAULTS = {
     "rope": {"HPT": 1, "THREADS": 128},
     "glu": {"ITEMS": 2, "THREADS": 256},
     "tiled_matmul": {"BM": 64, "BN": 64, "WM": 2, "WN": 2},
+    "decode_attention": {"THREADS": 128, "SPLIT": 256},
 }
 
-KERNELS = (RMS_NORM, RMS_NORM_RESIDUAL, LAYER_NORM, LAYER_NORM_RESIDUAL, ROPE, GLU, MATMUL)
+KERNELS = (RMS_NORM, RMS_NORM_RESIDUAL, LAYER_NORM, LAYER_NORM_RESIDUAL, ROPE, GLU, MATMUL, DECODE, DECODE_COMBINE)
