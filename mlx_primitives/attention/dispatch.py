@@ -107,9 +107,19 @@ def choose_route(spec: AttentionSpec, need_lse: bool = False, path: str = "auto"
 
 
 def _sdpa(q: mx.array, k: mx.array, v: mx.array, spec: AttentionSpec) -> mx.array:
-    mask = "causal" if spec.causal else spec.mask
     sinks = None if spec.sinks is None else spec.sinks.astype(q.dtype)
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=spec.scale, mask=mask, sinks=sinks)
+    mask = spec.mask
+    if spec.causal or mask is None:
+        mask = "causal" if spec.causal else None
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=spec.scale, mask=mask, sinks=sinks)
+    if mask.dtype == mx.bool_:
+        has_key = mask.any(axis=-1, keepdims=True)
+    else:
+        mask = mask.astype(q.dtype)  # sdpa wants an additive mask of the output type
+        has_key = (mask > -mx.inf).any(axis=-1, keepdims=True)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=spec.scale, mask=mask, sinks=sinks)
+    # sdpa leaves rows whose mask hides every key undefined (a uniform average or NaN): they are zeros here.
+    return mx.where(has_key, out, mx.zeros((), dtype=out.dtype))
 
 
 def run_attention(
