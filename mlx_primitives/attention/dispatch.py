@@ -112,13 +112,16 @@ def _sdpa(q: mx.array, k: mx.array, v: mx.array, spec: AttentionSpec) -> mx.arra
     if spec.causal or mask is None:
         mask = "causal" if spec.causal else None
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=spec.scale, mask=mask, sinks=sinks)
+    # sdpa leaves rows whose mask hides every key undefined (a uniform average, or NaN in the output and
+    # its gradient): they see every key there, and their output is replaced by zeros.
     if mask.dtype == mx.bool_:
         has_key = mask.any(axis=-1, keepdims=True)
+        mask = mask | ~has_key
     else:
         mask = mask.astype(q.dtype)  # sdpa wants an additive mask of the output type
         has_key = (mask > -mx.inf).any(axis=-1, keepdims=True)
+        mask = mx.where(has_key, mask, mx.zeros((), dtype=mask.dtype))
     out = mx.fast.scaled_dot_product_attention(q, k, v, scale=spec.scale, mask=mask, sinks=sinks)
-    # sdpa leaves rows whose mask hides every key undefined (a uniform average or NaN): they are zeros here.
     return mx.where(has_key, out, mx.zeros((), dtype=out.dtype))
 
 
