@@ -33,7 +33,9 @@ def fmix32(x: mx.array) -> mx.array:
 
 def draw_seed(key: Optional[mx.array] = None) -> mx.array:
     """A uint32 scalar seed from ``key`` (``mx.random.key``) or MLX's global generator."""
-    return mx.random.bits((), key=key).astype(mx.uint32)
+    # MLX has no raw-bits draw; randint goes through floats, so draw two exact 16-bit halves.
+    halves = mx.random.randint(0, 1 << 16, (2,), key=key).astype(mx.uint32)
+    return (halves[0] << 16) | halves[1]
 
 
 def keep_threshold(dropout_p: float) -> int:
