@@ -115,7 +115,7 @@ def attention64(q, k, v, f: Features = None, grad_out=None):
     groups = heads // kv_heads
     ke, ve = np.repeat(k, groups, axis=1), np.repeat(v, groups, axis=1)
     s, tanh, scale = _scores(q, ke, f)
-    m = s.max(axis=-1, keepdims=True)
+    m = s.max(axis=-1, keepdims=True, initial=-np.inf)
     sink = None
     if f.sinks is not None:
         sink = np.asarray(f.sinks, np.float64)[None, :, None, None]
