@@ -85,14 +85,15 @@ def flash_attn_varlen_func(
             f"got {len(q_bounds) - 1} and {len(k_bounds) - 1}"
         )
     num_seqs = len(q_bounds) - 1
-    if alibi_slopes is not None and alibi_slopes.ndim == 2 and alibi_slopes.shape[0] != num_seqs:
+    per_seq_slopes = isinstance(alibi_slopes, mx.array) and alibi_slopes.ndim == 2  # others: describe_attention
+    if per_seq_slopes and alibi_slopes.shape[0] != num_seqs:
         raise ValueError(f"alibi_slopes must have shape (nheads,) or ({num_seqs}, nheads); got {alibi_slopes.shape}")
 
     seed = draw_seed(dropout_key) if dropout_p > 0 else None
     outs, lses = [], []
     for b in range(num_seqs):
         qs, ks = slice(q_bounds[b], q_bounds[b + 1]), slice(k_bounds[b], k_bounds[b + 1])
-        slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.ndim == 2 else alibi_slopes
+        slopes = alibi_slopes[b] if per_seq_slopes else alibi_slopes
         qb, kb, vb = (x[None].swapaxes(1, 2) for x in (q[qs], k[ks], v[ks]))
         spec = describe_attention(
             qb, kb, vb, scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
