@@ -37,6 +37,14 @@ def _per_head(values: mx.array, spec: AttentionSpec) -> mx.array:
     return values.reshape(values.shape[0], spec.num_kv_heads, spec.groups, 1, 1)
 
 
+def _after(x: mx.array, earlier: mx.array) -> mx.array:
+    """``x``, computed only once ``earlier`` is: ``mx.depends`` without breaking ``mx.vmap``.
+
+    Both branches of the ``where`` are ``x``, so the value (NaN included) and gradient are ``x``'s.
+    """
+    return mx.where(earlier.sum() >= 0, x, x)
+
+
 class _Block:
     """Index helpers of one (query rows, key columns) block, shared by the paths below."""
 
@@ -128,6 +136,8 @@ def reference_attention(
     for i0 in range(0, spec.q_len, chunk):
         i1 = min(spec.q_len, i0 + chunk)
         q_blk = q_scaled[..., i0:i1, :]
+        if outs:  # evaluate query blocks one after another
+            q_blk = _after(q_blk, outs[-1])
         shape = q_blk.shape[:-1] + (1,)
         if sinks is None:
             running_max = mx.full(shape, -mx.inf, dtype=mx.float32)
@@ -140,7 +150,11 @@ def reference_attention(
         for j0 in range(key_start, key_stop, chunk):
             j1 = min(key_stop, j0 + chunk)
             block = _Block(spec, i0, i1, j0, j1)
-            s = block.scores(q_blk, k32[..., j0:j1, :], slopes, spec.mask)
+            k_blk = k32[..., j0:j1, :]
+            if j0 > key_start:
+                # Without this edge MLX may compute every score block before folding any in: O(N^2) memory.
+                k_blk = _after(k_blk, denom)
+            s = block.scores(q_blk, k_blk, slopes, spec.mask)
             # The softmax does not depend on the shift, so the running max carries no gradient.
             new_max = mx.stop_gradient(mx.maximum(running_max, s.max(axis=-1, keepdims=True)))
             safe_max = mx.where(new_max == -mx.inf, 0.0, new_max)

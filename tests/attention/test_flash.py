@@ -317,3 +317,15 @@ def test_dispatch_logs_its_choice_at_debug_level(caplog):
     with caplog.at_level(logging.DEBUG, logger="mlx_primitives.dispatch"):
         flash_attn_func(q, k, v, softcap=2.0)
     assert any("-> reference" in r.getMessage() and "softcap" in r.getMessage() for r in caplog.records)
+
+
+def test_reference_path_works_under_compile_and_vmap():
+    q, k, v = random_qkv(3, 19, 23, 2, 1, 16, layout="BHSD")
+
+    def fn(q, k, v):
+        return flash_attention(q, k, v, layout="BHSD", causal=True, softcap=3.0, chunk_size=8, path="reference")
+
+    plain = fn(q, k, v)
+    assert mx.allclose(mx.compile(fn)(q, k, v), plain, atol=1e-6)
+    assert mx.allclose(mx.vmap(fn)(q[:, None], k[:, None], v[:, None])[:, 0], plain, atol=1e-6)
+    check_against_reference(plain, q, k, v, Features(causal=True, softcap=3.0), layout="BHSD")
