@@ -27,7 +27,7 @@ class KVCache:
         if self.keys is None or needed > self.keys.shape[2]:
             batch, heads, _, k_dim = keys.shape
             capacity = ((needed + self.step - 1) // self.step) * self.step
-            grow = capacity - (0 if self.keys is None else self.keys.shape[2])
+            grow = capacity - previous  # the positions past ``previous`` are dropped below
             new_k = mx.zeros((batch, heads, grow, k_dim), keys.dtype)
             new_v = mx.zeros((batch, heads, grow, values.shape[3]), values.dtype)
             if self.keys is None:
