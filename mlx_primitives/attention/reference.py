@@ -192,6 +192,8 @@ def attention_probabilities(
     O(q_len * k_len) memory: only for ``return_attn_probs=True``. As in
     flash-attention, weights removed by dropout are returned negated.
     """
+    if spec.q_len == 0 or spec.k_len == 0:
+        return mx.zeros((spec.batch, spec.num_heads, spec.q_len, spec.k_len), dtype=mx.float32)
     q_scaled = _grouped(q.astype(mx.float32) * spec.scale, spec)
     slopes = None if spec.alibi_slopes is None else _per_head(spec.alibi_slopes, spec)
     block = _Block(spec, 0, spec.q_len, 0, spec.k_len)

@@ -127,6 +127,19 @@ def test_rows_without_visible_keys_give_zero_output_and_minus_inf_lse(q_len, k_l
         assert keyless[..., : q_len - k_len].all() and not keyless[..., q_len - k_len :].any()
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_empty_key_or_query_sequences_give_empty_or_zero_results(path):
+    q, k, v = random_qkv(1, 3, 0, 2, 2, 8)
+    out, lse, probs = flash_attn_func(q, k, v, return_attn_probs=True, path=path)
+    assert out.shape == (1, 3, 2, 8) and (f64(out) == 0).all()
+    assert np.isneginf(f64(lse)).all() and probs.shape == (1, 2, 3, 0)
+    dq = mx.grad(lambda q: flash_attn_func(q, k, v, path=path).sum())(q)
+    assert (f64(dq) == 0).all()
+    q, k, v = random_qkv(1, 0, 4, 2, 2, 8)
+    out, lse, probs = flash_attn_func(q, k, v, return_attn_probs=True, path=path)
+    assert out.shape == (1, 0, 2, 8) and lse.shape == (1, 2, 0) and probs.shape == (1, 2, 0, 4)
+
+
 def test_plain_out_without_probs_on_auto_equals_sdpa_directly():
     q, k, v = random_qkv(2, 8, 8, 4, 2, 64)
     ours = flash_attn_func(q, k, v, causal=True)
@@ -329,3 +342,57 @@ def test_reference_path_works_under_compile_and_vmap():
     assert mx.allclose(mx.compile(fn)(q, k, v), plain, atol=1e-6)
     assert mx.allclose(mx.vmap(fn)(q[:, None], k[:, None], v[:, None])[:, 0], plain, atol=1e-6)
     check_against_reference(plain, q, k, v, Features(causal=True, softcap=3.0), layout="BHSD")
+
+
+# ---- property tests over random shape/feature combinations -----------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def attention_calls(draw):
+    """A random call: shapes, dtype, path and any combination of features."""
+    kv_heads = draw(st.sampled_from([1, 2]))
+    call = {
+        "batch": draw(st.integers(1, 2)),
+        "q_len": draw(st.integers(1, 12)),
+        "k_len": draw(st.integers(1, 12)),
+        "heads": kv_heads * draw(st.sampled_from([1, 2, 4])),
+        "kv_heads": kv_heads,
+        "head_dim": draw(st.sampled_from([8, 16, 32, 64])),
+        "dtype": draw(st.sampled_from(list(DTYPES))),
+        "path": draw(st.sampled_from(PATHS)),
+        "lse": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
+    spec = {}
+    if draw(st.booleans()):
+        spec["causal"] = True
+    if draw(st.booleans()):
+        spec["window"] = (draw(st.integers(-1, 6)), draw(st.integers(-1, 3)))
+    if draw(st.booleans()):
+        spec["softcap"] = draw(st.floats(0.5, 5.0))
+    alibi = draw(st.sampled_from([None, "H", "BH"]))
+    if alibi:
+        spec["alibi"] = alibi
+    if draw(st.booleans()):
+        spec["sinks"] = True
+    if draw(st.booleans()):
+        spec["scale"] = draw(st.floats(0.05, 1.0))
+    return call, spec
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(attention_calls())
+def test_random_feature_combinations_match_float64_reference(case):
+    call, spec = case
+    mx.random.seed(call["seed"])
+    q, k, v = random_qkv(call["batch"], call["q_len"], call["k_len"], call["heads"], call["kv_heads"],
+                         call["head_dim"], DTYPES[call["dtype"]])
+    kwargs, f = draw_features(spec, call["batch"], call["heads"])
+    if call["lse"]:
+        out, lse, probs = flash_attn_func(q, k, v, return_attn_probs=True, path=call["path"], **kwargs)
+        check_against_reference(out, q, k, v, f, lse=lse, probs=probs)
+    else:
+        check_against_reference(flash_attn_func(q, k, v, path=call["path"], **kwargs), q, k, v, f)

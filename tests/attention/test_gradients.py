@@ -137,3 +137,19 @@ def test_float64_analytic_gradient_equals_finite_differences(feature):
             lo = (attention64(args["q"], args["k"], args["v"], f)["out"] * w).sum()
             numeric[idx] = (hi - lo) / (2 * eps)
         np.testing.assert_allclose(ref[f"d{name}"], numeric, atol=1e-7, rtol=1e-6)
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+from tests.attention.test_flash import attention_calls  # noqa: E402
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(attention_calls())
+def test_random_feature_combinations_have_float64_gradients(case):
+    call, spec = case
+    mx.random.seed(call["seed"])
+    q, k, v = random_qkv(call["batch"], call["q_len"], call["k_len"], call["heads"], call["kv_heads"],
+                         call["head_dim"], DTYPES[call["dtype"]])
+    kwargs, f = draw_features(spec, call["batch"], call["heads"])
+    check_gradients(lambda q, k, v: flash_attn_func(q, k, v, path=call["path"], **kwargs), q, k, v, f)
