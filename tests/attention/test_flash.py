@@ -61,7 +61,9 @@ def test_head_dims_match_float64_reference(head_dim, dtype, feature, path):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("feature", ["plain", "causal", "sinks", "everything"])
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (8, 2), (8, 1), (16, 2)], ids=["mha", "gqa2", "gqa4", "mqa8", "gqa8"])
+@pytest.mark.parametrize(
+    "heads,kv_heads", [(4, 4), (4, 2), (8, 2), (8, 1), (16, 2)], ids=["mha", "gqa2", "gqa4", "mqa8", "gqa8"]
+)
 def test_gqa_and_mqa_read_kv_head_h_over_group(heads, kv_heads, feature, dtype, path):
     q, k, v = random_qkv(2, 6, 9, heads, kv_heads, 32, DTYPES[dtype])
     kwargs, f = draw_features(FEATURE_SETS[feature], 2, heads)
@@ -192,7 +194,7 @@ def test_flash_attention_layouts_match_reference(layout, feature, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("kind", ["bool", "additive", "bool_2d", "additive_neg_inf_rows"])
+@pytest.mark.parametrize("kind", ["bool", "additive", "bool_2d", "key_padding", "additive_neg_inf_rows"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_flash_attention_mask_arrays_match_reference(kind, dtype, path):
     q, k, v = random_qkv(2, 6, 9, 4, 2, 32, DTYPES[dtype], layout="BHSD")
@@ -202,6 +204,9 @@ def test_flash_attention_mask_arrays_match_reference(kind, dtype, path):
     elif kind == "bool_2d":
         mask = np.asarray(mx.random.bernoulli(0.6, (6, 9)))
         mask[:, -1] = True
+    elif kind == "key_padding":
+        mask = np.ones((2, 1, 1, 9), bool)
+        mask[1, ..., 6:] = False  # the second sequence is 6 keys long
     elif kind == "additive":
         mask = np.asarray(mx.random.normal((2, 1, 6, 9)))
     else:

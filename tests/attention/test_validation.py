@@ -18,6 +18,13 @@ from tests.reference import random_qkv
 B, SQ, SK, H, HK, D = 2, 5, 7, 4, 2, 32
 
 
+class Shape(tuple):
+    """An option given as the shape of a random array (arrays are drawn inside the test)."""
+
+    def __new__(cls, *dims):
+        return super().__new__(cls, dims)
+
+
 def qkv(dtype=mx.float32):
     return random_qkv(B, SQ, SK, H, HK, D, dtype)
 
@@ -27,7 +34,8 @@ def normal(*shape, dtype=mx.float32):
 
 
 BAD_QKV = {
-    "q_rank3": (lambda q, k, v: (q[0], k, v), ValueError, r"q must have shape \(batch, seqlen_q, num_heads, head_dim\)"),
+    "q_rank3": (lambda q, k, v: (q[0], k, v), ValueError,
+                r"q must have shape \(batch, seqlen_q, num_heads, head_dim\)"),
     "k_rank5": (lambda q, k, v: (q, k[None], v), ValueError, r"k must have shape \(batch, seqlen_k, num_kv_heads"),
     "v_rank2": (lambda q, k, v: (q, k, v[0, 0]), ValueError, r"v must have shape"),
     "q_not_array": (lambda q, k, v: (q.tolist(), k, v), TypeError, r"q must be an mx.array"),
@@ -62,18 +70,18 @@ BAD_OPTIONS = {
     "dropout_negative": ({"dropout_p": -0.1}, ValueError, r"dropout_p must be in \[0, 1\)"),
     "scale_string": ({"softmax_scale": "0.1"}, TypeError, r"softmax_scale must be a finite float"),
     "scale_inf": ({"softmax_scale": float("inf")}, TypeError, r"softmax_scale"),
-    "alibi_wrong_heads": ({"alibi_slopes": "(3,)"}, ValueError, r"alibi_slopes must be an mx.array of shape \(4,\)"),
-    "alibi_wrong_batch": ({"alibi_slopes": "(3, 4)"}, ValueError, r"alibi_slopes must .* or \(2, 4\)"),
+    "alibi_wrong_heads": ({"alibi_slopes": Shape(3)}, ValueError, r"alibi_slopes must be an mx.array of shape \(4,\)"),
+    "alibi_wrong_batch": ({"alibi_slopes": Shape(3, 4)}, ValueError, r"alibi_slopes must .* or \(2, 4\)"),
     "alibi_list": ({"alibi_slopes": [0.1] * 4}, ValueError, r"alibi_slopes must be an mx.array"),
-    "sinks_wrong_shape": ({"sinks": "(4, 1)"}, ValueError, r"sinks must be an mx.array of shape \(4,\)"),
-    "sinks_kv_heads": ({"sinks": "(2,)"}, ValueError, r"sinks must .* shape \(4,\); got \(2,\)"),
+    "sinks_wrong_shape": ({"sinks": Shape(4, 1)}, ValueError, r"sinks must be an mx.array of shape \(4,\)"),
+    "sinks_kv_heads": ({"sinks": Shape(2)}, ValueError, r"sinks must .* shape \(4,\); got \(2,\)"),
     "sinks_list": ({"sinks": [0.0] * 4}, ValueError, r"sinks must be an mx.array"),
 }
 
 
 def _materialize(options):
-    return {key: normal(*eval(val)) if isinstance(val, str) and val.startswith("(") else val
-            for key, val in options.items()}
+    """Options with each Shape replaced by a fresh normal array of that shape."""
+    return {key: normal(*val) if isinstance(val, Shape) else val for key, val in options.items()}
 
 
 @pytest.mark.parametrize("path", ["reference", "auto"])
@@ -90,9 +98,9 @@ def test_bad_options_are_rejected_naming_the_argument(case, path):
         ({"layout": "SBHD"}, ValueError, r"layout must be one of"),
         ({"mask": "top_left"}, ValueError, r"mask must be 'causal', an mx.array or None"),
         ({"mask": [[True]]}, TypeError, r"mask must be 'causal', an mx.array or None"),
-        ({"mask": "(5, 6)"}, ValueError, r"mask must broadcast to \(batch, num_heads, seqlen_q, seqlen_k\)"),
-        ({"mask": "(3, 4, 5, 7)"}, ValueError, r"mask must broadcast"),
-        ({"mask": "(1, 1, 1, 5, 7)"}, ValueError, r"mask must broadcast"),
+        ({"mask": Shape(5, 6)}, ValueError, r"mask must broadcast to \(batch, num_heads, seqlen_q, seqlen_k\)"),
+        ({"mask": Shape(3, 4, 5, 7)}, ValueError, r"mask must broadcast"),
+        ({"mask": Shape(1, 1, 1, 5, 7)}, ValueError, r"mask must broadcast"),
         ({"chunk_size": 0}, ValueError, r"chunk_size must be a positive int"),
         ({"chunk_size": 2.5}, ValueError, r"chunk_size must be a positive int"),
         ({"path": "fast"}, ValueError, r"path must be one of"),
