@@ -107,7 +107,7 @@ def attention64(q, k, v, f: Features = None, grad_out=None):
 
     Returns a dict with ``out`` (B, H, Sq, Dv), ``lse`` (B, H, Sq) (``-inf`` for rows with no
     visible key and no sink), ``probs`` (B, H, Sq, Sk) before dropout and, with ``grad_out``,
-    ``dq``, ``dk``, ``dv`` of ``sum(grad_out * out)``.
+    ``dq``, ``dk``, ``dv`` (and ``dsinks`` with sinks) of ``sum(grad_out * out)``.
     """
     f = f or Features()
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
@@ -149,6 +149,9 @@ def attention64(q, k, v, f: Features = None, grad_out=None):
         result["dq"] = ds @ ke
         result["dk"] = dke.reshape(shape).sum(axis=2)
         result["dv"] = dve.reshape((q.shape[0], kv_heads, groups) + dve.shape[2:]).sum(axis=2)
+        if sink is not None:  # every weight scales by the same factor: d out / d sink = -p_sink * out
+            p_sink = np.exp(sink - m) / np.where(seen, denom, 1.0)
+            result["dsinks"] = -(p_sink[..., 0] * (g * out).sum(axis=-1)).sum(axis=(0, 2))
     return result
 
 

@@ -137,6 +137,17 @@ def test_float64_analytic_gradient_equals_finite_differences(feature):
             lo = (attention64(args["q"], args["k"], args["v"], f)["out"] * w).sum()
             numeric[idx] = (hi - lo) / (2 * eps)
         np.testing.assert_allclose(ref[f"d{name}"], numeric, atol=1e-7, rtol=1e-6)
+    if f.sinks is not None:
+        numeric = np.zeros_like(f.sinks)
+        for h in range(len(f.sinks)):
+            shifted = []
+            for delta in (eps, -eps):
+                sinks = f.sinks.copy()
+                sinks[h] += delta
+                g = Features(**{**vars(f), "sinks": sinks})
+                shifted.append((attention64(q, k, v, g)["out"] * w).sum())
+            numeric[h] = (shifted[0] - shifted[1]) / (2 * eps)
+        np.testing.assert_allclose(ref["dsinks"], numeric, atol=1e-7, rtol=1e-6)
 
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -153,3 +164,15 @@ def test_random_feature_combinations_have_float64_gradients(case):
                          call["head_dim"], DTYPES[call["dtype"]])
     kwargs, f = draw_features(spec, call["batch"], call["heads"])
     check_gradients(lambda q, k, v: flash_attn_func(q, k, v, path=call["path"], **kwargs), q, k, v, f)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("feature", ["sinks", "causal_sinks", "everything"])
+def test_sink_logits_get_the_float64_gradient(feature, path):
+    q, k, v = random_qkv(2, 6, 9, 4, 2, 32)
+    kwargs, f = draw_features(FEATURE_SETS[feature], 2, 4)
+    w = mx.random.normal((2, 6, 4, 32))
+    sinks = kwargs.pop("sinks")
+    ours = mx.grad(lambda s: (flash_attn_func(q, k, v, sinks=s, path=path, **kwargs) * w).sum())(sinks)
+    ref = attention64(*(f64(x).swapaxes(1, 2) for x in (q, k, v)), f, grad_out=f64(w).swapaxes(1, 2))
+    np.testing.assert_allclose(f64(ours), ref["dsinks"], atol=1e-5, rtol=1e-5)
