@@ -79,7 +79,7 @@ DEFAULTS = {
     "rope": {"HPT": 1, "THREADS": 128},
     "glu": {"ITEMS": 2, "THREADS": 256},
     "tiled_matmul": {"BM": 64, "BN": 64, "WM": 2, "WN": 2},
-    "decode_attention": {"THREADS": 128, "SPLIT": 256},
+    "decode_attention": {"THREADS": 256, "SPLIT": 256},
 }
 
 KERNELS = (RMS_NORM, RMS_NORM_RESIDUAL, LAYER_NORM, LAYER_NORM_RESIDUAL, ROPE, GLU, MATMUL, DECODE, DECODE_COMBINE)

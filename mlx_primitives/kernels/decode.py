@@ -85,8 +85,10 @@ def reference_decode(
     return [to_bhsd(mx.concatenate(outs), "BSHD"), mx.concatenate(lses)]
 
 
-def unsupported(spec: AttentionSpec) -> Optional[str]:
-    """Why the kernel cannot compute ``spec``, or None when it can."""
+def unsupported(spec: AttentionSpec, page_size: Optional[int] = None) -> Optional[str]:
+    """Why the kernel cannot compute ``spec`` (with pages of ``page_size`` keys), or None when it can."""
+    if page_size is not None and page_size & (page_size - 1):
+        return f"page_size {page_size} is not a power of two"
     if spec.dtype not in DTYPES:
         return f"dtype {spec.dtype} is not float16, bfloat16 or float32"
     if spec.head_dim not in HEAD_DIMS:
@@ -116,10 +118,10 @@ def _int32(values: Tuple[int, ...]) -> mx.array:
     return mx.array(values, dtype=mx.int32)
 
 
-@functools.lru_cache(maxsize=64)
-def _one_page_per_sequence(batch: int) -> mx.array:
-    """The block table of a contiguous cache: sequence b is page b."""
-    return mx.arange(batch, dtype=mx.int32).reshape(batch, 1)
+@functools.lru_cache(maxsize=1)
+def _no_block_table() -> mx.array:
+    """What a contiguous cache passes as ``block_table``: one page (its rows) per sequence."""
+    return mx.zeros((1, 1), mx.int32)
 
 
 def _placeholder() -> mx.array:
@@ -128,11 +130,15 @@ def _placeholder() -> mx.array:
 
 def plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec: AttentionSpec, splits: int,
          config) -> Launch:
-    """The split-KV launch of ``decode.kern`` (``block_table`` given also for a contiguous cache)."""
+    """The split-KV launch of ``decode.kern``; ``block_table`` None for a contiguous cache."""
     vec = 16 // q.dtype.size
     chunks = spec.head_dim // vec
-    tpk = min(32, next_pow2(chunks))
     blocks, rows = _row_blocks(spec)
+    # Fewer lanes per key (two 16-byte chunks each) where q and the output slice still fit in
+    # registers: less of the per-key work (shuffles, softmax) is repeated across a team's lanes.
+    per_lane = 2 if rows <= 4 else 1
+    tpk = min(32, next_pow2(-(-chunks // per_lane)))
+    ch = -(-chunks // tpk)
     threads = config["THREADS"]
     alibi = 0 if spec.alibi_slopes is None else spec.alibi_slopes.ndim
     template = [
@@ -140,19 +146,22 @@ def plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec: Attentio
         ("D", spec.head_dim),
         ("VEC", vec),
         ("TPK", tpk),
-        ("CH", -(-chunks // tpk)),
+        ("CH", ch),
         ("ROWS", rows),
-        ("KB", 4 if rows <= 4 else 2),
+        ("KB", 4 if ch * rows <= 4 else 2),
         ("THREADS", threads),
         ("SPLIT", config["SPLIT"]),
+        ("PAGED", int(block_table is not None)),
         ("SCALE", float_bits(spec.scale)),
         ("SOFTCAP", float_bits(spec.softcap) if spec.softcap > 0 else 0),
         ("ALIBI", alibi),
     ]
-    params = _int32((spec.window[0], spec.window[1], splits))
+    shift = k_cache.shape[1].bit_length() - 1 if block_table is not None else 0
+    params = _int32((spec.window[0], spec.window[1], splits, shift))
+    table = _no_block_table() if block_table is None else block_table
     return Launch(
         kernel=catalog.DECODE,
-        inputs=[q, k_cache, v_cache, cache_seqlens, block_table, params, slopes],
+        inputs=[q, k_cache, v_cache, cache_seqlens, table, params, slopes],
         template=template,
         grid=(splits * threads, spec.num_kv_heads * blocks, spec.batch),
         threadgroup=(threads, 1, 1),
@@ -248,7 +257,8 @@ def decode_attention(
             ``num_heads`` a multiple of ``num_kv_heads`` (query head h reads kv head h // groups).
         cache_seqlens: int32 ``(batch,)`` keys per sequence, at most the cache's capacity.
         block_table: int32 ``(batch, max_pages)``: key ``j`` of sequence ``b`` is row
-            ``j % page_size`` of page ``block_table[b, j // page_size]``; slots past the length are
+            ``j % page_size`` of page ``block_table[b, j // page_size]`` (the kernel takes page sizes
+            that are powers of two); slots past the length are
             ignored (-1 is customary). The kernel skips keys whose page id is outside the pool; the
             reference path raises.
         softmax_scale: default ``1 / sqrt(head_dim)``.
@@ -271,7 +281,8 @@ def decode_attention(
         raise ValueError(f"path must be one of {PATHS}; got {path!r}")
     spec = _describe(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window_size, softcap,
                      alibi_slopes, sinks)
-    blocker = "kernels need a GPU backend" if not device_profile().is_gpu else unsupported(spec)
+    page_size = None if block_table is None else k_cache.shape[1]
+    blocker = "kernels need a GPU backend" if not device_profile().is_gpu else unsupported(spec, page_size)
     if path == "kernel" and blocker:
         raise ValueError(f"path='kernel' cannot run this call: {blocker}")
 
@@ -281,8 +292,7 @@ def decode_attention(
     if path == "reference" or blocker:
         out, lse = reference(q, k_cache, v_cache)
     else:
-        table = _one_page_per_sequence(spec.batch) if block_table is None else block_table
-        capacity = k_cache.shape[1] * table.shape[1]
+        capacity = k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
         chosen = _kernel_config(spec, capacity, config)
         splits = num_splits(spec, capacity, chosen["SPLIT"])
         slopes = _placeholder() if spec.alibi_slopes is None else spec.alibi_slopes.reshape(-1)
@@ -295,7 +305,8 @@ def decode_attention(
                 fell_back.append(True)
                 return reference(q, k_cache, v_cache)
 
-            parts = launch(plan(q, k_cache, v_cache, cache_seqlens, table, slopes, spec, splits, chosen), fallback)
+            parts = launch(plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec, splits, chosen),
+                           fallback)
             if fell_back:  # the split pass could not run: parts already is the reference's answer
                 return parts
             return launch(combine_plan(parts[0], parts[1], sink_logits, spec), fallback)
@@ -305,10 +316,10 @@ def decode_attention(
 
 
 def compile_examples():
-    """Launches covering every dtype, head dim, feature flag and tunable config (Metal compile check)."""
+    """Launches covering every dtype, head dim, feature flag, row tiling, paging and tunable config
+    (for the Metal compile check)."""
     for dtype in DTYPES:
         for head_dim in HEAD_DIMS:
-            q = mx.zeros((2, 1, 4, head_dim), dtype)
             pool = mx.zeros((5, 16, 2, head_dim), dtype)
             table = mx.zeros((2, 3), mx.int32)
             lengths = mx.zeros((2,), mx.int32)
@@ -318,6 +329,7 @@ def compile_examples():
                 {"alibi_slopes": mx.zeros((2, 4))},
             ]
             for options in features:
+                q = mx.zeros((2, 1, 4, head_dim), dtype)
                 spec = describe_attention(q, pool[:2], pool[:2], layout="BSHD", causal=True, **options)
                 slopes = _placeholder() if spec.alibi_slopes is None else spec.alibi_slopes.reshape(-1)
                 configs = catalog.DECODE.configs() if (dtype, head_dim, options) == (mx.float16, 128, {}) \
@@ -327,3 +339,7 @@ def compile_examples():
                 if options is not features[2]:  # one combine launch without and one with sinks
                     parts = (mx.zeros((2, 4, 1, 3, head_dim)), mx.zeros((2, 4, 1, 3)))
                     yield combine_plan(*parts, _placeholder(), spec)
+            default = catalog.DEFAULTS["decode_attention"]
+            for q in (mx.zeros((2, 1, 4, head_dim), dtype), mx.zeros((2, 4, 8, head_dim), dtype)):  # few, many rows
+                spec = describe_attention(q, pool[:2], pool[:2], layout="BSHD", causal=True)
+                yield plan(q, pool[:2], pool[:2], lengths, None, _placeholder(), spec, 3, default)

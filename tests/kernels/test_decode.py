@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mlx_primitives.kernels import catalog, decode_attention, launcher
-from mlx_primitives.kernels.decode import num_splits
+from mlx_primitives.kernels.decode import num_splits, unsupported
 from mlx_primitives.attention.spec import describe_attention
 
 from .helpers import assert_accurate, f64, random
@@ -235,6 +235,16 @@ def test_split_count_fills_the_gpu_and_keeps_chunks_long():
     big = describe_attention(mx.zeros((32, 1, 32, 128)), mx.zeros((32, 8, 8, 128)), mx.zeros((32, 8, 8, 128)),
                              layout="BSHD")
     assert 1 <= num_splits(big, 32768, 256) <= 4  # 256 (batch, kv head) groups already fill the GPU
+
+
+def test_kernel_takes_power_of_two_pages_and_short_queries():
+    spec = describe_attention(mx.zeros((1, 1, 4, 128)), mx.zeros((1, 8, 2, 128)), mx.zeros((1, 8, 2, 128)),
+                              layout="BSHD")
+    assert unsupported(spec, 64) is None and unsupported(spec) is None
+    assert "power of two" in unsupported(spec, 48)
+    long_q = describe_attention(mx.zeros((1, 17, 4, 128)), mx.zeros((1, 8, 2, 128)), mx.zeros((1, 8, 2, 128)),
+                                layout="BSHD")
+    assert "seqlen_q" in unsupported(long_q)
 
 
 def test_decode_kernels_are_in_the_catalog_with_defaults():
