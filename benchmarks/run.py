@@ -7,7 +7,7 @@ import importlib
 
 from .common import header, write_results
 
-SUITES = ("attention", "kernels", "tuning", "flash_kernel")
+SUITES = ("attention", "kernels", "tuning", "flash_kernel", "decode")
 
 
 def main(argv=None) -> None:

@@ -1,0 +1,91 @@
+"""Split-KV decode attention against ``mx.fast.scaled_dot_product_attention``, contiguous and paged.
+
+Rows: fp16, q_len 1, Hq=32, Hk=8, D=128, B in {1, 8, 32}, L in {4k, 32k}. sdpa runs on contiguous
+BHSD K/V and on mlx-lm-style cache slices (a (B, Hk, capacity, D) buffer, capacity a multiple of 256,
+sliced to L: the layout that sends sdpa to cuDNN on CUDA), in the same run. Effective bandwidth
+counts the K and V bytes of the L keys once. Times are per call with 20 calls queued in one graph
+(``time_per_call_ms``), as in a model's decode step; a lone synchronised call adds the eval round trip.
+Targets (issue 5/6): >= 2.0 TB/s, never slower than sdpa, paged within 10% of contiguous.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import mlx.core as mx
+
+from mlx_primitives.hardware import device_profile
+from mlx_primitives.kernels import catalog, decode_attention
+
+from .common import Table, time_per_call_ms
+
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+PAGE_SIZES = (16, 64, 256)
+
+
+def _gbs(nbytes: int, ms: float) -> float:
+    return nbytes / ms / 1e6
+
+
+def run(quick: bool = False) -> List[Table]:
+    batches = (1, 8) if quick else (1, 8, 32)
+    lengths = (4096,) if quick else (4096, 32768)
+    peak = device_profile().bandwidth_gbs or 3350.0
+    dtype = mx.float16
+    main = Table(
+        title=f"Decode: split-KV kernel vs sdpa (fp16, q_len 1, Hq={HEADS}, Hk={KV_HEADS}, D={HEAD_DIM})",
+        columns=("B", "L", "ours ms", "ours GB/s", "% peak", "sdpa ms", "sdpa GB/s", "sdpa cache-slice ms",
+                 "sdpa cache-slice GB/s", "best sdpa / ours"),
+        note=f"GB/s = K and V bytes of the L keys / time; % peak of {peak:.0f} GB/s.",
+    )
+    paged = Table(
+        title="Decode: paged KV (shuffled page table) vs contiguous, through our kernel",
+        columns=("B", "L", "page", "paged ms", "paged GB/s", "contiguous ms", "paged / contiguous"),
+    )
+    sweep = Table(
+        title="Decode: split-KV configs (THREADS, SPLIT = min keys per split)",
+        columns=("B", "L", "THREADS", "SPLIT", "ms", "GB/s"),
+    )
+    for batch in batches:
+        for length in lengths:
+            nbytes = 2 * batch * length * KV_HEADS * HEAD_DIM * dtype.size
+            q = mx.random.normal((batch, 1, HEADS, HEAD_DIM)).astype(dtype)
+            k = mx.random.normal((batch, length, KV_HEADS, HEAD_DIM)).astype(dtype)
+            v = mx.random.normal((batch, length, KV_HEADS, HEAD_DIM)).astype(dtype)
+            seqlens = mx.full((batch,), length, dtype=mx.int32)
+            mx.eval(q, k, v, seqlens)
+            ours = time_per_call_ms(lambda: decode_attention(q, k, v, seqlens))
+
+            qh = q.swapaxes(1, 2)
+            kh, vh = (mx.contiguous(x.swapaxes(1, 2)) for x in (k, v))
+            mx.eval(qh, kh, vh)
+            sdpa = time_per_call_ms(lambda: mx.fast.scaled_dot_product_attention(qh, kh, vh, scale=HEAD_DIM**-0.5))
+            del kh, vh
+            capacity = length + 256
+            k_buf, v_buf = (mx.random.normal((batch, KV_HEADS, capacity, HEAD_DIM)).astype(dtype) for _ in range(2))
+            mx.eval(k_buf, v_buf)
+            sliced = time_per_call_ms(lambda: mx.fast.scaled_dot_product_attention(
+                qh, k_buf[:, :, :length], v_buf[:, :, :length], scale=HEAD_DIM**-0.5))
+            del k_buf, v_buf
+            main.add(batch, length, ours, _gbs(nbytes, ours), f"{100 * _gbs(nbytes, ours) / peak:.0f}%", sdpa,
+                     _gbs(nbytes, sdpa), sliced, _gbs(nbytes, sliced), min(sdpa, sliced) / ours)
+
+            for page_size in PAGE_SIZES:
+                pages = length // page_size
+                order = mx.random.permutation(batch * pages)
+                table = order.reshape(batch, pages).astype(mx.int32)
+                pool_k = mx.zeros((batch * pages, page_size, KV_HEADS, HEAD_DIM), dtype)
+                pool_k[order] = k.reshape(batch * pages, page_size, KV_HEADS, HEAD_DIM)
+                pool_v = mx.zeros_like(pool_k)
+                pool_v[order] = v.reshape(batch * pages, page_size, KV_HEADS, HEAD_DIM)
+                mx.eval(pool_k, pool_v, table)
+                ms = time_per_call_ms(lambda: decode_attention(q, pool_k, pool_v, seqlens, block_table=table))
+                paged.add(batch, length, page_size, ms, _gbs(nbytes, ms), ours, ms / ours)
+                del pool_k, pool_v
+
+            if not quick and (batch, length) in ((1, 4096), (8, 32768)):
+                for config in catalog.DECODE.configs():
+                    ms = time_per_call_ms(lambda: decode_attention(q, k, v, seqlens, path="kernel", config=config))
+                    sweep.add(batch, length, config["THREADS"], config["SPLIT"], ms, _gbs(nbytes, ms))
+            del q, k, v
+    return [main, paged] + ([sweep] if sweep.rows else [])
