@@ -90,14 +90,15 @@ def choose_route(spec: AttentionSpec, need_lse: bool = False, path: str = "auto"
         if blocker:
             raise ValueError(f"path='sdpa' cannot run this call: {blocker}")
         return Route("sdpa", "forced by the caller")
-    kernel_blocker = _kernel_blocker(spec)
     if path == "kernel":
+        kernel_blocker = _kernel_blocker(spec)
         if kernel_blocker:
             raise ValueError(f"path='kernel' cannot run this call: {kernel_blocker}")
         return Route("kernel", "forced by the caller")
-    if kernel_blocker is None and blocker:
-        return Route("kernel", f"{blocker}: the flash kernel computes it")
-    if kernel_blocker is None and spec.causal and spec.head_dim > SDPA_FAST_HEAD_DIM:
+    past_fast_path = spec.causal and spec.head_dim > SDPA_FAST_HEAD_DIM
+    if (blocker or past_fast_path) and _kernel_blocker(spec) is None:
+        if blocker:
+            return Route("kernel", f"{blocker}: the flash kernel computes it")
         return Route("kernel", f"causal at head_dim {spec.head_dim} is past sdpa's fast path")
     if blocker:
         return Route("reference", blocker)

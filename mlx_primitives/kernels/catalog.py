@@ -7,7 +7,9 @@ every combination of them. ``DEFAULTS`` holds the values used until a tuner know
 
 from __future__ import annotations
 
-from .launcher import Kernel
+import dataclasses
+
+from .launcher import SRC, Kernel
 
 THREADS_PER_ROW = (32, 64, 128, 256, 512, 1024)
 
@@ -73,6 +75,28 @@ DECODE_COMBINE = Kernel(
     outputs=("out", "lse"),
 )
 
+
+
+@dataclasses.dataclass(frozen=True)
+class _AttentionKernel(Kernel):
+    """A kernel whose header also takes the attention helpers: ``flash_<backend>.inc`` (what differs
+    between backends: register-level P, ldmatrix-style loads, asynchronous copies), then ``flash.inc``."""
+
+    def header(self, backend: str) -> str:
+        helpers = (f"flash_{backend}.inc", "flash.inc")
+        return "\n".join([super().header(backend)] + [(SRC / f).read_text() for f in helpers])
+
+
+# Prefill attention (flash_attention.py): keys per tile and warps (16 query rows each) per group.
+FLASH_FWD = _AttentionKernel(
+    name="flash_attention_fwd",
+    body="flash_fwd.kern",
+    inputs=("q", "k", "v", "window", "slopes", "sinks"),
+    outputs=("out", "lse"),
+    mma=True,
+    tunables=(("BK", (32, 64)), ("WARPS", (4, 8))),
+)
+
 # Defaults: norms pick threads per row from the row length (see norms.py); the rest are the best
 # of the H100 sweep in benchmarks/results/h100/kernels.md.
 DEFAULTS = {
@@ -80,6 +104,11 @@ DEFAULTS = {
     "glu": {"ITEMS": 2, "THREADS": 256},
     "tiled_matmul": {"BM": 64, "BN": 64, "WM": 2, "WN": 2},
     "decode_attention": {"THREADS": 256, "SPLIT": 256},
+    # 32 keys by 64 query rows: best of the H100 sweep (fp16, L=8k: plain, causal, softcap, window)
+    # at every head dim, and all that fits shared memory at head dim 256.
+    "flash_attention_fwd": {"BK": 32, "WARPS": 4},
 }
 
-KERNELS = (RMS_NORM, RMS_NORM_RESIDUAL, LAYER_NORM, LAYER_NORM_RESIDUAL, ROPE, GLU, MATMUL, DECODE, DECODE_COMBINE)
+KERNELS = (
+    RMS_NORM, RMS_NORM_RESIDUAL, LAYER_NORM, LAYER_NORM_RESIDUAL, ROPE, GLU, MATMUL, DECODE, DECODE_COMBINE, FLASH_FWD,
+)

@@ -18,36 +18,14 @@ import mlx.core as mx
 from ..attention.reference import reference_attention
 from ..attention.spec import AttentionSpec
 from ..hardware import device_profile
-from .launcher import SRC, Kernel, Launch, float_bits, launch, with_reference_vjp
+from . import tuning
+from .catalog import FLASH_FWD
+from .launcher import Launch, float_bits, launch, with_reference_vjp
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
 DTYPES = (mx.float16, mx.bfloat16)
 # Static shared (threadgroup) memory one group may declare: 48 KiB on CUDA, 32 KiB on Apple GPUs.
 SHARED_MEMORY_LIMITS = {"cuda": 48 * 1024, "metal": 32 * 1024}
-
-
-@dataclasses.dataclass(frozen=True)
-class _AttentionKernel(Kernel):
-    """A kernel whose header also takes the attention helpers: ``flash_<backend>.inc`` (what differs
-    between backends: register-level P, ldmatrix-style loads, asynchronous copies), then ``flash.inc``."""
-
-    def header(self, backend: str) -> str:
-        helpers = (f"flash_{backend}.inc", "flash.inc")
-        return "\n".join([super().header(backend)] + [(SRC / f).read_text() for f in helpers])
-
-
-FLASH_FWD = _AttentionKernel(
-    name="flash_attention_fwd",
-    body="flash_fwd.kern",
-    inputs=("q", "k", "v", "window", "slopes", "sinks"),
-    outputs=("out", "lse"),
-    mma=True,
-    tunables=(("BK", (32, 64)), ("WARPS", (4, 8))),
-)
-
-# Per head dim: the best of the H100 sweep (fp16, L=8k: plain, causal, softcap, window), 32 keys
-# by 64 query rows (four warps); 32 keys is also all that fits shared memory at head dim 256.
-DEFAULTS: Dict[int, Dict[str, int]] = {head_dim: {"BK": 32, "WARPS": 4} for head_dim in HEAD_DIMS}
 
 
 def shared_memory_bytes(head_dim: int, config: Dict[str, int], itemsize: int = 2) -> int:
@@ -67,7 +45,7 @@ def unsupported(spec: AttentionSpec) -> Optional[str]:
         return f"dtype {spec.dtype} is not float16 or bfloat16"
     if spec.head_dim not in HEAD_DIMS or spec.v_head_dim != spec.head_dim:
         return f"head dims ({spec.head_dim}, {spec.v_head_dim}) are not one of {HEAD_DIMS} for q, k and v"
-    if shared_memory_bytes(spec.head_dim, DEFAULTS[spec.head_dim]) > shared_memory_limit():
+    if shared_memory_bytes(spec.head_dim, tuning.SPACES[FLASH_FWD.name].default) > shared_memory_limit():
         return f"head_dim {spec.head_dim} needs more shared memory than this backend's {shared_memory_limit()} bytes"
     if spec.dropout_p > 0:
         return "dropout runs on the reference path"
@@ -78,9 +56,16 @@ def unsupported(spec: AttentionSpec) -> Optional[str]:
     return None
 
 
+def tuning_problem(spec: AttentionSpec) -> Dict[str, int]:
+    """The tuning cache's view of a call: head dim (exact) and key length (bucketed)."""
+    return {"D": spec.head_dim, "L": spec.k_len}
+
+
 def config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> Dict[str, int]:
-    """Tile sizes of a launch: the head dim's default, overridden by ``config``; checked against shared memory."""
-    chosen = {**DEFAULTS[spec.head_dim], **(config or {})}
+    """Tile sizes of a launch: the tuned (or default) ones for the call's bucket, overridden by ``config``;
+    checked against shared memory."""
+    tuned = tuning.config_for(FLASH_FWD, spec.dtype, tuning_problem(spec), exact=("D",))
+    chosen = {**tuned, **(config or {})}
     if chosen["BK"] % 16 or chosen["WARPS"] < 1:
         raise ValueError(f"BK must be a multiple of 16 and WARPS positive; got {chosen}")
     if shared_memory_bytes(spec.head_dim, chosen) > shared_memory_limit():

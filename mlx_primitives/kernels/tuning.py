@@ -23,12 +23,21 @@ def _matmul_invalid(config: Config, profile, problem) -> Optional[str]:
     return None
 
 
+def _flash_invalid(config: Config, profile, problem) -> Optional[str]:
+    from .flash_attention import shared_memory_bytes, shared_memory_limit
+
+    needed, limit = shared_memory_bytes(problem["D"], config), shared_memory_limit(profile.backend)
+    return f"needs {needed} bytes of shared memory, the limit is {limit}" if needed > limit else None
+
+
+_INVALID = {catalog.MATMUL.name: _matmul_invalid, catalog.FLASH_FWD.name: _flash_invalid}
+
 SPACES: Dict[str, TuningSpace] = {
     kernel.name: TuningSpace(
         kernel=kernel.name,
         candidates=kernel.configs(),
         default=catalog.DEFAULTS.get(kernel.name, {}),
-        invalid=_matmul_invalid if kernel is catalog.MATMUL else None,
+        invalid=_INVALID.get(kernel.name),
     )
     for kernel in catalog.KERNELS
 }
@@ -45,6 +54,8 @@ def _task(kernel: Kernel, dtype, problem, exact, make_call) -> TuningTask:
 
 def tuning_tasks(quick: bool = False, kernels: Optional[Sequence[str]] = None) -> List[TuningTask]:
     """Representative problems of every tunable kernel (LLM-sized, float16)."""
+    from ..attention.spec import describe_attention
+    from .flash_attention import flash_attention, tuning_problem
     from .glu import swiglu
     from .matmul import tiled_matmul
     from .norms import layer_norm, rms_norm
@@ -81,6 +92,11 @@ def tuning_tasks(quick: bool = False, kernels: Optional[Sequence[str]] = None) -
         _task(catalog.MATMUL, dtype, {"M": size, "N": size, "K": size}, (),
               lambda c: lambda: tiled_matmul(a, b, config=c)),
     ]
+    for head_dim in (64, 128, 256):
+        hq, hk = (t[..., :head_dim] if head_dim <= 128 else mx.concatenate([t, t], axis=-1) for t in (q, k))
+        spec = describe_attention(hq, hk, hk, causal=True, softcap=30.0)
+        tasks.append(_task(catalog.FLASH_FWD, dtype, tuning_problem(spec), ("D",),
+                           lambda c, hq=hq, hk=hk, spec=spec: lambda: flash_attention(hq, hk, hk, spec, c)[0]))
     if kernels:
         unknown = set(kernels) - set(SPACES)
         if unknown:
