@@ -12,6 +12,7 @@ from .layers import Attention, ChunkedCrossAttention, FlashAttention, SlidingWin
 from .reference import reference_attention
 from .spec import AttentionSpec, describe_attention
 from .varlen import flash_attn_varlen_func
+from .kvcache import flash_attn_with_kvcache
 
 __all__ = [
     "Attention",
@@ -28,5 +29,6 @@ __all__ = [
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
     "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
     "reference_attention",
 ]

@@ -1,5 +1,48 @@
-"""Key/value caches for autoregressive decoding."""
+"""Key/value caches for autoregressive decoding.
 
+Contiguous caches with mlx-lm's interface (:class:`KVCache`, :class:`RotatingKVCache`,
+:class:`QuantizedKVCache`), paged storage (:class:`PagedKVCache` over a :class:`PageAllocator`,
+:func:`update_paged_kv_cache`), eviction policies, persistence, and
+:func:`flash_attn_with_kvcache` (defined in :mod:`mlx_primitives.attention`).
+"""
+
+from .base import attention_mask, causal_mask
+from .eviction import AttentionSinks, EvictionPolicy, HeavyHitters, SlidingWindow
 from .kv_cache import KVCache
+from .paged import gather_pages, update_paged_kv_cache
+from .paged_cache import PagedKVCache
+from .pages import OutOfPagesError, PageAllocator
+from .persistence import load_cache, save_cache
+from .quantized import QuantizedKVCache, dequantize, quantized_attention
+from .rotating import RotatingKVCache
 
-__all__ = ["KVCache"]
+__all__ = [
+    "AttentionSinks",
+    "EvictionPolicy",
+    "HeavyHitters",
+    "KVCache",
+    "OutOfPagesError",
+    "PageAllocator",
+    "PagedKVCache",
+    "QuantizedKVCache",
+    "RotatingKVCache",
+    "SlidingWindow",
+    "attention_mask",
+    "causal_mask",
+    "dequantize",
+    "flash_attn_with_kvcache",
+    "gather_pages",
+    "load_cache",
+    "quantized_attention",
+    "save_cache",
+    "update_paged_kv_cache",
+]
+
+
+def __getattr__(name: str):
+    # flash_attn_with_kvcache lives in mlx_primitives.attention, which imports this package's checks.
+    if name == "flash_attn_with_kvcache":
+        from ..attention.kvcache import flash_attn_with_kvcache
+
+        return flash_attn_with_kvcache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

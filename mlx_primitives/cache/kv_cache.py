@@ -6,8 +6,10 @@ from typing import List, Tuple
 
 import mlx.core as mx
 
+from .base import Cache
 
-class KVCache:
+
+class KVCache(Cache):
     """Keys and values of past positions, ``(batch, kv_heads, capacity, head_dim)``, grown in steps.
 
     Args:
@@ -48,8 +50,11 @@ class KVCache:
 
     @state.setter
     def state(self, value: List[mx.array]) -> None:
-        self.keys, self.values = value
-        self.offset = self.keys.shape[2]
+        self.keys, self.values = value if value else (None, None)
+        self.offset = 0 if self.keys is None else self.keys.shape[2]
+
+    def size(self) -> int:
+        return self.offset
 
     def is_trimmable(self) -> bool:
         return True
@@ -60,8 +65,15 @@ class KVCache:
         self.offset -= n
         return n
 
-    def empty(self) -> bool:
-        return self.keys is None
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> "QuantizedKVCache":
+        """The same positions in a :class:`QuantizedKVCache`."""
+        from .quantized import QuantizedKVCache
+
+        cache = QuantizedKVCache(group_size=group_size, bits=bits)
+        if self.keys is not None:
+            keys, values = self.state
+            cache.update_and_fetch(keys, values)
+        return cache
 
     @property
     def nbytes(self) -> int:

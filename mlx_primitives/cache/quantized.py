@@ -1,0 +1,157 @@
+"""A key/value cache stored quantized through ``mx.quantize`` (int8, int4, ...), with mlx-lm's
+``QuantizedKVCache`` interface, and attention over it."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple, Union
+
+import mlx.core as mx
+
+from ..attention.flash import flash_attention
+from .base import Cache, Mask
+
+Quantized = Tuple[mx.array, mx.array, mx.array]  # (packed uint32, scales, biases)
+
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+
+
+def check_quantization(group_size: int, bits: int) -> None:
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}; got {bits!r}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}; got {group_size!r}")
+
+
+def _grow(parts: Quantized, extra: int) -> Quantized:
+    return tuple(mx.concatenate([x, mx.zeros(x.shape[:2] + (extra, x.shape[3]), x.dtype)], axis=2) for x in parts)
+
+
+class QuantizedKVCache(Cache):
+    """Keys and values quantized per group of ``group_size`` features: each a tuple
+    ``(packed uint32 (batch, kv_heads, capacity, head_dim * bits / 32), scales, biases
+    (batch, kv_heads, capacity, head_dim / group_size))`` in the keys' dtype, grown in steps of 256.
+
+    ``update_and_fetch`` returns the quantized tuples, as mlx-lm's cache does: mlx-lm's models see
+    ``bits`` on the cache and attend through ``mx.quantized_matmul``; :func:`quantized_attention`
+    computes the same through this package's attention.
+
+    Args:
+        group_size (int): features sharing one scale and bias: 32, 64 or 128. Default: ``64``.
+        bits (int): bits per feature (8 = int8, 4 = int4, also 2, 3, 5, 6). Default: ``8``.
+    """
+
+    def __init__(self, group_size: int = 64, bits: int = 8):
+        check_quantization(group_size, bits)
+        self.group_size = group_size
+        self.bits = bits
+        self.keys = None
+        self.values = None
+        self.offset = 0
+
+    def _quantize(self, x: mx.array, name: str) -> Quantized:
+        if x.shape[-1] % self.group_size:
+            raise ValueError(f"{name}' head_dim ({x.shape[-1]}) must be a multiple of group_size={self.group_size}")
+        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[Quantized, Quantized]:
+        """Quantize and add ``keys``/``values`` ``(batch, kv_heads, new, head_dim)``; return every cached
+        position as ``(packed, scales, biases)`` tuples."""
+        new_k, new_v = self._quantize(keys, "keys"), self._quantize(values, "values")
+        previous, needed = self.offset, self.offset + keys.shape[2]
+        if self.keys is None:
+            capacity = -(-needed // self.step) * self.step
+            self.keys = tuple(mx.zeros(x.shape[:2] + (capacity, x.shape[3]), x.dtype) for x in new_k)
+            self.values = tuple(mx.zeros(x.shape[:2] + (capacity, x.shape[3]), x.dtype) for x in new_v)
+        elif needed > self.keys[0].shape[2]:
+            extra = -(-(needed - previous) // self.step) * self.step
+            self.keys = _grow(tuple(x[..., :previous, :] for x in self.keys), extra)
+            self.values = _grow(tuple(x[..., :previous, :] for x in self.values), extra)
+        for stored, new in zip(self.keys + self.values, new_k + new_v):
+            stored[..., previous:needed, :] = new
+        self.offset = needed
+        return self.state
+
+    @property
+    def state(self) -> List[Quantized]:
+        if self.keys is None:
+            return []
+        return [tuple(x[..., : self.offset, :] for x in self.keys), tuple(x[..., : self.offset, :] for x in self.values)]
+
+    @state.setter
+    def state(self, value: List[Quantized]) -> None:
+        self.keys, self.values = (tuple(value[0]), tuple(value[1])) if value else (None, None)
+
+    @property
+    def meta_state(self) -> Tuple[str, ...]:
+        return tuple(map(str, (self.offset, self.group_size, self.bits)))
+
+    @meta_state.setter
+    def meta_state(self, value) -> None:
+        self.offset, self.group_size, self.bits = map(int, value)
+
+    def size(self) -> int:
+        return self.offset
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    def dequantized(self) -> Tuple[mx.array, mx.array]:
+        """Every cached position as float keys and values ``(batch, kv_heads, offset, head_dim)``."""
+        keys, values = self.state
+        return dequantize(keys, self.group_size, self.bits), dequantize(values, self.group_size, self.bits)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else sum(x.nbytes for x in self.keys + self.values)
+
+
+def dequantize(parts: Quantized, group_size: int, bits: int) -> mx.array:
+    """``mx.dequantize`` of a ``(packed, scales, biases)`` tuple, in the scales' dtype."""
+    packed, scales, biases = parts
+    return mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits).astype(scales.dtype)
+
+
+def quantized_attention(
+    queries: mx.array,
+    keys: Union[Quantized, QuantizedKVCache],
+    values: Optional[Quantized] = None,
+    *,
+    scale: Optional[float] = None,
+    mask: Mask = None,
+    group_size: int = 64,
+    bits: int = 8,
+) -> mx.array:
+    """Attention of ``queries`` over quantized keys and values (mlx-lm's
+    ``quantized_scaled_dot_product_attention``, without ``mx.quantized_matmul``).
+
+    The keys and values are dequantized and attended through :func:`flash_attention` (the
+    dispatcher picks sdpa, the flash kernel or the reference path).
+
+    Args:
+        queries: ``(batch, num_heads, q_len, head_dim)``.
+        keys: ``(packed, scales, biases)`` of ``(batch, kv_heads, k_len, ...)``, or a
+            :class:`QuantizedKVCache` (then ``values``, ``group_size`` and ``bits`` come from it).
+        values: like ``keys``.
+        scale: softmax scale, default ``1 / sqrt(head_dim)``.
+        mask: None, ``"causal"`` or a boolean/additive array broadcastable to
+            ``(batch, num_heads, q_len, k_len)``.
+        group_size, bits: the quantization of ``keys`` and ``values``.
+
+    Returns:
+        ``(batch, num_heads, q_len, head_dim)`` in the queries' dtype.
+    """
+    if isinstance(keys, QuantizedKVCache):
+        k, v = keys.dequantized()
+    else:
+        check_quantization(group_size, bits)
+        if values is None or len(keys) != 3 or len(values) != 3:
+            raise ValueError("keys and values must be (packed, scales, biases) tuples")
+        k, v = dequantize(keys, group_size, bits), dequantize(values, group_size, bits)
+    return flash_attention(queries, k.astype(queries.dtype), v.astype(queries.dtype), layout="BHSD", scale=scale,
+                           mask=mask)
