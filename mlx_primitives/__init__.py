@@ -12,6 +12,7 @@ from .attention import (
     flash_attention,
 )
 from .kernels import GeGLU, LayerNorm, RMSNorm, SwiGLU
+from .scan import associative_scan, selective_scan
 
 __version__ = "0.1.0"
 
@@ -25,4 +26,6 @@ __all__ = [
     "LayerNorm",
     "RMSNorm",
     "SwiGLU",
+    "associative_scan",
+    "selective_scan",
 ]

@@ -97,6 +97,23 @@ FLASH_FWD = _AttentionKernel(
     tunables=(("BK", (32, 64)), ("WARPS", (4, 8))),
 )
 
+# Scans (scan.py): warps along time and time steps per thread; a threadgroup's chunk is their product.
+SELECTIVE_SCAN = Kernel(
+    name="selective_scan",
+    body="selective_scan.kern",
+    inputs=("x", "delta", "A", "B_t", "C_t", "Ds", "z", "delta_bias", "h_init", "params"),
+    outputs=("y", "h_last", "dt_sum"),
+    tunables=(("WARPS", (2, 4, 8)), ("ITEMS", (4, 8, 16))),
+)
+
+LINEAR_SCAN = Kernel(
+    name="linear_scan",
+    body="linear_scan.kern",
+    inputs=("a", "b"),
+    outputs=("out",),
+    tunables=(("WARPS", (2, 4, 8)), ("ITEMS", (4, 8, 16))),
+)
+
 # Defaults: norms pick threads per row from the row length (see norms.py); the rest are the best
 # of the H100 sweep in benchmarks/results/h100/kernels.md.
 DEFAULTS = {
@@ -107,8 +124,11 @@ DEFAULTS = {
     # 32 keys by 64 query rows: best of the H100 sweep (fp16, L=8k: plain, causal, softcap, window)
     # at every head dim, and all that fits shared memory at head dim 256.
     "flash_attention_fwd": {"BK": 32, "WARPS": 4},
+    "selective_scan": {"WARPS": 4, "ITEMS": 8},
+    "linear_scan": {"WARPS": 4, "ITEMS": 8},
 }
 
 KERNELS = (
     RMS_NORM, RMS_NORM_RESIDUAL, LAYER_NORM, LAYER_NORM_RESIDUAL, ROPE, GLU, MATMUL, DECODE, DECODE_COMBINE, FLASH_FWD,
+    SELECTIVE_SCAN, LINEAR_SCAN,
 )
