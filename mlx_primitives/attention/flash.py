@@ -120,6 +120,14 @@ def flash_attn_func(
     return _attend(q, k, v, spec, "BSHD", return_attn_probs, dropout_key, path)
 
 
+def _unpack(packed: mx.array, name: str, count: int, shape_text: str) -> Tuple[mx.array, ...]:
+    """Split a packed ``(batch, seqlen, count, heads, headdim)`` tensor along its third axis."""
+    if not isinstance(packed, mx.array) or packed.ndim != 5 or packed.shape[2] != count:
+        got = packed.shape if isinstance(packed, mx.array) else type(packed).__name__
+        raise ValueError(f"{name} must have shape {shape_text}; got {got}")
+    return tuple(packed[:, :, i] for i in range(count))
+
+
 def flash_attn_qkvpacked_func(
     qkv: mx.array,
     dropout_p: float = 0.0,
@@ -133,11 +141,9 @@ def flash_attn_qkvpacked_func(
     **options,
 ) -> Output:
     """:func:`flash_attn_func` on packed ``qkv`` of shape ``(batch, seqlen, 3, nheads, headdim)``."""
-    if not isinstance(qkv, mx.array) or qkv.ndim != 5 or qkv.shape[2] != 3:
-        got = qkv.shape if isinstance(qkv, mx.array) else type(qkv).__name__
-        raise ValueError(f"qkv must have shape (batch, seqlen, 3, nheads, headdim); got {got}")
+    q, k, v = _unpack(qkv, "qkv", 3, "(batch, seqlen, 3, nheads, headdim)")
     return flash_attn_func(
-        qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size, softcap,
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
         alibi_slopes, deterministic, return_attn_probs, **options,
     )
 
@@ -156,11 +162,9 @@ def flash_attn_kvpacked_func(
     **options,
 ) -> Output:
     """:func:`flash_attn_func` with packed ``kv`` of shape ``(batch, seqlen_k, 2, nheads_k, headdim)``."""
-    if not isinstance(kv, mx.array) or kv.ndim != 5 or kv.shape[2] != 2:
-        got = kv.shape if isinstance(kv, mx.array) else type(kv).__name__
-        raise ValueError(f"kv must have shape (batch, seqlen_k, 2, nheads_k, headdim); got {got}")
+    k, v = _unpack(kv, "kv", 2, "(batch, seqlen_k, 2, nheads_k, headdim)")
     return flash_attn_func(
-        q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
         deterministic, return_attn_probs, **options,
     )
 
