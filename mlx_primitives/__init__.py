@@ -8,10 +8,14 @@ from .attention import (
     Attention,
     ChunkedCrossAttention,
     FlashAttention,
+    SageAttention,
     SlidingWindowAttention,
     flash_attention,
 )
-from .kernels import GeGLU, LayerNorm, RMSNorm, SwiGLU
+from .kernels import GeGLU, Int4Linear, Int8Linear, LayerNorm, RMSNorm, SwiGLU
+from .checkpointing import checkpoint, checkpoint_sequential
+from .gather import selective_gather, selective_scatter_add
+from .moe import ExpertDispatch, SparseMoELayer, build_expert_dispatch, compute_load_balancing_loss
 from .scan import associative_scan, selective_scan
 
 __version__ = "0.1.0"
@@ -20,12 +24,23 @@ __all__ = [
     "Attention",
     "ChunkedCrossAttention",
     "FlashAttention",
+    "SageAttention",
     "SlidingWindowAttention",
     "flash_attention",
     "GeGLU",
+    "Int4Linear",
+    "Int8Linear",
     "LayerNorm",
     "RMSNorm",
     "SwiGLU",
     "associative_scan",
     "selective_scan",
+    "ExpertDispatch",
+    "SparseMoELayer",
+    "build_expert_dispatch",
+    "compute_load_balancing_loss",
+    "selective_gather",
+    "selective_scatter_add",
+    "checkpoint",
+    "checkpoint_sequential",
 ]

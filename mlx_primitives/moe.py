@@ -1,0 +1,248 @@
+"""Sparse mixture-of-experts: top-k routing, dispatch sorted by expert with a capacity, expert matmuls
+through ``mx.gather_mm`` (``mx.gather_qmm`` once quantized), and the load-balancing loss.
+
+A layer call routes each token to ``top_k`` experts, sorts the ``tokens * top_k`` assignments by expert
+(:func:`build_expert_dispatch`), runs each expert's SwiGLU MLP on its rows with one gathered matmul per
+projection (no per-expert Python loop, no host synchronisation), and sums each token's weighted expert
+outputs back in token order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .kernels import swiglu
+from .validation import check_array
+
+INDEX_DTYPES = (mx.int32, mx.uint32, mx.int64, mx.uint64, mx.int16, mx.uint16, mx.int8, mx.uint8)
+
+
+@dataclass
+class ExpertDispatch:
+    """The ``S = tokens * top_k`` (token, choice) assignments sorted by expert.
+
+    Within an expert, assignments keep token order; those past the expert's capacity are dropped
+    (weight 0): first come, first served, as in Switch Transformer and GShard.
+
+    Attributes:
+        order (array): ``(S,)`` flat assignment ids ``token * top_k + choice`` in sorted order.
+        inverse (array): ``(S,)`` position of each flat assignment in the sorted order.
+        token_indices (array): ``(S,)`` uint32 token of each sorted assignment.
+        expert_indices (array): ``(S,)`` uint32 expert of each sorted assignment (non-decreasing).
+        weights (array): ``(S,)`` gate weight of each sorted assignment, 0 where dropped.
+        kept (array): ``(S,)`` bool, the assignment is within its expert's capacity.
+        expert_counts (array): ``(num_experts,)`` int32 assignments routed to each expert.
+        capacity (int, optional): assignments each expert takes; ``None`` for no limit.
+        top_k (int): choices per token.
+    """
+
+    order: mx.array
+    inverse: mx.array
+    token_indices: mx.array
+    expert_indices: mx.array
+    weights: mx.array
+    kept: mx.array
+    expert_counts: mx.array
+    capacity: Optional[int]
+    top_k: int
+
+    @property
+    def num_dropped(self) -> mx.array:
+        """Assignments over capacity (int32 scalar)."""
+        return (~self.kept).sum().astype(mx.int32)
+
+    @property
+    def dropped_tokens(self) -> mx.array:
+        """``(tokens,)`` bool: tokens none of whose assignments was kept (their layer output is zero)."""
+        return ~self.kept[self.inverse].reshape(-1, self.top_k).any(axis=1)
+
+
+def build_expert_dispatch(
+    expert_indices: mx.array,
+    expert_weights: mx.array,
+    num_experts: int,
+    capacity_factor: Optional[float] = None,
+) -> ExpertDispatch:
+    """Sort the routed assignments by expert and apply each expert's capacity.
+
+    Args:
+        expert_indices (array): ``(tokens, top_k)`` integer experts in ``[0, num_experts)`` per token.
+        expert_weights (array): ``(tokens, top_k)`` float gate weights.
+        num_experts (int): number of experts.
+        capacity_factor (float, optional): each expert keeps at most
+            ``ceil(capacity_factor * tokens * top_k / num_experts)`` assignments. Default: no limit.
+
+    Returns:
+        :class:`ExpertDispatch`.
+    """
+    check_array("expert_indices", expert_indices, "(tokens, top_k)", ndim=2, dtypes=INDEX_DTYPES)
+    check_array("expert_weights", expert_weights, f"expert_indices' shape {tuple(expert_indices.shape)}",
+                shape=expert_indices.shape)
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int; got {num_experts!r}")
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be positive or None; got {capacity_factor!r}")
+    tokens, top_k = expert_indices.shape
+    count = tokens * top_k
+    flat = expert_indices.reshape(-1).astype(mx.int32)
+    # Unique keys (expert, then position) make the order stable whatever sort MLX uses.
+    key_dtype = mx.int32 if num_experts * max(count, 1) < 2**31 else mx.int64
+    order = mx.argsort(flat.astype(key_dtype) * count + mx.arange(count, dtype=key_dtype)).astype(mx.uint32)
+    sorted_experts = flat[order]
+    counts = mx.zeros((num_experts,), mx.int32).at[flat].add(mx.ones((count,), mx.int32))
+    starts = mx.cumsum(counts) - counts
+    capacity = None if capacity_factor is None else math.ceil(capacity_factor * count / num_experts)
+    if capacity is None:
+        kept = mx.ones((count,), mx.bool_)
+    else:
+        kept = (mx.arange(count, dtype=mx.int32) - starts[sorted_experts]) < capacity
+    weights = mx.where(kept, expert_weights.reshape(-1)[order], 0)
+    return ExpertDispatch(
+        order=order,
+        inverse=mx.argsort(order).astype(mx.uint32),
+        token_indices=order // top_k,
+        expert_indices=sorted_experts.astype(mx.uint32),
+        weights=weights,
+        kept=kept,
+        expert_counts=counts,
+        capacity=capacity,
+        top_k=top_k,
+    )
+
+
+def compute_load_balancing_loss(router_probs: mx.array, expert_indices: mx.array) -> mx.array:
+    """Switch Transformer's auxiliary loss ``num_experts * sum_e f_e * P_e``.
+
+    ``f_e`` is the fraction of the ``tokens * top_k`` assignments routed to expert ``e`` (not
+    differentiable), ``P_e`` the mean router probability of ``e``. It is 1 for uniform routing and
+    grows as routing concentrates; add ``alpha * loss`` (Switch: ``alpha = 0.01``) to the training loss.
+
+    Args:
+        router_probs (array): ``(..., num_experts)`` softmax of the router logits over all experts.
+        expert_indices (array): ``(..., top_k)`` experts chosen per token (same leading shape).
+
+    Returns:
+        float32 scalar.
+    """
+    check_array("router_probs", router_probs, "(..., num_experts)", min_ndim=1)
+    lead = tuple(router_probs.shape[:-1])
+    check_array("expert_indices", expert_indices, f"{lead + ('top_k',)}", min_ndim=1, dtypes=INDEX_DTYPES)
+    if tuple(expert_indices.shape[:-1]) != lead:
+        raise ValueError(f"expert_indices must have shape {lead + ('top_k',)}; got {tuple(expert_indices.shape)}")
+    num_experts = router_probs.shape[-1]
+    flat = expert_indices.reshape(-1).astype(mx.int32)
+    counts = mx.zeros((num_experts,), mx.float32).at[flat].add(mx.ones(flat.shape, mx.float32))
+    fraction = mx.stop_gradient(counts / max(flat.size, 1))
+    mean_probs = router_probs.reshape(-1, num_experts).astype(mx.float32).mean(axis=0)
+    return num_experts * (fraction * mean_probs).sum()
+
+
+class ExpertLinear(nn.Module):
+    """``num_experts`` linear maps without bias applied to rows by expert index (``mx.gather_mm``).
+
+    Args:
+        num_experts (int), input_dims (int), output_dims (int). Weight: ``(num_experts, output_dims, input_dims)``.
+    """
+
+    def __init__(self, num_experts: int, input_dims: int, output_dims: int):
+        super().__init__()
+        scale = math.sqrt(1.0 / input_dims)
+        self.weight = mx.random.uniform(-scale, scale, (num_experts, output_dims, input_dims))
+
+    def __call__(self, x: mx.array, expert_indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        """``x (S, 1, input_dims)``, ``expert_indices (S,)`` -> ``(S, 1, output_dims)``."""
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=expert_indices, sorted_indices=sorted_indices)
+
+    def to_quantized(self, group_size: int = None, bits: int = None, mode: str = "affine", **_) -> "QuantizedExpertLinear":
+        """The quantized layer ``nn.quantize`` swaps in."""
+        return QuantizedExpertLinear(self.weight, group_size, bits, mode)
+
+    def _extra_repr(self) -> str:
+        experts, out_dims, in_dims = self.weight.shape
+        return f"num_experts={experts}, input_dims={in_dims}, output_dims={out_dims}"
+
+
+class QuantizedExpertLinear(nn.Module):
+    """:class:`ExpertLinear` with quantized weights (``mx.quantize`` per expert; ``mx.gather_qmm``)."""
+
+    def __init__(self, weight: mx.array, group_size: int = None, bits: int = None, mode: str = "affine"):
+        super().__init__()
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        parts = mx.quantize(weight, group_size=group_size, bits=bits, mode=mode)
+        self.weight, self.scales = parts[0], parts[1]
+        self.biases = parts[2] if len(parts) > 2 else None
+        self.freeze()
+
+    def __call__(self, x: mx.array, expert_indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_qmm(x, self.weight, self.scales, self.biases, rhs_indices=expert_indices, transpose=True,
+                             group_size=self.group_size, bits=self.bits, mode=self.mode,
+                             sorted_indices=sorted_indices)
+
+    def _extra_repr(self) -> str:
+        return f"num_experts={self.weight.shape[0]}, group_size={self.group_size}, bits={self.bits}, mode={self.mode}"
+
+
+class SparseMoELayer(nn.Module):
+    """A sparse mixture of SwiGLU experts (Mixtral / Switch style).
+
+    Each token's router logits pick its ``top_k`` experts; the gate weights are the softmax over
+    those ``top_k`` logits (Mixtral) or, with ``normalize_weights=False``, the full softmax's
+    probabilities of them. Output: ``sum_k weight_k * down(silu(gate(x)) * up(x))`` over the token's
+    kept experts (zero for a token all of whose assignments were dropped).
+
+    Args:
+        dims (int): model width. hidden (int): expert MLP width.
+        num_experts (int): number of experts. top_k (int): experts per token. Default: ``2``.
+        capacity_factor (float, optional): see :func:`build_expert_dispatch`. Default: no limit.
+        normalize_weights (bool): softmax over the chosen logits only. Default: ``True``.
+    """
+
+    def __init__(self, dims: int, hidden: int, num_experts: int, top_k: int = 2,
+                 capacity_factor: Optional[float] = None, normalize_weights: bool = True):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}]; got {top_k}")
+        self.dims, self.hidden, self.num_experts, self.top_k = dims, hidden, num_experts, top_k
+        self.capacity_factor, self.normalize_weights = capacity_factor, normalize_weights
+        self.router = nn.Linear(dims, num_experts, bias=False)
+        self.gate_proj = ExpertLinear(num_experts, dims, hidden)
+        self.up_proj = ExpertLinear(num_experts, dims, hidden)
+        self.down_proj = ExpertLinear(num_experts, hidden, dims)
+
+    def route(self, x: mx.array) -> Tuple[mx.array, mx.array, mx.array]:
+        """``x (tokens, dims)`` -> experts ``(tokens, top_k)``, their weights, router probabilities ``(tokens, E)``."""
+        logits = self.router(x).astype(mx.float32)
+        experts = mx.stop_gradient(mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[:, : self.top_k])
+        chosen = mx.take_along_axis(logits, experts, axis=-1)
+        probs = mx.softmax(logits, axis=-1)
+        weights = mx.softmax(chosen, axis=-1) if self.normalize_weights else mx.take_along_axis(probs, experts, -1)
+        return experts, weights, probs
+
+    def dispatch(self, x: mx.array) -> ExpertDispatch:
+        """The dispatch of ``x (..., dims)`` (for inspecting expert loads and dropped tokens)."""
+        experts, weights, _ = self.route(x.reshape(-1, x.shape[-1]))
+        return build_expert_dispatch(experts, weights, self.num_experts, self.capacity_factor)
+
+    def __call__(self, x: mx.array, return_aux_loss: bool = False) -> Union[mx.array, Tuple[mx.array, mx.array]]:
+        """``x (..., dims)`` -> ``(..., dims)``; with ``return_aux_loss`` also the load-balancing loss."""
+        check_array("x", x, f"(..., {self.dims})", min_ndim=1)
+        if x.shape[-1] != self.dims:
+            raise ValueError(f"x must have shape (..., {self.dims}); got {tuple(x.shape)}")
+        tokens = x.reshape(-1, x.shape[-1])
+        experts, weights, probs = self.route(tokens)
+        plan = build_expert_dispatch(experts, weights.astype(x.dtype), self.num_experts, self.capacity_factor)
+        rows = tokens[plan.token_indices][:, None, :]
+        index = plan.expert_indices
+        hidden = swiglu(self.gate_proj(rows, index, True), self.up_proj(rows, index, True))
+        out = self.down_proj(hidden, index, True)[:, 0, :] * plan.weights[:, None]
+        y = out[plan.inverse].reshape(-1, self.top_k, x.shape[-1]).sum(axis=1).reshape(x.shape)
+        return (y, compute_load_balancing_loss(probs, experts)) if return_aux_loss else y
+
+    def _extra_repr(self) -> str:
+        return (f"dims={self.dims}, hidden={self.hidden}, num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"capacity_factor={self.capacity_factor}")

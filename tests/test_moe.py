@@ -1,0 +1,165 @@
+"""SparseMoELayer, build_expert_dispatch and compute_load_balancing_loss against float64 NumPy."""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_primitives import SparseMoELayer, build_expert_dispatch, compute_load_balancing_loss
+
+from .reference import f64, max_error
+
+pytestmark = pytest.mark.filterwarnings("ignore:mlx_primitives. kernel 'glu' is unavailable")
+
+
+def _expert_weights(layer):
+    """Each projection's (E, out, in) weights in float64, dequantized where the layer is quantized."""
+    weights = {}
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        proj = getattr(layer, name)
+        if hasattr(proj, "scales"):
+            w = mx.dequantize(proj.weight, proj.scales, proj.biases, proj.group_size, proj.bits, mode=proj.mode)
+        else:
+            w = proj.weight
+        weights[name] = f64(w)
+    return weights
+
+
+def moe64(layer, x, capacity=None):
+    """The layer in float64, token by token; assignments past an expert's capacity (token order) drop."""
+    x = f64(x).reshape(-1, layer.dims)
+    w = _expert_weights(layer)
+    logits = x @ f64(layer.router.weight).T
+    experts = np.argsort(-logits, axis=1, kind="stable")[:, : layer.top_k]
+    chosen = np.take_along_axis(logits, experts, 1)
+    gates = np.exp(chosen - chosen.max(1, keepdims=True))
+    gates /= gates.sum(1, keepdims=True)
+    taken = np.zeros(layer.num_experts, int)
+    y = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        for k in range(layer.top_k):
+            e = experts[t, k]
+            taken[e] += 1
+            if capacity is not None and taken[e] > capacity:
+                continue
+            g, u = w["gate_proj"][e] @ x[t], w["up_proj"][e] @ x[t]
+            y[t] += gates[t, k] * (w["down_proj"][e] @ (g / (1 + np.exp(-g)) * u))
+    return y
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_moe_layer_matches_float64(top_k):
+    layer = SparseMoELayer(32, 48, num_experts=6, top_k=top_k)
+    x = mx.random.normal((3, 7, 32))
+    y = layer(x)
+    assert y.shape == x.shape
+    assert max_error(y, moe64(layer, x).reshape(3, 7, 32)) < 1e-5
+
+
+def test_moe_layer_with_capacity_drops_late_tokens():
+    layer = SparseMoELayer(16, 24, num_experts=4, top_k=2, capacity_factor=0.5)
+    x = mx.random.normal((40, 16))
+    plan = layer.dispatch(x)
+    assert plan.capacity == math.ceil(0.5 * 40 * 2 / 4)
+    assert plan.num_dropped.item() == int(np.maximum(np.array(plan.expert_counts) - plan.capacity, 0).sum())
+    assert max_error(layer(x), moe64(layer, x, plan.capacity)) < 1e-5
+
+
+def test_moe_layer_quantized_uses_gather_qmm_weights():
+    layer = SparseMoELayer(64, 64, num_experts=4, top_k=2)
+    x = mx.random.normal((9, 64))
+    nn.quantize(layer, group_size=32, bits=8, class_predicate=lambda _, m: hasattr(m, "to_quantized")
+                and not isinstance(m, nn.Linear))
+    assert "QuantizedExpertLinear" in str(layer)
+    assert max_error(layer(x), moe64(layer, x)) < 1e-4
+
+
+def _dense_moe(layer, x):
+    """Every expert on every token, masked by the routing: a differentiable MLX reference."""
+    experts, weights, _ = layer.route(x)
+    mask = (experts[..., None] == mx.arange(layer.num_experts)).astype(x.dtype)  # (T, k, E)
+    per_expert = (mask * weights[..., None]).sum(1)  # (T, E)
+    g = mx.einsum("ehd,td->teh", layer.gate_proj.weight, x)
+    u = mx.einsum("ehd,td->teh", layer.up_proj.weight, x)
+    out = mx.einsum("edh,teh->ted", layer.down_proj.weight, nn.silu(g) * u)
+    return (out * per_expert[..., None]).sum(1)
+
+
+def test_moe_layer_gradients_match_dense_reference():
+    layer = SparseMoELayer(16, 24, num_experts=4, top_k=2)
+    x = mx.random.normal((11, 16))
+    cot = mx.random.normal((11, 16))
+
+    def grads(fn):
+        return nn.value_and_grad(layer, lambda x: (fn(x) * cot).sum())(x)[1]
+
+    ours, ref = tree_flatten(grads(layer)), tree_flatten(grads(lambda x: _dense_moe(layer, x)))
+    assert [k for k, _ in ours] == [k for k, _ in ref]
+    for (name, g), (_, r) in zip(ours, ref):
+        assert max_error(g, f64(r)) < 1e-5 * max(1.0, float(mx.abs(r).max())), name
+
+
+def test_moe_layer_aux_loss():
+    layer = SparseMoELayer(16, 24, num_experts=4, top_k=2)
+    x = mx.random.normal((20, 16))
+    y, aux = layer(x, return_aux_loss=True)
+    experts, _, probs = layer.route(x)
+    assert mx.allclose(aux, compute_load_balancing_loss(probs, experts)).item()
+
+
+def test_dispatch_sorts_by_expert_and_counts_drops():
+    indices = mx.array([[0, 1], [0, 2], [0, 1], [3, 0]])
+    weights = mx.random.uniform(shape=(4, 2))
+    plan = build_expert_dispatch(indices, weights, num_experts=4, capacity_factor=0.5)
+    assert plan.capacity == 1
+    assert plan.expert_indices.tolist() == [0, 0, 0, 0, 1, 1, 2, 3]
+    assert plan.token_indices.tolist() == [0, 1, 2, 3, 0, 2, 1, 3]
+    assert plan.kept.tolist() == [True, False, False, False, True, False, True, True]
+    assert plan.expert_counts.tolist() == [4, 2, 1, 1]
+    assert plan.num_dropped.item() == 4
+    assert plan.dropped_tokens.tolist() == [False, False, True, False]
+    flat_w = np.array(weights).reshape(-1)
+    expected = np.where(np.array(plan.kept), flat_w[np.array(plan.order)], 0)
+    assert np.array_equal(np.array(plan.weights), expected)
+    assert np.array_equal(np.array(plan.order)[np.array(plan.inverse)], np.arange(8))
+
+
+def test_dispatch_without_capacity_keeps_everything():
+    indices = mx.random.randint(0, 5, (50, 2))
+    plan = build_expert_dispatch(indices, mx.ones((50, 2)), num_experts=5)
+    assert plan.capacity is None and plan.num_dropped.item() == 0
+    assert plan.expert_counts.tolist() == np.bincount(np.array(indices).reshape(-1), minlength=5).tolist()
+    sorted_experts = np.array(plan.expert_indices)
+    assert np.all(np.diff(sorted_experts) >= 0)
+
+
+def test_load_balancing_loss_matches_float64_and_is_one_when_uniform():
+    probs = mx.softmax(mx.random.normal((30, 6)), axis=-1)
+    experts = mx.random.randint(0, 6, (30, 2))
+    f = np.bincount(np.array(experts).reshape(-1), minlength=6) / 60
+    expected = 6 * (f * f64(probs).mean(0)).sum()
+    assert abs(compute_load_balancing_loss(probs, experts).item() - expected) < 1e-6
+    uniform = mx.full((12, 4), 0.25)
+    balanced = mx.array([[0, 1], [2, 3]] * 6)
+    assert abs(compute_load_balancing_loss(uniform, balanced).item() - 1.0) < 1e-6
+    grad = mx.grad(lambda p: compute_load_balancing_loss(p, experts))(probs)
+    assert max_error(grad, np.broadcast_to(6 * f / 30, (30, 6))) < 1e-6
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda: build_expert_dispatch(mx.zeros((4,), mx.int32), mx.zeros((4,)), 2), "expert_indices"),
+    (lambda: build_expert_dispatch(mx.zeros((4, 2)), mx.zeros((4, 2)), 2), "expert_indices"),
+    (lambda: build_expert_dispatch(mx.zeros((4, 2), mx.int32), mx.zeros((4, 1)), 2), "expert_weights"),
+    (lambda: build_expert_dispatch(mx.zeros((4, 2), mx.int32), mx.zeros((4, 2)), 0), "num_experts"),
+    (lambda: build_expert_dispatch(mx.zeros((4, 2), mx.int32), mx.zeros((4, 2)), 2, 0.0), "capacity_factor"),
+    (lambda: compute_load_balancing_loss(mx.zeros((4, 3)), mx.zeros((5, 2), mx.int32)), "expert_indices"),
+    (lambda: compute_load_balancing_loss([0.5], mx.zeros((1, 1), mx.int32)), "router_probs"),
+    (lambda: SparseMoELayer(8, 8, 4, 2)(mx.zeros((3, 7))), "x"),
+    (lambda: SparseMoELayer(8, 8, 4, 5), "top_k"),
+])
+def test_moe_bad_arguments_name_the_argument(call, name):
+    with pytest.raises((TypeError, ValueError), match=rf"^{name}\b"):
+        call()
