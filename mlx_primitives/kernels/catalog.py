@@ -58,6 +58,16 @@ MATMUL = Kernel(
     tunables=(("BM", (32, 64, 128)), ("BN", (32, 64, 128)), ("WM", (1, 2)), ("WN", (2, 4))),
 )
 
+# W8A8 linear (w8a8.py): int8 x int8 on the s8 matrix unit; block and warp tiling are free.
+W8A8 = Kernel(
+    name="w8a8_linear",
+    body="w8a8.kern",
+    inputs=("x", "w", "x_scale", "w_scale", "bias"),
+    outputs=("out",),
+    mma=True,
+    tunables=(("BM", (64, 128)), ("BN", (64, 128)), ("WM", (2, 4)), ("WN", (2, 4))),
+)
+
 # Decode attention (decode.py): the split-KV pass, whose threads per group and minimum keys per
 # split are free, and the pass that merges the splits.
 DECODE = Kernel(
@@ -114,6 +124,24 @@ LINEAR_SCAN = Kernel(
     tunables=(("WARPS", (2, 4, 8)), ("ITEMS", (4, 8, 16))),
 )
 
+# SageAttention (sage.py): the INT8 quantization pass (its sizes follow from the granularity) and the
+# attention kernel with INT8 QK^T, keys per tile and warps (16 query rows each) per group.
+SAGE_QUANT = Kernel(
+    name="sage_quantize",
+    body="sage_quant.kern",
+    inputs=("x", "mean"),
+    outputs=("values", "scales"),
+)
+
+SAGE_ATTN = _AttentionKernel(
+    name="sage_attention_fwd",
+    body="sage_attn.kern",
+    inputs=("q", "q_scale", "k", "k_scale", "v"),
+    outputs=("out", "lse"),
+    mma=True,
+    tunables=(("BK", (32, 64)), ("WARPS", (4, 8))),
+)
+
 # Defaults: norms pick threads per row from the row length (see norms.py); the rest are the best
 # of the H100 sweep in benchmarks/results/h100/kernels.md.
 DEFAULTS = {
@@ -124,11 +152,13 @@ DEFAULTS = {
     # 32 keys by 64 query rows: best of the H100 sweep (fp16, L=8k: plain, causal, softcap, window)
     # at every head dim, and all that fits shared memory at head dim 256.
     "flash_attention_fwd": {"BK": 32, "WARPS": 4},
+    "w8a8_linear": {"BM": 128, "BN": 128, "WM": 2, "WN": 4},
     "selective_scan": {"WARPS": 4, "ITEMS": 8},
     "linear_scan": {"WARPS": 4, "ITEMS": 8},
+    "sage_attention_fwd": {"BK": 64, "WARPS": 4},
 }
 
 KERNELS = (
     RMS_NORM, RMS_NORM_RESIDUAL, LAYER_NORM, LAYER_NORM_RESIDUAL, ROPE, GLU, MATMUL, DECODE, DECODE_COMBINE, FLASH_FWD,
-    SELECTIVE_SCAN, LINEAR_SCAN,
+    W8A8, SELECTIVE_SCAN, LINEAR_SCAN, SAGE_QUANT, SAGE_ATTN,
 )

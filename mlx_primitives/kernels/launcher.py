@@ -139,12 +139,12 @@ _verified: Dict[tuple, bool] = {}  # (backend, kernel, template, dtypes) -> comp
 _warned: set = set()
 
 
-def _fallback_warning(kernel: Kernel, reason: str) -> None:
-    if kernel.name in _warned:
+def _fallback_warning(name: str, reason: str) -> None:
+    if name in _warned:
         return
-    _warned.add(kernel.name)
+    _warned.add(name)
     warnings.warn(
-        f"mlx_primitives: kernel '{kernel.name}' is unavailable ({reason}); using the MLX reference ops instead",
+        f"mlx_primitives: kernel '{name}' is unavailable ({reason}); using the MLX reference ops instead",
         RuntimeWarning,
         stacklevel=4,
     )
@@ -159,12 +159,22 @@ def launch(plan: Launch, reference: Callable[[], List[mx.array]]) -> List[mx.arr
     """
     backend = device_profile().backend
     if backend not in PRELUDES:
-        _fallback_warning(plan.kernel, f"MLX runs on the {backend}")
+        _fallback_warning(plan.kernel.name, f"MLX runs on the {backend}")
         return reference()
     key = (backend, plan.kernel, tuple(plan.template), tuple(a.dtype for a in plan.inputs))
+    return run_checked(key, plan.kernel.name, lambda: plan.call(compiled(plan.kernel, backend)), reference)
+
+
+def run_checked(
+    key: tuple, name: str, run: Callable[[], List[mx.array]], fallback: Callable[[], List[mx.array]]
+) -> List[mx.array]:
+    """``run()``, evaluated on the spot the first time per ``key``; ``fallback()`` from the first failure on.
+
+    Also how ops guard GPU code they don't own (MLX's own JIT kernels) with a reference path.
+    """
     if _verified.get(key) is False:
-        return reference()
-    outputs = plan.call(compiled(plan.kernel, backend))
+        return fallback()
+    outputs = run()
     if key not in _verified:
         try:
             mx.eval(outputs)
@@ -172,8 +182,8 @@ def launch(plan: Launch, reference: Callable[[], List[mx.array]]) -> List[mx.arr
             if "transformation" in str(error):  # under mx.compile / vmap: can't evaluate here
                 return outputs
             _verified[key] = False
-            _fallback_warning(plan.kernel, f"{backend} compilation or launch failed: {str(error)[:300]}")
-            return reference()
+            _fallback_warning(name, f"{key[0]} compilation or launch failed: {str(error)[:300]}")
+            return fallback()
         _verified[key] = True
     return outputs
 

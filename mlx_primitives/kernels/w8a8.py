@@ -1,0 +1,189 @@
+"""W8A8 linear: per-token INT8 activations times per-channel INT8 weights, exact int32 products.
+
+``w8a8_linear(x, w_q, w_scale)`` quantizes each row (token) of ``x`` symmetrically to int8 with its
+own scale, multiplies by the int8 weight on the s8 matrix unit (``src/w8a8.kern``: CUDA
+``mma.sync.m16n8k32.s8``; Metal through half tiles, still exact), and applies the scales, an
+optional bias and activation in fp32 before writing the input dtype. The reference path (CPU, or a
+kernel that cannot run) computes the same integer product exactly: float32 matrix products over
+K-slices of 1024 (every partial sum an integer below 2^24) summed in int32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Tuple
+
+import mlx.core as mx
+
+from . import catalog
+from .launcher import Launch, launch
+from .quantization import quantize_int8
+from .tuning import config_for
+from ..validation import FLOAT_DTYPES, check_array
+
+# The ACT template value of w8a8.kern per activation.
+ACTIVATIONS = {None: 0, "relu": 1, "silu": 2, "gelu": 3}
+PATHS = ("auto", "kernel", "reference")
+K_ALIGN = 16  # the kernel reads rows in 16-byte chunks
+EXACT_SLICE = 1024  # 1024 * 128 * 128 = 2^24: float32 sums of int8 products stay exact
+
+
+def quantize_per_token(x: mx.array) -> Tuple[mx.array, mx.array]:
+    """Symmetric int8 rows of ``x`` ``(M, K)``: ``(x_q (M, K) int8, x_scale (M,) float32)``."""
+    q = quantize_int8(x, granularity="channel")
+    return q.values, q.scales
+
+
+def _int8_product(x_q: mx.array, w_q: mx.array) -> mx.array:
+    """``x_q @ w_q^T`` exactly, int32 ``(M, N)``."""
+    parts = [
+        (x_q[:, k0:k0 + EXACT_SLICE].astype(mx.float32) @ w_q[:, k0:k0 + EXACT_SLICE].astype(mx.float32).T)
+        .astype(mx.int32)
+        for k0 in range(0, x_q.shape[1], EXACT_SLICE)
+    ]
+    return functools.reduce(mx.add, parts)
+
+
+def epilogue(acc: mx.array, x_scale, w_scale, bias, activation: Optional[str], dtype) -> mx.array:
+    """The kernel's fp32 epilogue on the int32 product, in the same order of operations."""
+    v = acc.astype(mx.float32) * x_scale[:, None] * w_scale[None, :]
+    if bias is not None:
+        v = v + bias.astype(mx.float32)
+    if activation == "relu":
+        v = mx.maximum(v, 0.0)
+    elif activation == "silu":
+        v = v * mx.sigmoid(v)
+    elif activation == "gelu":
+        v = 0.5 * v * (1.0 + mx.erf(v / math.sqrt(2.0)))
+    return v.astype(dtype)
+
+
+def reference(x_q, x_scale, w_q, w_scale, bias, activation, dtype) -> mx.array:
+    """The W8A8 product in MLX ops, exact in its integer part."""
+    return epilogue(_int8_product(x_q, w_q), x_scale, w_scale, bias, activation, dtype)
+
+
+def _pad_k(q: mx.array) -> mx.array:
+    extra = -q.shape[1] % K_ALIGN
+    return mx.pad(q, [(0, 0), (0, extra)]) if extra else q
+
+
+def plan(x_q, x_scale, w_q, w_scale, bias, activation, dtype, config=None) -> Launch:
+    """The launch of w8a8.kern; ``x_q`` (M, K) and ``w_q`` (N, K) int8, K a multiple of 16."""
+    (m, k), n = x_q.shape, w_q.shape[0]
+    config = {**config_for(catalog.W8A8, dtype, {"M": m, "N": n, "K": k}), **(config or {})}
+    threads = config["WM"] * config["WN"] * 32
+    has_bias = bias is not None
+    return Launch(
+        kernel=catalog.W8A8,
+        inputs=[x_q.view(mx.uint32), w_q.view(mx.uint32), x_scale, w_scale,
+                bias if has_bias else mx.zeros((1,), dtype)],
+        template=[("T", dtype)] + [(name, config[name]) for name in ("BM", "BN", "WM", "WN")]
+        + [("BIAS", int(has_bias)), ("ACT", ACTIVATIONS[activation])],
+        grid=(-(-n // config["BN"]) * threads, -(-m // config["BM"]), 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(m, n)],
+        output_dtypes=[dtype],
+    )
+
+
+def _check_weights(w_q, w_scale, bias, dims: int) -> int:
+    check_array("w_q", w_q, f"(out_features, {dims})", ndim=2, dtypes=(mx.int8,))
+    if w_q.shape[1] != dims:
+        raise ValueError(f"w_q must have shape (out_features, {dims}); got {tuple(w_q.shape)}")
+    n = w_q.shape[0]
+    check_array("w_scale", w_scale, f"({n},)", shape=(n,), dtypes=(mx.float32,))
+    if bias is not None:
+        check_array("bias", bias, f"({n},)", shape=(n,))
+    return n
+
+
+def w8a8_matmul(
+    x_q: mx.array,
+    x_scale: mx.array,
+    w_q: mx.array,
+    w_scale: mx.array,
+    bias: Optional[mx.array] = None,
+    *,
+    activation: Optional[str] = None,
+    dtype: mx.Dtype = mx.float16,
+    path: str = "auto",
+    config: Optional[dict] = None,
+) -> mx.array:
+    """``act((x_q @ w_q^T) * x_scale[:, None] * w_scale + bias)`` from int8 operands.
+
+    Args:
+        x_q (array): ``(M, K)`` int8 activations.
+        x_scale (array): ``(M,)`` float32 per-row (per-token) scales.
+        w_q (array): ``(N, K)`` int8 weights (a Linear's ``(out, in)`` layout).
+        w_scale (array): ``(N,)`` float32 per-output-channel scales.
+        bias (array, optional): ``(N,)``, added in fp32.
+        activation (str, optional): ``None``, ``"relu"``, ``"silu"`` or ``"gelu"`` (erf), fused.
+        dtype: output dtype (float16, bfloat16 or float32). Default: ``float16``.
+        path (str): ``"auto"``/``"kernel"`` (the kernel where the GPU runs it) or ``"reference"``.
+        config (dict, optional): tiling ``{"BM", "BN", "WM", "WN"}`` (catalog.W8A8).
+
+    Returns:
+        ``(M, N)`` array of ``dtype``.
+    """
+    check_array("x_q", x_q, "(M, K)", ndim=2, dtypes=(mx.int8,))
+    m, k = x_q.shape
+    check_array("x_scale", x_scale, f"({m},)", shape=(m,), dtypes=(mx.float32,))
+    _check_weights(w_q, w_scale, bias, k)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float16, bfloat16 or float32; got {dtype}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}; got {activation!r}")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}; got {path!r}")
+    if bias is not None:
+        bias = bias.astype(dtype)
+
+    def ref():
+        return [reference(x_q, x_scale, w_q, w_scale, bias, activation, dtype)]
+
+    if path == "reference" or x_q.size == 0 or w_q.shape[0] == 0:
+        return ref()[0]
+    launch_plan = plan(_pad_k(x_q), x_scale, _pad_k(w_q), w_scale, bias, activation, dtype, config)
+    return launch(launch_plan, ref)[0]
+
+
+def w8a8_linear(
+    x: mx.array,
+    w_q: mx.array,
+    w_scale: mx.array,
+    bias: Optional[mx.array] = None,
+    *,
+    activation: Optional[str] = None,
+    path: str = "auto",
+    config: Optional[dict] = None,
+) -> mx.array:
+    """A Linear layer in W8A8: ``x`` quantized per token, then :func:`w8a8_matmul`.
+
+    Args:
+        x (array): ``(..., K)`` float activations.
+        w_q (array): ``(N, K)`` int8 weights, e.g. ``quantize_int8(weight).values``.
+        w_scale (array): ``(N,)`` float32 per-output-channel scales.
+        bias, activation, path, config: as in :func:`w8a8_matmul`.
+
+    Returns:
+        ``(..., N)`` array of ``x``'s dtype.
+    """
+    check_array("x", x, "(..., in_features)", min_ndim=1)
+    _check_weights(w_q, w_scale, bias, x.shape[-1])
+    rows = x.reshape(-1, x.shape[-1])
+    x_q, x_scale = quantize_per_token(rows)
+    out = w8a8_matmul(x_q, x_scale, w_q, w_scale, bias, activation=activation, dtype=x.dtype, path=path,
+                      config=config)
+    return out.reshape(*x.shape[:-1], w_q.shape[0])
+
+
+def compile_examples():
+    """Launches covering every tunable configuration, both half dtypes, bias and each activation."""
+    x_q, w_q = mx.zeros((37, 48), mx.int8), mx.zeros((29, 48), mx.int8)
+    x_scale, w_scale = mx.ones((37,)), mx.ones((29,))
+    for config in catalog.W8A8.configs():
+        yield plan(x_q, x_scale, w_q, w_scale, None, None, mx.float16, config)
+    for activation in ACTIVATIONS:
+        yield plan(x_q, x_scale, w_q, w_scale, mx.zeros((29,), mx.bfloat16), activation, mx.bfloat16)
