@@ -7,7 +7,7 @@ import importlib
 
 from .common import header, write_results
 
-SUITES = ("attention", "kernels", "tuning", "flash_kernel", "decode")
+SUITES = ("attention", "kernels", "tuning", "flash_kernel", "decode", "kvcache", "sage", "zoo")
 
 
 def main(argv=None) -> None:
