@@ -10,6 +10,8 @@ from .flash import (
 )
 from .layers import Attention, ChunkedCrossAttention, FlashAttention, SlidingWindowAttention
 from .reference import reference_attention
+from .sage import SageAttention, sageattn, sageattn_mlx
+from .sage_quant import QuantizedQK, dequantize, quantize_qk
 from .spec import AttentionSpec, describe_attention
 from .varlen import flash_attn_varlen_func
 from .kvcache import flash_attn_with_kvcache
@@ -19,9 +21,12 @@ __all__ = [
     "AttentionSpec",
     "ChunkedCrossAttention",
     "FlashAttention",
+    "QuantizedQK",
+    "SageAttention",
     "Route",
     "SlidingWindowAttention",
     "choose_route",
+    "dequantize",
     "describe_attention",
     "explain",
     "flash_attention",
@@ -30,5 +35,8 @@ __all__ = [
     "flash_attn_qkvpacked_func",
     "flash_attn_varlen_func",
     "flash_attn_with_kvcache",
+    "quantize_qk",
     "reference_attention",
+    "sageattn",
+    "sageattn_mlx",
 ]

@@ -9,9 +9,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .flash import flash_attention
+from .sage import sageattn
 from .spec import check_layout
 
-KERNELS = {"flash": "auto", "sdpa": "sdpa", "reference": "reference"}
+KERNELS = {"flash": "auto", "sdpa": "sdpa", "reference": "reference", "sage": "sage"}
 
 
 class FlashAttention(nn.Module):
@@ -144,7 +145,8 @@ class Attention(nn.Module):
         rope (bool or nn.Module): ``True`` for ``nn.RoPE(head_dim, base=rope_base)``, ``False`` for none,
             or any module called as ``rope(x, offset=...)`` on ``(batch, heads, seq, dim)``. Default: ``True``.
         rope_base (float): RoPE base when ``rope=True``. Default: ``10000``.
-        kernel (str): ``"flash"`` (dispatcher picks), ``"sdpa"`` or ``"reference"``. Default: ``"flash"``.
+        kernel (str): ``"flash"`` (dispatcher picks), ``"sdpa"``, ``"reference"`` or ``"sage"`` (INT8 q and k,
+            :func:`~mlx_primitives.attention.sageattn`; no window, softcap or mask arrays). Default: ``"flash"``.
         window_size, softcap, scale: as in :class:`FlashAttention`.
 
     Call with ``x`` ``(batch, seq, dims)``, an optional ``mask`` (``"causal"`` or an array
@@ -172,6 +174,8 @@ class Attention(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {tuple(KERNELS)}; got {kernel!r}")
+        if kernel == "sage" and (tuple(window_size) != (-1, -1) or softcap):
+            raise ValueError("kernel='sage' takes no window_size or softcap")
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = head_dim or dims // num_heads
         self.kernel = kernel
@@ -207,6 +211,11 @@ class Attention(nn.Module):
             q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
+        if self.kernel == "sage":
+            if mask is not None and not (isinstance(mask, str) and mask == "causal"):
+                raise ValueError(f"kernel='sage' takes mask 'causal' or None; got {type(mask).__name__}")
+            out = sageattn(q, k, v, "HND", is_causal=mask == "causal", sm_scale=self.scale)
+            return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
         out = flash_attention(
             q, k, v, layout="BHSD", scale=self.scale, mask=mask, window_size=self.window_size,
             softcap=self.softcap, path=KERNELS[self.kernel],

@@ -14,7 +14,7 @@ group axis, so repeated K/V are never materialized.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
 
@@ -105,6 +105,7 @@ def reference_attention(
     spec: AttentionSpec,
     dropout_seed: Optional[mx.array] = None,
     batch_offset: int = 0,
+    pv_product: Optional[Callable[[mx.array, mx.array], mx.array]] = None,
 ) -> Tuple[mx.array, mx.array]:
     """Blockwise attention with online softmax.
 
@@ -115,6 +116,8 @@ def reference_attention(
         spec: the call's description (:func:`describe_attention`).
         dropout_seed: uint32 scalar, required when ``spec.dropout_p > 0``.
         batch_offset: index of batch row 0 in the dropout counter (varlen sequences).
+        pv_product: ``(p, v_block) -> p @ v_block`` in float32 for each block, to simulate a lower
+            precision PV product (SageAttention); default the float32 product.
 
     Returns:
         ``(out, lse)``: ``out`` ``(batch, num_heads, q_len, v_head_dim)`` in q's dtype;
@@ -163,7 +166,8 @@ def reference_attention(
             denom = denom * correction + p.sum(axis=-1, keepdims=True)
             if spec.dropout_p > 0:
                 p = mx.where(block.keep(dropout_seed, batch_offset), p * (1.0 / (1.0 - spec.dropout_p)), 0.0)
-            acc = acc * correction + p @ v32[..., j0:j1, :]
+            pv = p @ v32[..., j0:j1, :] if pv_product is None else pv_product(p, v32[..., j0:j1, :])
+            acc = acc * correction + pv
             running_max = new_max
         seen = denom > 0
         safe_denom = mx.where(seen, denom, 1.0)

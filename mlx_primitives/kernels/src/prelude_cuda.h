@@ -9,7 +9,7 @@
 //   UNROLL              asks for a fully unrolled loop (register arrays stay in registers)
 //   WARP_SIZE           32 on both (an Apple simdgroup is 32 wide)
 //   warp_sum/warp_max/shfl_xor   warp (simdgroup) reductions and butterfly shuffles
-//   k_exp2 k_exp k_log2 k_rsqrt k_tanh k_erf k_sincos bits_to_float   float math
+//   k_exp2 k_exp k_log2 k_rint k_rsqrt k_tanh k_erf k_sincos bits_to_float   float math
 //   KVec<T, N>, kload<T, N>(ptr, i), kstore<T, N>(ptr, i, v)   wide loads and stores
 //   MmaA/MmaB/MmaAcc, mma_load_a/b/bt, mma, acc_row/acc_col, acc_row_sum/max   matrix unit
 //                       (mma_cuda.inc / mma_metal.inc, for kernels declared with mma=True)
@@ -48,6 +48,7 @@ UNROLL
 KFN float k_exp2(float x) { return exp2f(x); }
 KFN float k_exp(float x) { return expf(x); }
 KFN float k_log2(float x) { return log2f(x); }
+KFN float k_rint(float x) { return rintf(x); }  // round half to even
 KFN float k_rsqrt(float x) { return rsqrtf(x); }
 KFN float k_tanh(float x) { return tanhf(x); }
 KFN float k_erf(float x) { return erff(x); }

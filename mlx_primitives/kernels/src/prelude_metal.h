@@ -23,6 +23,7 @@ KFN float warp_max(float v) { return simd_max(v); }
 KFN float k_exp2(float x) { return metal::exp2(x); }
 KFN float k_exp(float x) { return metal::exp(x); }
 KFN float k_log2(float x) { return metal::precise::log2(x); }
+KFN float k_rint(float x) { return metal::rint(x); }  // round half to even
 KFN float k_rsqrt(float x) { return metal::precise::rsqrt(x); }
 KFN float k_tanh(float x) { return metal::precise::tanh(x); }
 KFN void k_sincos(float x, THREAD float& s, THREAD float& c) { s = metal::precise::sincos(x, c); }

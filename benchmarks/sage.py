@@ -1,0 +1,122 @@
+"""SageAttention: accuracy against float64 attention, speed against ``mx.fast.scaled_dot_product_attention``.
+
+Accuracy (B=1, H=8, L=1024, D=128): cosine similarity, relative L1 and RMSE of the output against
+float64 attention, on normal inputs and on inputs whose keys carry a strong per-channel offset
+(``k + 8 * N(0, 1)`` per channel: the case smoothing exists for); issue-7 target with ``smooth_k``
+on the offset keys: cos-sim >= 0.999 and relative L1 <= 0.03, fp16 and bf16.
+
+Speed (fp16, B=2, H=16 for D=128, H=32 for D=64, L 4k-32k): ``sageattn`` end to end (quantization
+pass, attention kernel, LSE not requested) against sdpa on the same call, TFLOP/s over visible pairs;
+target >= 1.0x sdpa. ``quant ms`` is the quantization pass alone, ``kernel ms`` the attention kernel alone.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_primitives.attention import describe_attention, sageattn
+from mlx_primitives.attention.sage_quant import quantize_bhsd
+from mlx_primitives.hardware import device_profile
+from mlx_primitives.kernels import sage as sage_kernels
+
+from .common import Table, time_ms
+
+
+def _attention64(q, k, v, causal):
+    q, k, v = (np.array(x.astype(mx.float32), np.float64) for x in (q, k, v))
+    s = q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        s = np.where(np.tril(np.ones(s.shape[-2:], bool)), s, -np.inf)
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    return (p / p.sum(axis=-1, keepdims=True)) @ v
+
+
+def _errors(out, exact):
+    o = np.array(out.astype(mx.float32), np.float64).ravel()
+    e = exact.ravel()
+    cos = o @ e / (np.linalg.norm(o) * np.linalg.norm(e))
+    return cos, np.abs(o - e).sum() / np.abs(e).sum(), math.sqrt(np.mean((o - e) ** 2))
+
+
+def accuracy(quick: bool) -> Table:
+    table = Table(
+        title="Accuracy against float64 attention (B=1, H=8, L=1024, D=128, not causal)",
+        columns=("inputs", "dtype", "method", "cos-sim", "rel L1", "RMSE", "target"),
+    )
+    length = 512 if quick else 1024
+    for inputs in ("normal", "k offset x8"):
+        for name, dtype in (("fp16", mx.float16), ("bf16", mx.bfloat16)):
+            q, k, v = (mx.random.normal((1, 8, length, 128)) for _ in range(3))
+            if inputs != "normal":
+                k = k + 8 * mx.random.normal((1, 8, 1, 128))
+            q, k, v = (x.astype(dtype) for x in (q, k, v))
+            exact = _attention64(q, k, v, False)
+            methods = [
+                ("sdpa (fp16/bf16)", mx.fast.scaled_dot_product_attention(q, k, v, scale=128 ** -0.5)),
+                ("sage per_block smooth_k", sageattn(q, k, v)),
+                ("sage per_thread smooth_k", sageattn(q, k, v, qk_quant_gran="per_thread")),
+                ("sage per_block no smoothing", sageattn(q, k, v, smooth_k=False)),
+            ]
+            for method, out in methods:
+                target = "cos >= 0.999, L1 <= 0.03" if inputs != "normal" and "smooth_k" in method else ""
+                table.add(inputs, name, method, *_errors(out, exact), target)
+    return table
+
+
+def speed(quick: bool) -> Table:
+    table = Table(
+        title="sageattn vs sdpa (fp16, end to end incl. quantization)",
+        columns=("L", "D", "H", "causal", "sage ms", "sage TFLOP/s", "quant ms", "kernel ms", "sdpa ms",
+                 "sdpa TFLOP/s", "sdpa/sage"),
+        note="target: sdpa/sage >= 1.0 (sage at least as fast as sdpa).",
+        x="L", series=("sage TFLOP/s", "sdpa TFLOP/s"), ylabel="TFLOP/s",
+    )
+    lengths = (4096,) if quick else (4096, 8192, 16384, 32768)
+    repeats = 3 if quick else 10
+    for head_dim, heads in ((128, 16), (64, 32)):
+        for length in lengths:
+            q, k, v = (mx.random.normal((2, heads, length, head_dim)).astype(mx.float16) for _ in range(3))
+            mx.eval(q, k, v)
+            for causal in (False, True):
+                spec = describe_attention(q, k, v, causal=causal)
+                sage = time_ms(lambda: sageattn(q, k, v, is_causal=causal), repeats=repeats)
+                quant = time_ms(lambda: list(quantize_bhsd(q, k, "per_block", True, "kernel")[:4]), repeats=repeats)
+                qq = quantize_bhsd(q, k, "per_block", True, "kernel")
+                mx.eval(list(qq[:5]))
+                kernel = time_ms(lambda: sage_kernels.sage_attention(
+                    qq.q, qq.q_scale, qq.k, qq.k_scale, v, spec, qq.q_block, qq.k_block, None), repeats=repeats)
+                sdpa = time_ms(lambda: mx.fast.scaled_dot_product_attention(
+                    q, k, v, scale=spec.scale, mask="causal" if causal else None), repeats=repeats)
+                tflops = spec.flops() / 1e9
+                table.add(length, head_dim, heads, causal, sage, tflops / sage, quant, kernel, sdpa, tflops / sdpa,
+                          sdpa / sage)
+    return table
+
+
+def configs(quick: bool) -> Table:
+    table = Table(title="Attention kernel tile configs (fp16, L=8192, D=128, H=16, B=2)",
+                  columns=("BK", "WARPS", "causal", "kernel ms", "TFLOP/s"))
+    q, k, v = (mx.random.normal((2, 16, 8192, 128)).astype(mx.float16) for _ in range(3))
+    qq = quantize_bhsd(q, k, "per_block", True, "kernel")
+    mx.eval(v, list(qq[:5]))
+    for causal in (False, True):
+        spec = describe_attention(q, k, v, causal=causal)
+        for config in sage_kernels.SAGE_ATTN.configs():
+            if sage_kernels.shared_memory_bytes(128, config) > sage_kernels.shared_memory_limit():
+                continue
+            ms = time_ms(lambda: sage_kernels.sage_attention(qq.q, qq.q_scale, qq.k, qq.k_scale, v, spec, qq.q_block,
+                                                             qq.k_block, None, config), repeats=3 if quick else 10)
+            table.add(config["BK"], config["WARPS"], causal, ms, spec.flops() / 1e9 / ms)
+    return table
+
+
+def run(quick: bool = False) -> List[Table]:
+    tables = [accuracy(quick)]
+    if device_profile().is_gpu:
+        tables += [speed(quick), configs(quick)]
+    return tables
+

@@ -1,0 +1,174 @@
+"""SageAttention's kernels: the INT8 quantization pass (``src/sage_quant.kern``) and the attention
+forward with INT8 QKᵀ on the matrix unit (``src/sage_attn.kern``).
+
+On CUDA QKᵀ runs on ``mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32`` (twice the fp16 rate of
+``mma.sync``), PV in fp16/bf16 with fp32 accumulation. Apple GPUs have no INT8 matrix unit: there
+the int8 tiles are dequantized (exactly) into half ``simdgroup_matrix`` tiles, so the INT8 storage
+only halves the bytes moved for q and k. The math is the reference path's
+(:mod:`mlx_primitives.attention.sage_quant`, :mod:`mlx_primitives.attention.sage`), which these
+fall back to where the kernel can't run.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import mlx.core as mx
+
+from ..attention.spec import AttentionSpec
+from . import tuning
+from .catalog import SAGE_ATTN, SAGE_QUANT
+from .flash_attention import shared_memory_limit
+from .launcher import Launch, float_bits, launch
+
+HEAD_DIMS = (64, 96, 128, 256)
+DTYPES = (mx.float16, mx.bfloat16)
+QUANT_ROWS = 64  # rows per threadgroup of the quantization kernel
+QUANT_THREADS = 128
+SMALLEST = {"BK": 32, "WARPS": 4}
+
+
+def quantize_unsupported(x: mx.array) -> Optional[str]:
+    """Why the quantization kernel can't take ``x`` ``(batch, heads, seq, dim)``, or None."""
+    if x.dtype not in DTYPES + (mx.float32,):
+        return f"dtype {x.dtype} is not a float type"
+    if x.shape[3] % 32 or x.shape[3] > 256:
+        return f"head_dim {x.shape[3]} is not a multiple of 32 up to 256"
+    if x.shape[2] == 0:
+        return "the sequence is empty"
+    return None
+
+
+def quantize_plan(x: mx.array, block: int, mean: Optional[mx.array]) -> Launch:
+    batch, heads, seq, dim = x.shape
+    mean_input = mx.zeros((1,), mx.float32) if mean is None else mean.reshape(batch, heads, dim)
+    return Launch(
+        kernel=SAGE_QUANT,
+        inputs=[x, mean_input],
+        template=[("T", x.dtype), ("D", dim), ("G", block), ("MEAN", int(mean is not None))],
+        grid=(-(-seq // QUANT_ROWS) * QUANT_THREADS, heads, batch),
+        threadgroup=(QUANT_THREADS, 1, 1),
+        output_shapes=[x.shape, (batch, heads, -(-seq // block))],
+        output_dtypes=[mx.int8, mx.float32],
+    )
+
+
+def quantize(x: mx.array, block: int, mean: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
+    """INT8 values and float32 scales of ``x - mean`` per ``block`` tokens, in one kernel pass.
+
+    Same contract as :func:`mlx_primitives.attention.sage_quant.quantize_reference` (the fallback).
+    """
+    from ..attention.sage_quant import quantize_reference
+
+    if QUANT_ROWS % block:
+        raise ValueError(f"block must divide {QUANT_ROWS}; got {block}")
+    values, scales = launch(quantize_plan(x, block, mean), lambda: list(quantize_reference(x, block, mean)))
+    return values, scales
+
+
+def shared_memory_bytes(head_dim: int, config: Dict[str, int], itemsize: int = 2) -> int:
+    """Bytes of the kernel's shared buffers (see the comment block of ``sage_attn.kern``)."""
+    rows = max(16 * config["WARPS"], config["BK"])
+    return rows * (head_dim + 16) + config["BK"] * (head_dim + 8) * itemsize
+
+
+def unsupported(spec: AttentionSpec, pv_accum_dtype: str = "fp32") -> Optional[str]:
+    """Why the attention kernel can't compute ``spec``, or None when it can."""
+    if spec.dtype not in DTYPES:
+        return f"dtype {spec.dtype} is not float16 or bfloat16"
+    if spec.head_dim not in HEAD_DIMS or spec.v_head_dim != spec.head_dim:
+        return f"head dims ({spec.head_dim}, {spec.v_head_dim}) are not one of {HEAD_DIMS} for q, k and v"
+    if shared_memory_bytes(spec.head_dim, SMALLEST) > shared_memory_limit():
+        return f"head_dim {spec.head_dim} needs more shared memory than this backend's {shared_memory_limit()} bytes"
+    if pv_accum_dtype != "fp32":
+        return f"pv_accum_dtype {pv_accum_dtype!r} runs on the reference path"
+    if spec.q_len == 0:
+        return "q_len is 0"
+    return None
+
+
+def config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> Dict[str, int]:
+    """Tile sizes of a launch: tuned (or default) for the call's bucket, overridden by ``config``; the
+    smallest tiles where those don't fit shared memory (head_dim 256)."""
+    tuned = tuning.config_for(SAGE_ATTN, spec.dtype, {"D": spec.head_dim, "L": spec.k_len}, exact=("D",))
+    if shared_memory_bytes(spec.head_dim, tuned) > shared_memory_limit():
+        tuned = SMALLEST
+    chosen = {**tuned, **(config or {})}
+    if chosen["BK"] % 16 or chosen["WARPS"] < 1:
+        raise ValueError(f"BK must be a multiple of 16 and WARPS positive; got {chosen}")
+    if shared_memory_bytes(spec.head_dim, chosen) > shared_memory_limit():
+        raise ValueError(f"config {chosen} needs {shared_memory_bytes(spec.head_dim, chosen)} bytes of shared "
+                         f"memory at head_dim {spec.head_dim}; the limit is {shared_memory_limit()}")
+    return chosen
+
+
+def attention_plan(q8, q_scale, k8, k_scale, v, spec: AttentionSpec, q_block: int, k_block: int,
+                   config: Dict[str, int]) -> Launch:
+    threads = 32 * config["WARPS"]
+    query_blocks = -(-spec.q_len // (16 * config["WARPS"]))
+    template = [
+        ("T", v.dtype),
+        ("D", spec.head_dim),
+        ("BK", config["BK"]),
+        ("WARPS", config["WARPS"]),
+        ("SCALE", float_bits(spec.scale)),
+        ("QB", q_block),
+        ("KB", k_block),
+        ("CAUSAL", int(spec.causal)),
+    ]
+    return Launch(
+        kernel=SAGE_ATTN,
+        inputs=[q8.view(mx.uint32), q_scale, k8.view(mx.uint32), k_scale, v],
+        template=template,
+        grid=(query_blocks * threads, spec.num_heads, spec.batch),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(spec.batch, spec.num_heads, spec.q_len, spec.head_dim), (spec.batch, spec.num_heads, spec.q_len)],
+        output_dtypes=[v.dtype, mx.float32],
+    )
+
+
+def sage_attention(q8, q_scale, k8, k_scale, v, spec: AttentionSpec, q_block: int, k_block: int, reference,
+                   config: Optional[Dict[str, int]] = None) -> List[mx.array]:
+    """``[out, lse]`` of quantized attention on the kernel (``reference()`` where it can't run).
+
+    Args:
+        q8, k8: int8 BHSD q and smoothed k; q_scale, k_scale: their float32 scales per
+            ``q_block`` / ``k_block`` tokens (:class:`~mlx_primitives.attention.sage_quant.QuantizedQK`).
+        v: ``(batch, num_kv_heads, k_len, head_dim)`` float16 or bfloat16.
+        spec: the call (causal or not, scale); :func:`unsupported` must be None for it.
+        reference: computes the same ``[out, lse]`` in MLX ops.
+        config: tile sizes ``{"BK", "WARPS"}`` overriding the default.
+
+    Returns:
+        ``[out, lse]``: out like v with q's heads and length; lse float32 natural log of the
+        smoothed scores (without the smoothing's correction), ``-inf`` for rows without keys.
+    """
+    plan = attention_plan(q8, q_scale, k8, k_scale, v, spec, q_block, k_block, config_for(spec, config))
+    return launch(plan, reference)
+
+
+def compile_examples():
+    """Launches covering both dtypes, every head dim, granularity, causal flag and fitting config."""
+    from ..attention.sage_quant import GRANULARITIES
+    from ..attention.spec import describe_attention
+
+    for dtype in DTYPES + (mx.float32,):
+        for head_dim in HEAD_DIMS:
+            x = mx.zeros((1, 2, 37, head_dim), dtype)
+            for q_block, k_block in GRANULARITIES.values():
+                for mean in (None, mx.zeros((1, 2, 1, head_dim), mx.float32)):
+                    yield quantize_plan(x, q_block, mean)
+    for dtype in DTYPES:
+        for head_dim in HEAD_DIMS:
+            q8 = mx.zeros((1, 4, 37, head_dim), mx.int8)
+            k8 = mx.zeros((1, 2, 41, head_dim), mx.int8)
+            v = mx.zeros((1, 2, 41, head_dim), dtype)
+            for causal in (False, True):
+                spec = describe_attention(mx.zeros((1, 4, 37, head_dim), dtype), v, v, causal=causal)
+                for q_block, k_block in GRANULARITIES.values():
+                    q_scale = mx.zeros((1, 4, -(-37 // q_block)), mx.float32)
+                    k_scale = mx.zeros((1, 2, -(-41 // k_block)), mx.float32)
+                    for config in SAGE_ATTN.configs():
+                        if shared_memory_bytes(head_dim, config) > shared_memory_limit("metal"):
+                            continue
+                        yield attention_plan(q8, q_scale, k8, k_scale, v, spec, q_block, k_block, config)

@@ -1,0 +1,234 @@
+"""SageAttention on the reference path: the quantization (exact rounding), the quantized attention
+math (against a float64 simulation of it), smoothing and its LSE correction, layouts, GQA, the
+layers, gradients and bad input."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_primitives import Attention, SageAttention
+from mlx_primitives.attention import dequantize, flash_attention, quantize_qk, sageattn, sageattn_mlx
+from mlx_primitives.attention.sage_quant import GRANULARITIES
+
+from ..reference import Features, attention64, f64
+
+
+def _offset_qkv(dtype, q_len=96, k_len=160, heads=4, kv_heads=2, head_dim=64, offset=8.0):
+    q = mx.random.normal((2, heads, q_len, head_dim))
+    k = mx.random.normal((2, kv_heads, k_len, head_dim)) + offset * mx.random.normal((2, kv_heads, 1, head_dim))
+    v = mx.random.normal((2, kv_heads, k_len, head_dim))
+    return tuple(x.astype(dtype) for x in (q, k, v))
+
+
+def _accuracy(out, expected):
+    o, e = f64(out).ravel(), np.asarray(expected).ravel()
+    return float(o @ e / (np.linalg.norm(o) * np.linalg.norm(e))), float(np.abs(o - e).sum() / np.abs(e).sum())
+
+
+def _quantize64(x, block, mean=None):
+    """NumPy float32 rounding of the documented rule: round(x * float32(127 / absmax)), scale absmax / 127."""
+    x = np.array(x.astype(mx.float32), np.float32)
+    if mean is not None:
+        x = x - np.array(mean, np.float32)
+    b, h, n, d = x.shape
+    blocks = -(-n // block)
+    padded = np.zeros((b, h, blocks * block, d), np.float32)
+    padded[:, :, :n] = x
+    padded = padded.reshape(b, h, blocks, block * d)
+    absmax = np.abs(padded).max(axis=-1)
+    inverse = np.where(absmax > 0, np.float32(127) / np.where(absmax > 0, absmax, 1), 0).astype(np.float32)
+    values = np.rint(padded * inverse[..., None]).reshape(b, h, -1, d)[:, :, :n]
+    return values, absmax / np.float32(127)
+
+
+@pytest.mark.parametrize("gran", sorted(GRANULARITIES))
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
+def test_quantization_is_exactly_the_documented_rounding(gran, dtype):
+    q, k, _ = _offset_qkv(dtype, q_len=70, k_len=131)
+    quant = quantize_qk(q, k, gran, smooth_k=True)
+    q_block, k_block = GRANULARITIES[gran]
+    assert (quant.q_block, quant.k_block) == (q_block, k_block)
+    assert quant.q.dtype == mx.int8 and quant.q_scale.shape == (2, 4, -(-70 // q_block))
+    assert quant.k.dtype == mx.int8 and quant.k_scale.shape == (2, 2, -(-131 // k_block))
+    np.testing.assert_allclose(np.array(quant.k_mean)[:, :, 0], f64(k).mean(axis=2), rtol=1e-5, atol=1e-5)
+    for values, scales, x, block, mean in ((quant.q, quant.q_scale, q, q_block, None),
+                                           (quant.k, quant.k_scale, k, k_block, quant.k_mean)):
+        expected_values, expected_scales = _quantize64(x, block, mean)
+        np.testing.assert_array_equal(np.array(values), expected_values.astype(np.int8))
+        np.testing.assert_array_equal(np.array(scales), expected_scales)
+        # Round to nearest: the error of every element is at most half its block's step.
+        centred = f64(x) - (0 if mean is None else f64(mean))
+        step = np.repeat(f64(scales), block, axis=-1)[..., : x.shape[2], None]
+        error = np.abs(f64(dequantize(values, scales, block)) - centred)
+        assert np.all(error <= step / 2 * (1 + 1e-5) + 1e-7)
+        assert np.abs(np.array(values)).max() == 127
+
+
+def test_smoothing_shrinks_the_key_step_on_offset_keys():
+    q, k, _ = _offset_qkv(mx.float16)
+    smooth, raw = quantize_qk(q, k, "per_block", True), quantize_qk(q, k, "per_block", False)
+    assert raw.k_mean is None
+    assert float(smooth.k_scale.max()) < 0.25 * float(raw.k_scale.max())
+    restored = dequantize(smooth.k, smooth.k_scale, smooth.k_block, smooth.k_mean)
+    assert np.abs(f64(restored) - f64(k)).max() <= float(smooth.k_scale.max()) / 2 + 1e-2
+
+
+def test_nhd_quantization_is_the_hnd_one():
+    q, k, _ = _offset_qkv(mx.float16)
+    hnd = quantize_qk(q, k, "per_warp")
+    nhd = quantize_qk(q.swapaxes(1, 2), k.swapaxes(1, 2), "per_warp", tensor_layout="NHD")
+    for a, b in zip(hnd[:5], nhd[:5]):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+
+
+def _quantized_attention64(quant, v, scale, causal, p_dtype):
+    """Float64 attention over the integer q and k with their scales; P rounded to ``p_dtype`` for PV."""
+    q8, k8 = np.array(quant.q, np.float64), np.array(quant.k, np.float64)
+    qs = np.repeat(np.array(quant.q_scale, np.float64), quant.q_block, -1)[..., : q8.shape[2], None]
+    ks = np.repeat(np.array(quant.k_scale, np.float64), quant.k_block, -1)[..., : k8.shape[2], None]
+    groups = q8.shape[1] // k8.shape[1]
+    k_deq = np.repeat(k8 * ks, groups, axis=1)
+    s = (q8 * qs) @ k_deq.swapaxes(-1, -2) * scale
+    if causal:
+        s = np.where(np.tril(np.ones(s.shape[-2:], bool), s.shape[-1] - s.shape[-2]), s, -np.inf)
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    p_low = f64(mx.array(p.astype(np.float32)).astype(p_dtype))
+    return p_low @ np.repeat(f64(v), groups, axis=1) / p.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_reference_path_is_exact_to_the_quantized_math(causal, dtype):
+    q, k, v = _offset_qkv(dtype, q_len=100, k_len=200)  # one key block of the reference: P is final-max based
+    out = sageattn(q, k, v, is_causal=causal, path="reference")
+    quant = quantize_qk(q, k, "per_block", True)
+    simulated = _quantized_attention64(quant, v, 1 / 8, causal, dtype)
+    exact = attention64(f64(q), f64(k), f64(v), Features(causal=causal))["out"]
+    sim_error = np.abs(f64(out) - simulated).max()
+    # Only the output's own rounding separates us from the simulation; the quantization error is far larger.
+    assert sim_error <= (2 ** -10 if dtype == mx.float16 else 2 ** -7) * np.abs(simulated).max()
+    assert sim_error < 0.2 * np.abs(f64(out) - exact).max()
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_accuracy_targets_on_offset_keys(dtype):
+    q, k, v = _offset_qkv(dtype, q_len=128, k_len=384, offset=10.0)
+    exact = attention64(f64(q), f64(k), f64(v))["out"]
+    cos, rel_l1 = _accuracy(sageattn(q, k, v), exact)
+    assert cos >= 0.999 and rel_l1 <= 0.03, (cos, rel_l1)
+    _, raw_l1 = _accuracy(sageattn(q, k, v, smooth_k=False), exact)
+    _, fine_l1 = _accuracy(sageattn(q, k, v, qk_quant_gran="per_thread"), exact)
+    assert raw_l1 > 2 * rel_l1 and fine_l1 < rel_l1
+
+
+@pytest.mark.parametrize("smooth_k", [True, False])
+def test_lse_is_that_of_the_unsmoothed_scores(smooth_k):
+    q, k, v = _offset_qkv(mx.float16, q_len=40, k_len=300)
+    out, lse = sageattn(q, k, v, is_causal=True, return_lse=True, smooth_k=smooth_k)
+    expected = attention64(f64(q), f64(k), f64(v), Features(causal=True))
+    assert lse.dtype == mx.float32 and lse.shape == (2, 4, 40)
+    np.testing.assert_allclose(np.array(lse), expected["lse"], atol=0.05 if smooth_k else 0.5)
+
+
+def test_rows_without_keys_give_zeros_and_minus_inf():
+    q, k, v = _offset_qkv(mx.float16, q_len=50, k_len=20)
+    out, lse = sageattn(q, k, v, is_causal=True, return_lse=True, smooth_v=True)
+    assert np.all(np.array(out)[:, :, :30] == 0) and np.all(np.isneginf(np.array(lse)[:, :, :30]))
+    assert np.all(np.isfinite(np.array(lse)[:, :, 30:]))
+
+
+def test_gqa_equals_repeated_heads_and_nhd_equals_hnd():
+    q, k, v = _offset_qkv(mx.float16)
+    out = sageattn(q, k, v, is_causal=True)
+    repeated = sageattn(q, mx.repeat(k, 2, axis=1), mx.repeat(v, 2, axis=1), is_causal=True)
+    np.testing.assert_array_equal(np.array(out), np.array(repeated))
+    nhd = sageattn(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), "NHD", is_causal=True)
+    assert nhd.shape == (2, 96, 4, 64)
+    np.testing.assert_array_equal(np.array(nhd.swapaxes(1, 2)), np.array(out))
+
+
+@pytest.mark.parametrize("options", [{"smooth_v": True}, {"pv_accum_dtype": "fp16"}, {"qk_quant_gran": "per_warp"},
+                                     {"sm_scale": 0.05}])
+def test_options_stay_close_to_exact_attention(options):
+    q, k, v = _offset_qkv(mx.float16)
+    v = v + 4  # an offset for smooth_v to remove
+    out = sageattn(q, k, v, **options)
+    exact = attention64(f64(q), f64(k), f64(v), Features(scale=options.get("sm_scale")))["out"]
+    cos, rel_l1 = _accuracy(out, exact)
+    assert cos >= 0.999 and rel_l1 <= 0.03, (options, cos, rel_l1)
+
+
+def test_gradients_pass_straight_through_to_exact_attention():
+    q, k, v = _offset_qkv(mx.float32, q_len=24, k_len=40, offset=1.0)
+    cotangent = mx.random.normal(q.shape)
+    grads = mx.grad(lambda q, k, v: (sageattn(q, k, v) * cotangent).sum(), argnums=(0, 1, 2))(q, k, v)
+    expected = attention64(f64(q), f64(k), f64(v), grad_out=f64(cotangent))
+    for got, name in zip(grads, ("dq", "dk", "dv")):
+        np.testing.assert_allclose(f64(got), expected[name], atol=1e-4, rtol=1e-3)
+
+
+def test_sageattn_mlx_takes_the_seed_call():
+    q, k, v = (mx.random.normal((2, 8, 128, 64)).astype(mx.float16) for _ in range(3))
+    out = sageattn_mlx(q, k, v, sm_scale=1.0 / (64 ** 0.5))
+    np.testing.assert_array_equal(np.array(out), np.array(sageattn(q, k, v)))
+    unbatched, lse = sageattn_mlx(q[0], k[0], v[0], is_causal=True, return_lse=True, qk_quant_gran="per_thread")
+    assert unbatched.shape == (8, 128, 64) and lse.shape == (8, 128)
+    full = sageattn_mlx(q, k, v, pv_dtype="float32")
+    exact = attention64(f64(q), f64(k), f64(v))["out"]
+    assert _accuracy(full, exact)[0] >= 0.999
+    with pytest.raises(ValueError, match="pv_dtype"):
+        sageattn_mlx(q, k, v, pv_dtype="int8")
+
+
+def test_layers():
+    q, k, v = (mx.random.normal((1, 33, heads, 32)).astype(mx.float16) for heads in (4, 2, 2))
+    layer = SageAttention(num_heads=4, head_dim=32, causal=True)
+    assert "qk_quant_gran" in repr(layer)
+    out = layer(q, k, v)
+    exact = flash_attention(q, k, v, causal=True)
+    assert _accuracy(out, f64(exact))[0] >= 0.999
+    with pytest.raises(ValueError, match="mask"):
+        layer(q, k, v, mask=mx.ones((33, 33), mx.bool_))
+    with pytest.raises(ValueError, match="heads"):
+        layer(q[..., :2, :], k, v)
+
+    block = Attention(dims=64, num_heads=4, num_kv_heads=2, kernel="sage")
+    flash_block = Attention(dims=64, num_heads=4, num_kv_heads=2)
+    flash_block.update(block.parameters())
+    x = mx.random.normal((2, 20, 64))
+    assert _accuracy(block(x, mask="causal"), f64(flash_block(x, mask="causal")))[0] >= 0.999
+    with pytest.raises(ValueError, match="window_size or softcap"):
+        Attention(dims=64, num_heads=4, kernel="sage", softcap=30.0)
+    with pytest.raises(ValueError, match="mask"):
+        block(x, mask=mx.zeros((20, 20)))
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda q, k, v: sageattn(q, k, v, tensor_layout="BHSD"), ValueError, "tensor_layout"),
+    (lambda q, k, v: sageattn(q, k, v, qk_quant_gran="per_row"), ValueError, "qk_quant_gran"),
+    (lambda q, k, v: sageattn(q, k, v, pv_accum_dtype="fp8"), ValueError, "pv_accum_dtype"),
+    (lambda q, k, v: sageattn(q.astype(mx.bfloat16), k.astype(mx.bfloat16), v.astype(mx.bfloat16),
+                              pv_accum_dtype="fp16"), ValueError, "float16"),
+    (lambda q, k, v: sageattn(q, k[:, :, :, :32], v), ValueError, "k must have shape"),
+    (lambda q, k, v: sageattn(q, k, v[:, :, :5]), ValueError, "v must have shape"),
+    (lambda q, k, v: sageattn(q[:, :3], k, v), ValueError, "multiple of num_kv_heads"),
+    (lambda q, k, v: sageattn(q, k.astype(mx.float32), v), TypeError, "dtype"),
+    (lambda q, k, v: sageattn(np.zeros((1, 4, 8, 64)), k, v), TypeError, "q must be an mx.array"),
+    (lambda q, k, v: sageattn(q, k, v, path="fast"), ValueError, "path"),
+    (lambda q, k, v: quantize_qk(q, k[0]), ValueError, "k must have shape"),
+    (lambda q, k, v: quantize_qk(q.astype(mx.int8), k), TypeError, "q must have dtype"),
+    (lambda q, k, v: dequantize(q, mx.ones((1,)), 64), TypeError, "values must have dtype int8"),
+    (lambda q, k, v: dequantize(mx.zeros((1, 4, 8, 64), mx.int8), mx.ones((1, 4, 2)), 64), ValueError, "scales"),
+])
+def test_bad_input_names_the_argument(call, error, match):
+    q, k, v = _offset_qkv(mx.float16, q_len=8, k_len=8)
+    with pytest.raises(error, match=match):
+        call(q[:1], k[:1], v[:1])
+
+
+def test_default_scale_and_float32_inputs():
+    q, k, v = _offset_qkv(mx.float32, offset=0.0)
+    exact = attention64(f64(q), f64(k), f64(v), Features(scale=1 / math.sqrt(64)))["out"]
+    assert _accuracy(sageattn(q, k, v), exact)[0] >= 0.999
