@@ -9,7 +9,7 @@ pair of float and quantized models with the same structure.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -75,22 +75,24 @@ def _relative(a: mx.array, b: mx.array) -> float:
     return (mx.linalg.norm((a - b).reshape(-1)) / mx.linalg.norm(b.reshape(-1))).item()
 
 
-def accuracy_report(float_model: nn.Module, quantized_model: nn.Module, tokens: mx.array,
-                    rows: int = 64) -> AccuracyReport:
+def accuracy_report(float_model: nn.Module, quantized_model: nn.Module, tokens: mx.array, rows: int = 64,
+                    dtype: Optional[mx.Dtype] = None) -> AccuracyReport:
     """Compare ``quantized_model`` (``quantize_model`` of a copy of ``float_model``) with ``float_model``.
 
     Args:
         float_model, quantized_model (nn.Module): same structure, called on ``tokens``.
         tokens (array): the model input (e.g. ``(batch, seq)`` int32).
         rows (int): inputs per layer for the per-layer errors. Default: ``64``.
+        dtype (optional): activation dtype of ``quantized_model`` (e.g. ``mx.float16``). Default: that of
+            the float layers' weights.
     """
     float_layers = dict(tree_flatten(float_model.leaf_modules(), is_leaf=nn.Module.is_module))
     errors = {}
     for path, layer in quantized_layers(quantized_model).items():
         reference = float_layers[path]
-        x = mx.random.normal((rows, reference.weight.shape[1]), key=mx.random.key(len(errors))).astype(
-            reference.weight.dtype)
-        errors[path] = _relative(layer(x), reference(x))
+        x = mx.random.normal((rows, reference.weight.shape[1]), key=mx.random.key(len(errors)))
+        float_dtype = reference.weight.dtype
+        errors[path] = _relative(layer(x.astype(dtype or float_dtype)), reference(x.astype(float_dtype)))
     f, q = float_model(tokens), quantized_model(tokens)
     return AccuracyReport(
         layer_errors=errors,

@@ -1,0 +1,134 @@
+"""W8A8 linear: the exact integer product, the fp32 epilogue, the kernel against the reference."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_primitives.kernels import catalog, launcher, quantize_int8, w8a8_linear, w8a8_matmul
+from mlx_primitives.kernels.w8a8 import quantize_per_token
+
+from .helpers import f64
+
+
+def int8(shape, extremes: bool = False) -> mx.array:
+    values = mx.random.randint(-128 if extremes else -127, 128, shape).astype(mx.int8)
+    return values
+
+
+def oracle(x_q, x_scale, w_q, w_scale, bias=None, activation=None) -> np.ndarray:
+    """Float64 of act(x_q @ w_q^T * x_scale * w_scale + bias), the product in int64."""
+    acc = np.array(x_q).astype(np.int64) @ np.array(w_q).astype(np.int64).T
+    v = acc * f64(x_scale)[:, None] * f64(w_scale)[None, :]
+    if bias is not None:
+        v = v + f64(bias)
+    if activation == "relu":
+        v = np.maximum(v, 0)
+    elif activation == "silu":
+        v = v / (1 + np.exp(-v))
+    elif activation == "gelu":
+        v = 0.5 * v * (1 + np.vectorize(math.erf)(v / math.sqrt(2)))
+    return v
+
+
+def scales(n) -> mx.array:
+    return mx.random.uniform(1e-3, 2e-2, (n,))
+
+
+def assert_close_to_oracle(out, exact, dtype):
+    """Within the rounding of the output dtype, plus the float32 epilogue's error (relative to the largest
+    term: a bias may cancel the product)."""
+    eps = {mx.float16: 2**-11, mx.bfloat16: 2**-8, mx.float32: 2**-23}[dtype]
+    np.testing.assert_allclose(f64(out), exact, rtol=2 * eps, atol=1e-6 * float(np.abs(exact).max()))
+
+
+def test_reference_integer_product_is_exact_across_slices():
+    """K = 2304 spans three exact-sum slices; -128 * -128 products are the worst case."""
+    x_q, w_q = int8((5, 2304), extremes=True), int8((7, 2304), extremes=True)
+    x_q[0] = -128
+    w_q[0] = -128
+    out = w8a8_matmul(x_q, mx.ones((5,)), w_q, mx.ones((7,)), dtype=mx.float32, path="reference")
+    exact = np.array(x_q).astype(np.int64) @ np.array(w_q).astype(np.int64).T
+    np.testing.assert_array_equal(np.array(out).astype(np.int64), exact)
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "silu", "gelu"])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
+def test_reference_matches_float64_oracle(activation, dtype):
+    x_q, w_q = int8((9, 80)), int8((24, 80))
+    x_s, w_s, bias = scales(9), scales(24), mx.random.normal((24,)).astype(dtype)
+    out = w8a8_matmul(x_q, x_s, w_q, w_s, bias, activation=activation, dtype=dtype, path="reference")
+    assert out.dtype == dtype and out.shape == (9, 24)
+    assert_close_to_oracle(out, oracle(x_q, x_s, w_q, w_s, bias, activation), dtype)
+
+
+def test_linear_quantizes_each_token_with_its_own_scale():
+    x = mx.random.normal((2, 3, 64)) * mx.array([1.0, 10.0, 0.1])[None, :, None]
+    w = mx.random.normal((16, 64))
+    wq = quantize_int8(w)
+    out = w8a8_linear(x.astype(mx.float16), wq.values, wq.scales, path="reference")
+    assert out.shape == (2, 3, 16) and out.dtype == mx.float16
+    x_q, x_s = quantize_per_token(x.astype(mx.float16).reshape(-1, 64))
+    np.testing.assert_allclose(f64(x_s), np.abs(f64(x.astype(mx.float16))).reshape(-1, 64).max(-1) / 127,
+                               rtol=1e-6)
+    assert_close_to_oracle(out.reshape(-1, 16), oracle(x_q, x_s, wq.values, wq.scales), mx.float16)
+    # and it is a good approximation of the float product
+    exact = f64(x) @ f64(w).T
+    assert np.linalg.norm(f64(out) - exact) / np.linalg.norm(exact) < 0.02
+
+
+def test_validation_names_argument_and_shape():
+    x_q, w_q, s = int8((4, 32)), int8((8, 32)), mx.ones((8,))
+    with pytest.raises(TypeError, match="x_q must have dtype int8"):
+        w8a8_matmul(x_q.astype(mx.int32), mx.ones((4,)), w_q, s)
+    with pytest.raises(ValueError, match=r"x_scale must have shape \(4,\)"):
+        w8a8_matmul(x_q, mx.ones((3,)), w_q, s)
+    with pytest.raises(ValueError, match=r"w_q must have shape \(out_features, 32\)"):
+        w8a8_matmul(x_q, mx.ones((4,)), int8((8, 16)), s)
+    with pytest.raises(ValueError, match=r"w_scale must have shape \(8,\)"):
+        w8a8_matmul(x_q, mx.ones((4,)), w_q, mx.ones((7,)))
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+        w8a8_linear(mx.ones((4, 32)), w_q, s, mx.ones((5,)))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        w8a8_linear(mx.ones((4, 32)), w_q, s, activation="tanh")
+
+
+def _kernel_ran() -> bool:
+    keys = [key for key in launcher._verified if key[1].name == catalog.W8A8.name]
+    return bool(keys) and all(launcher._verified[key] for key in keys)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 29, 48), (130, 200, 272), (1, 64, 4096), (256, 256, 1024), (5, 7, 20)])
+def test_kernel_matches_oracle(dtype, shape):
+    m, n, k = shape
+    x_q, w_q, x_s, w_s = int8((m, k), extremes=True), int8((n, k), extremes=True), scales(m), scales(n)
+    out = w8a8_matmul(x_q, x_s, w_q, w_s, dtype=dtype)
+    assert _kernel_ran()
+    assert_close_to_oracle(out, oracle(x_q, x_s, w_q, w_s), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", catalog.W8A8.configs())
+def test_every_tile_config_is_exact(config):
+    """Unit scales and float32 output: the kernel's integer product must equal the int64 one."""
+    m, n, k = 200, 150, 192
+    x_q, w_q = int8((m, k), extremes=True), int8((n, k), extremes=True)
+    out = w8a8_matmul(x_q, mx.ones((m,)), w_q, mx.ones((n,)), dtype=mx.float32, config=config)
+    assert _kernel_ran()
+    exact = np.array(x_q).astype(np.int64) @ np.array(w_q).astype(np.int64).T
+    np.testing.assert_array_equal(np.array(out).astype(np.int64), exact)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", [None, "relu", "silu", "gelu"])
+def test_kernel_fuses_bias_and_activation(activation):
+    x = mx.random.normal((70, 96)).astype(mx.float16)
+    wq = quantize_int8(mx.random.normal((40, 96)))
+    bias = mx.random.normal((40,)).astype(mx.float16)
+    out = w8a8_linear(x, wq.values, wq.scales, bias, activation=activation)
+    ref = w8a8_linear(x, wq.values, wq.scales, bias, activation=activation, path="reference")
+    assert _kernel_ran()
+    np.testing.assert_allclose(f64(out), f64(ref), rtol=2e-3, atol=2e-3)

@@ -1,0 +1,94 @@
+"""Int8Linear / Int4Linear: their products, MLX's format where it fits, the fallback where MLX's kernel fails."""
+
+import warnings
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_primitives.kernels import Int4Linear, Int8Linear, launcher, quantize_int8, quantized_matmul, w8a8_linear
+from mlx_primitives.kernels.quantized_linear import dequantized_weight
+
+from .helpers import f64
+
+
+def relative_error(out, exact) -> float:
+    return float(np.linalg.norm(f64(out) - exact) / np.linalg.norm(exact))
+
+
+def linear(in_dims=128, out_dims=48, bias=True) -> nn.Linear:
+    layer = nn.Linear(in_dims, out_dims, bias=bias)
+    if bias:
+        layer.bias = mx.random.normal((out_dims,))  # not zeros: the bias path is tested
+    return layer
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_w8a8_layer_is_w8a8_linear_of_its_weights(bias):
+    float_layer = linear(bias=bias)
+    layer = Int8Linear.from_linear(float_layer)
+    wq = quantize_int8(float_layer.weight)
+    assert layer.weight.dtype == mx.int8 and mx.array_equal(layer.weight, wq.values).item()
+    x = mx.random.normal((3, 5, 128))
+    out = layer(x)
+    assert mx.array_equal(out, w8a8_linear(x, wq.values, wq.scales, float_layer.get("bias"))).item()
+    assert relative_error(out, f64(float_layer(x))) < 0.02
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_only_layers_are_mlx_quantized_linear(bits):
+    float_layer = linear()
+    ours = Int4Linear.from_linear(float_layer, 64) if bits == 4 else Int8Linear.from_linear(float_layer, "float", 64)
+    mlx_layer = nn.QuantizedLinear.from_linear(float_layer, group_size=64, bits=bits)
+    assert mx.array_equal(ours.weight, mlx_layer.weight).item()
+    for rows in (1, 7):
+        x = mx.random.normal((rows, 128))
+        np.testing.assert_allclose(f64(ours(x)), f64(mlx_layer(x)), rtol=1e-5, atol=1e-5)
+        bound = 0.02 if bits == 8 else 0.15
+        assert relative_error(ours(x), f64(float_layer(x))) < bound
+
+
+def test_dequantized_weight_is_what_the_layer_multiplies_by():
+    float_layer = linear(bias=False)
+    x = mx.random.normal((4, 128))
+    for layer in (Int8Linear.from_linear(float_layer, "float"), Int4Linear.from_linear(float_layer)):
+        np.testing.assert_allclose(f64(layer(x)), f64(x) @ f64(dequantized_weight(layer)).T, rtol=1e-4, atol=1e-4)
+    assert dequantized_weight(float_layer) is None
+
+
+def test_falls_back_where_mlx_kernel_fails_at_evaluation(monkeypatch):
+    """A quantized_matmul whose evaluation fails (as MLX's CUDA JIT on H100 does: no crt/mma.h in NVRTC)
+    -> dequantize + @ for that kind of call from then on, one warning."""
+    monkeypatch.setattr(launcher, "_verified", {})
+    monkeypatch.setattr(launcher, "_warned", set())
+    calls = []
+
+    def failing_at_evaluation(x, *args, **kwargs):
+        calls.append(x.shape)
+        singular = mx.linalg.inv(mx.zeros((2, 2)), stream=mx.cpu)  # raises only when evaluated
+        return mx.zeros((x.shape[0], 32)) + singular.sum()
+
+    monkeypatch.setattr(mx, "quantized_matmul", failing_at_evaluation)
+    weight, scales, biases = mx.quantize(mx.random.normal((32, 128)), 64, 4)
+    x = mx.random.normal((6, 128))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = quantized_matmul(x, weight, scales, biases, group_size=64, bits=4)
+        second = quantized_matmul(x, weight, scales, biases, group_size=64, bits=4)
+    expected = f64(x) @ f64(mx.dequantize(weight, scales, biases, 64, 4)).T
+    np.testing.assert_allclose(f64(first), expected, rtol=1e-5, atol=1e-5)
+    assert mx.array_equal(first, second).item()
+    assert len(calls) == 1 and sum("quantized_matmul" in str(w.message) for w in caught) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 4, 64])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_int4_layer_on_gpu_whatever_route(rows, dtype):
+    """Int4Linear works on the GPU for GEMV and GEMM (MLX's kernel, or the fallback where it fails)."""
+    layer = Int4Linear.from_linear(linear(512, 256))
+    layer.set_dtype(dtype)
+    x = mx.random.normal((rows, 512)).astype(dtype)
+    exact = f64(x) @ f64(dequantized_weight(layer)).T + f64(layer.bias)
+    assert relative_error(layer(x), exact) < 1e-2
