@@ -16,6 +16,7 @@ two to a ``uint8`` along the last axis (element ``2i`` in the low nibble), symme
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -78,16 +79,20 @@ def _check(x, bits: int, granularity: str, group_size: Optional[int], name: str 
         raise ValueError(f"{name}'s last axis must be even for 4-bit packing; got {x.shape[-1]}")
 
 
-def _quantize(x, bits, granularity, group_size, symmetric) -> QuantizedTensor:
-    _check(x, bits, granularity, group_size)
-    blocks = _blocks(x.astype(mx.float32), granularity, group_size)
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scales = mx.max(mx.abs(blocks), axis=-1) / qmax
-        scales = mx.where(scales > 0, scales, 1.0)
-        q = mx.clip(mx.round(blocks / scales[..., None]), -qmax, qmax)
-        zeros = None
-    else:
+@functools.lru_cache(maxsize=None)
+def _integer_math(bits: int, symmetric: bool):
+    """``blocks -> (stored integers, scales, zeros)`` over the last axis, compiled (one fused pass where
+    MLX can) per bit width and symmetry; 4-bit integers come unpacked, one per uint8."""
+
+    def math(blocks):
+        blocks = blocks.astype(mx.float32)
+        if symmetric:
+            qmax = 2 ** (bits - 1) - 1
+            scales = mx.max(mx.abs(blocks), axis=-1) / qmax
+            scales = mx.where(scales > 0, scales, 1.0)
+            q = mx.clip(mx.round(blocks / scales[..., None]), -qmax, qmax)
+            stored = q.astype(mx.int8) if bits == 8 else (q + 8).astype(mx.uint8)
+            return stored, scales, scales
         qmax = 2**bits - 1
         low = mx.minimum(mx.min(blocks, axis=-1), 0.0)
         high = mx.maximum(mx.max(blocks, axis=-1), 0.0)
@@ -95,15 +100,20 @@ def _quantize(x, bits, granularity, group_size, symmetric) -> QuantizedTensor:
         scales = mx.where(scales > 0, scales, 1.0)
         zeros = mx.clip(mx.round(-low / scales), 0, qmax)
         q = mx.clip(mx.round(blocks / scales[..., None]) + zeros[..., None], 0, qmax)
-        zeros = zeros.astype(mx.uint8)
+        return q.astype(mx.uint8), scales, zeros.astype(mx.uint8)
+
+    return mx.compile(math)
+
+
+def _quantize(x, bits, granularity, group_size, symmetric) -> QuantizedTensor:
+    _check(x, bits, granularity, group_size)
+    stored, scales, zeros = _integer_math(bits, symmetric)(_blocks(x, granularity, group_size))
+    zeros = None if symmetric else zeros
     if granularity == "tensor":
         scales, zeros = scales.reshape(()), None if zeros is None else zeros.reshape(())
-    q = q.reshape(x.shape)
-    if bits == 8:
-        values = q.astype(mx.int8 if symmetric else mx.uint8)
-    else:
-        nibbles = (q + 8 if symmetric else q).astype(mx.uint8)
-        pairs = nibbles.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+    values = stored.reshape(x.shape)
+    if bits == 4:
+        pairs = values.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
         values = pairs[..., 0] | (pairs[..., 1] << 4)
     return QuantizedTensor(values, scales, zeros, bits, granularity,
                            group_size if granularity == "group" else None, tuple(x.shape))
