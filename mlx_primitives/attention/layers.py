@@ -199,6 +199,15 @@ class Attention(nn.Module):
             f"kernel={self.kernel!r}"
         )
 
+    def shard(self, group: Optional[mx.distributed.Group] = None) -> "Attention":
+        """Split the heads across ``group`` (tensor parallel), in place; returns ``self``.
+
+        See :func:`mlx_primitives.distributed.shard_attention` (GQA, KV cache, gradients).
+        """
+        from ..distributed.tensor_parallel import shard_attention  # distributed builds on this package
+
+        return shard_attention(self, group)
+
     def __call__(self, x: mx.array, mask: Union[None, str, mx.array] = None, cache: Any = None) -> mx.array:
         if x.ndim != 3:
             raise ValueError(f"x must have shape (batch, seq, dims); got {x.shape}")

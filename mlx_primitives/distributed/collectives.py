@@ -1,0 +1,104 @@
+"""Differentiable collectives for context parallelism, built on ``mx.distributed``.
+
+MLX's own collectives are made for replicated losses: the VJP of ``all_gather`` keeps only
+the local slice of the cotangent and ``send``/``recv`` have no VJP. Under context
+parallelism every rank computes a different part of the loss, so the gradient of a
+gathered tensor is the *sum* of every rank's cotangent slice, and the gradient of a
+ring shift is the reverse shift. The two functions here carry exactly those VJPs.
+
+Transports (what each backend offers, MLX 0.29 - 0.32):
+
+* ``"ring"`` -- ``send``/``recv`` to ring neighbours: MLX's ring (TCP) and MPI backends.
+* ``"gather"`` -- ``all_gather``: every backend; the only choice on NCCL, which has no
+  ``send``/``recv``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable
+
+import mlx.core as mx
+
+TRANSPORTS = ("auto", "ring", "gather")
+
+
+def default_transport() -> str:
+    """``"gather"`` where MLX runs on CUDA (its NCCL backend has no send/recv), else ``"ring"``."""
+    return "gather" if mx.cuda.is_available() else "ring"
+
+
+@lru_cache
+def _receive_stream() -> mx.Stream:
+    """A CPU stream of its own for receives.
+
+    A send blocks until the neighbour reads it; with every rank sending first on the
+    same stream, payloads larger than the socket buffers would deadlock. Receiving
+    on a second stream lets each rank's receive run beside its send.
+    """
+    return mx.new_stream(mx.cpu)
+
+
+def _shift(x: mx.array, group: mx.distributed.Group, step: int) -> mx.array:
+    rank, size = group.rank(), group.size()
+    sent = mx.distributed.send(x, (rank + step) % size, group=group)
+    received = mx.distributed.recv_like(x, (rank - step) % size, group=group, stream=_receive_stream())
+    return mx.depends(received, sent)
+
+
+@lru_cache
+def _ring_shift_fn(group: mx.distributed.Group) -> Callable[[mx.array], mx.array]:
+    @mx.custom_function
+    def ring_shift_fn(x):
+        return _shift(x, group, 1)
+
+    @ring_shift_fn.vjp
+    def ring_shift_fn(x, cotangent, _):
+        return _shift(cotangent, group, -1)
+
+    return ring_shift_fn
+
+
+def ring_shift(x: mx.array, group: mx.distributed.Group) -> mx.array:
+    """Send ``x`` to rank ``r + 1`` and return what rank ``r - 1`` sent (ranks mod group size).
+
+    Every rank of ``group`` must call it with an array of the same shape and dtype.
+    Differentiable: the cotangent travels the ring the other way.
+    """
+    if group.size() == 1:
+        return x
+    return _ring_shift_fn(group)(x)
+
+
+def _sum_scatter(x: mx.array, group: mx.distributed.Group) -> mx.array:
+    """Sum over ranks of ``x`` ``(size * n, ...)``, rank ``r`` keeping rows ``[r * n, (r + 1) * n)``."""
+    if mx.cuda.is_available():
+        return mx.distributed.sum_scatter(x, group=group)
+    rows = x.shape[0] // group.size()
+    return mx.distributed.all_sum(x, group=group)[group.rank() * rows:(group.rank() + 1) * rows]
+
+
+@lru_cache
+def _all_gather_fn(group: mx.distributed.Group) -> Callable[[mx.array], mx.array]:
+    @mx.custom_function
+    def all_gather_fn(x):
+        return mx.distributed.all_gather(x, group=group)
+
+    @all_gather_fn.vjp
+    def all_gather_fn(x, cotangent, _):
+        return _sum_scatter(cotangent, group)
+
+    return all_gather_fn
+
+
+def all_gather(x: mx.array, group: mx.distributed.Group, axis: int = 0) -> mx.array:
+    """Concatenate every rank's ``x`` along ``axis`` (rank order); same shape on every rank.
+
+    Differentiable when each rank differentiates its own loss: the gradient of rank
+    ``r``'s ``x`` sums every rank's cotangent of slice ``r`` (a reduce-scatter).
+    """
+    if group.size() == 1:
+        return x
+    moved = mx.moveaxis(x, axis, 0) if axis != 0 else x
+    gathered = _all_gather_fn(group)(mx.contiguous(moved))
+    return mx.moveaxis(gathered, 0, axis) if axis != 0 else gathered

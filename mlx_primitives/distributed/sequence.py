@@ -1,0 +1,102 @@
+"""How a sequence is split across the ranks of a context-parallel group.
+
+``"contiguous"``: rank ``r`` of ``n`` holds tokens ``[r * L / n, (r + 1) * L / n)``.
+
+``"zigzag"``: the sequence is cut into ``2n`` chunks of ``c = L / (2n)`` tokens and rank
+``r`` holds chunks ``r`` and ``2n - 1 - r``, in that order. Under a causal mask those
+chunks see ``r + 1/2`` and ``2n - 1/2 - r`` chunks of keys: ``2n c^2`` (query, key) pairs on
+every rank, so no rank waits for the others (the load balancing of ring-flash-attention
+and of Llama 3's context parallelism). A contiguous split would give rank ``n - 1``
+``2n - 1`` times the work of rank 0.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import mlx.core as mx
+
+from .collectives import all_gather
+
+SPLITS = ("zigzag", "contiguous")
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
+
+
+def _group(group: Optional[mx.distributed.Group]) -> mx.distributed.Group:
+    return group if group is not None else mx.distributed.init()
+
+
+def chunk_ranges(length: int, rank: int, size: int, split: str = "zigzag") -> List[Tuple[int, int]]:
+    """Global token ranges ``[(start, stop), ...]`` that ``rank`` holds, in local order.
+
+    Args:
+        length: global sequence length; a multiple of ``size`` (``2 * size`` for ``"zigzag"``).
+        rank, size: position in and size of the group.
+        split: ``"zigzag"`` or ``"contiguous"``.
+    """
+    check_split(split)
+    parts = 2 * size if split == "zigzag" else size
+    if length % parts:
+        raise ValueError(
+            f"sequence length {length} must be a multiple of {parts} for split={split!r} over {size} ranks"
+        )
+    chunk = length // parts
+    chunks = (rank, parts - 1 - rank) if split == "zigzag" else (rank,)
+    return [(i * chunk, (i + 1) * chunk) for i in chunks]
+
+
+def shard_sequence(x: mx.array, group: Optional[mx.distributed.Group] = None, axis: int = 1,
+                   split: str = "zigzag") -> mx.array:
+    """This rank's part of a full sequence ``x`` (the same ``x`` on every rank).
+
+    Args:
+        x: any array with the sequence on ``axis`` (``1`` for BSHD ``(batch, seq, heads, dim)``).
+        group: the context-parallel group; default the global group.
+        axis: the sequence axis.
+        split: ``"zigzag"`` (balanced under a causal mask) or ``"contiguous"``.
+
+    Returns:
+        ``x`` restricted to :func:`chunk_ranges` along ``axis`` (length ``L / size``).
+    """
+    group = _group(group)
+    ranges = chunk_ranges(x.shape[axis], group.rank(), group.size(), split)
+    index = [slice(None)] * x.ndim
+    parts = []
+    for start, stop in ranges:
+        index[axis] = slice(start, stop)
+        parts.append(x[tuple(index)])
+    return mx.concatenate(parts, axis=axis) if len(parts) > 1 else parts[0]
+
+
+def gather_sequence(x_local: mx.array, group: Optional[mx.distributed.Group] = None, axis: int = 1,
+                    split: str = "zigzag") -> mx.array:
+    """The full sequence from every rank's part: the inverse of :func:`shard_sequence`.
+
+    Args:
+        x_local: this rank's part, sequence on ``axis``.
+        group, axis, split: as given to :func:`shard_sequence`.
+
+    Returns:
+        The full sequence (length ``size * x_local.shape[axis]``), the same on every rank.
+        Differentiable: each rank's gradient sums the cotangents of its part over ranks.
+    """
+    group = _group(group)
+    check_split(split)
+    gathered = all_gather(x_local, group, axis)
+    if split == "contiguous" or group.size() == 1:
+        return gathered
+    return mx.take(gathered, mx.array(zigzag_order(gathered.shape[axis], group.size())), axis=axis)
+
+
+def zigzag_order(length: int, size: int) -> List[int]:
+    """Positions in the rank-ordered concatenation of zigzag parts, listed in global token order."""
+    chunk = length // (2 * size)
+    where = {}
+    for rank in range(size):
+        for slot, (start, _) in enumerate(chunk_ranges(length, rank, size, "zigzag")):
+            where[start // chunk] = (2 * rank + slot) * chunk
+    return [where[i // chunk] + i % chunk for i in range(length)]

@@ -1,0 +1,117 @@
+"""One rank of the distributed tests: ``python -m tests.distributed.worker {ring,tensor}``.
+
+Started by :func:`mlx_primitives.distributed.launch_local` (see test_ring.py and
+test_tensor_parallel.py). Every rank draws the same full inputs from a fixed seed, runs
+the distributed computation on its part and checks that part against the float64
+oracle (flash-attention's rule, tests/reference.py) or the single-process layer. A
+failed check raises, so the rank exits non-zero and prints which case failed.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlx_primitives import Attention
+from mlx_primitives.cache import KVCache
+from mlx_primitives.distributed import chunk_ranges, gather_sequence, ring_attention, shard_sequence
+from tests.reference import Features, assert_within_rule, attention64, f64, naive_attention
+
+# (transport, causal, split, dtype, layout, softcap)
+RING_CASES = [
+    ("ring", True, "zigzag", mx.float32, "BSHD", 0.0),
+    ("ring", True, "contiguous", mx.float32, "BSHD", 0.0),
+    ("ring", False, "zigzag", mx.float32, "BHSD", 0.0),
+    ("ring", True, "zigzag", mx.bfloat16, "BSHD", 2.0),
+    ("gather", True, "zigzag", mx.float32, "BSHD", 0.0),
+    ("gather", True, "contiguous", mx.float32, "BHSD", 0.0),
+    ("gather", False, "zigzag", mx.bfloat16, "BSHD", 0.0),
+]
+
+
+def check_ring_case(group, transport, causal, split, dtype, layout, softcap) -> None:
+    batch, length, heads, kv_heads, dim, v_dim = 2, 8 * group.size(), 4, 2, 16, 8
+    q, k, v, grad_out = (mx.random.normal((batch, h, length, d)).astype(dtype)  # BHSD
+                         for h, d in ((heads, dim), (kv_heads, dim), (kv_heads, v_dim), (heads, v_dim)))
+    features = Features(causal=causal, softcap=softcap)
+    ref = attention64(f64(q), f64(k), f64(v), features, f64(grad_out))
+    naive_out, naive_lse, _ = naive_attention(q, k, v, features)
+    naive_grads = mx.vjp(lambda *qkv: naive_attention(*qkv, features)[0], [q, k, v], [grad_out])[1]
+
+    def local(x):  # this rank's part of a full (batch, heads, seq, ...) array
+        if isinstance(x, np.ndarray):
+            ranges = chunk_ranges(length, group.rank(), group.size(), split)
+            return np.concatenate([x[:, :, start:stop] for start, stop in ranges], axis=2)
+        return shard_sequence(x, group, axis=2, split=split)
+
+    def in_layout(x):
+        return x if layout == "BHSD" else x.swapaxes(1, 2)
+
+    def attend(*qkv):
+        return ring_attention(*qkv, group, causal=causal, softcap=softcap, layout=layout, split=split,
+                              transport=transport, return_lse=True)
+
+    lse_cotangent = mx.zeros((batch, heads, length // group.size()))
+    (out, lse), grads = mx.vjp(attend, [in_layout(local(x)) for x in (q, k, v)],
+                               [in_layout(local(grad_out)), lse_cotangent])
+    name = f"{transport} causal={causal} {split} {dtype} {layout} softcap={softcap} n={group.size()}"
+    assert_within_rule(in_layout(out), local(ref["out"]), local(naive_out), dtype, f"{name}: out")
+    assert_within_rule(lse, local(ref["lse"]), local(naive_lse), dtype, f"{name}: lse")
+    for grad, key, naive in zip(grads, ("dq", "dk", "dv"), naive_grads):
+        assert_within_rule(in_layout(grad), local(ref[key]), local(naive), dtype, f"{name}: {key}")
+    gathered = gather_sequence(out, group, axis=1 if layout == "BSHD" else 2, split=split)
+    assert_within_rule(in_layout(gathered), ref["out"], naive_out, dtype, f"{name}: gathered out")
+
+
+def check_tensor_parallel(group, kv_heads: int) -> None:
+    dims, heads, batch, length = 32, 4, 2, 6
+    full = Attention(dims, heads, num_kv_heads=kv_heads, bias=True)
+    sharded = Attention(dims, heads, num_kv_heads=kv_heads, bias=True)
+    sharded.update(full.parameters())
+    sharded.shard(group)
+    x, step, grad_out = (mx.random.normal((batch, n, dims)) for n in (length, 1, length))
+    name = f"tensor parallel heads={heads} kv_heads={kv_heads} n={group.size()}"
+    assert sharded.num_heads == heads // group.size(), name
+
+    results = {}
+    for key, model in (("full", full), ("sharded", sharded)):
+        def loss(x):
+            return (model(x, mask="causal") * grad_out).sum()
+
+        value, dparams = nn.value_and_grad(model, loss)(x)
+        dx = mx.grad(loss)(x)
+        cache = KVCache()
+        prefill = model(x, mask="causal", cache=cache)
+        results[key] = dict(value=value, dparams=dparams, dx=dx, cache=cache, prefill=prefill,
+                            decoded=model(step, cache=cache))
+    got, want = results["sharded"], results["full"]
+    assert np.allclose(got["value"].item(), want["value"].item(), rtol=1e-4), f"{name}: output"
+    for stage in ("dx", "prefill", "decoded"):
+        assert np.allclose(f64(got[stage]), f64(want[stage]), atol=1e-4), f"{name}: {stage}"
+    rows = slice(group.rank() * dims // group.size(), (group.rank() + 1) * dims // group.size())
+    assert np.allclose(f64(got["dparams"]["q_proj"]["weight"]), f64(want["dparams"]["q_proj"]["weight"][rows]),
+                       atol=1e-4), f"{name}: q_proj gradient"
+    assert np.allclose(f64(got["dparams"]["o_proj"]["weight"]), f64(want["dparams"]["o_proj"]["weight"][:, rows]),
+                       atol=1e-4), f"{name}: o_proj gradient"
+    local_kv = max(kv_heads // group.size(), 1)
+    assert got["cache"].state[0].shape == (batch, local_kv, length + 1, dims // heads), f"{name}: cache heads"
+
+
+def main(case: str) -> None:
+    group = mx.distributed.init(strict=True, backend="ring")
+    mx.random.seed(1234)
+    if case == "ring":
+        for args in RING_CASES:
+            check_ring_case(group, *args)
+    else:
+        for kv_heads in (4, 2, 1):
+            if kv_heads % group.size() == 0 or group.size() % kv_heads == 0:
+                check_tensor_parallel(group, kv_heads)
+    print(f"rank {group.rank()}/{group.size()} {case}: ok", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
