@@ -7,7 +7,7 @@ import importlib
 
 from .common import header, write_results
 
-SUITES = ("attention", "kernels", "tuning", "flash_kernel", "decode", "kvcache", "sage", "zoo", "quantization")
+SUITES = ("attention", "kernels", "tuning", "flash_kernel", "decode", "kvcache", "sage", "zoo", "quantization", "flex", "ring")
 
 
 def main(argv=None) -> None:
