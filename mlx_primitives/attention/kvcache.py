@@ -176,7 +176,8 @@ def flash_attn_with_kvcache(
     table, rows = None, np.arange(batch)
     if paged:
         if cache_batch_idx is not None:
-            raise ValueError("cache_batch_idx indexes a contiguous cache; with block_table, give each sequence its pages")
+            raise ValueError("cache_batch_idx indexes a contiguous cache; with block_table, each sequence's row "
+                             "of the table gives its pages")
         table = host_block_table(block_table, batch, k_cache.shape[0], k_cache.shape[1], total)
     else:
         if cache_batch_idx is not None:

@@ -82,7 +82,8 @@ def check_new(name: str, new: mx.array, cache: mx.array, batch: int, seqlen_new:
     check_array(name, new, expected, ndim=4)
     if new.dtype != cache.dtype:
         raise TypeError(f"{name} must have the cache's dtype {cache.dtype}; got {new.dtype}")
-    if new.shape[0] != batch or new.shape[2:] != (heads, dim) or (seqlen_new is not None and new.shape[1] != seqlen_new):
+    wrong_len = seqlen_new is not None and new.shape[1] != seqlen_new
+    if new.shape[0] != batch or new.shape[2:] != (heads, dim) or wrong_len:
         raise ValueError(f"{name} must have shape {expected}; got {tuple(new.shape)}")
 
 

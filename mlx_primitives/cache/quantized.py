@@ -76,7 +76,7 @@ class QuantizedKVCache(Cache):
     def state(self) -> List[Quantized]:
         if self.keys is None:
             return []
-        return [tuple(x[..., : self.offset, :] for x in self.keys), tuple(x[..., : self.offset, :] for x in self.values)]
+        return [tuple(x[..., : self.offset, :] for x in parts) for parts in (self.keys, self.values)]
 
     @state.setter
     def state(self, value: List[Quantized]) -> None:
