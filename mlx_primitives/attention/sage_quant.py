@@ -108,13 +108,16 @@ def key_mean(k: mx.array) -> mx.array:
 
 
 def quantize_bhsd(q: mx.array, k: mx.array, gran: str, smooth_k: bool, path: str = "auto") -> QuantizedQK:
-    """:func:`quantize_qk` on validated BHSD tensors; ``path`` ``"kernel"`` / ``"reference"`` forces one."""
+    """:func:`quantize_qk` on validated BHSD tensors: on the kernel where the backend and shape allow,
+    unless ``path="reference"``."""
     q_block, k_block = check_granularity(gran)
     mean = key_mean(k) if smooth_k and k.shape[2] > 0 else None
-    on_kernel = path == "kernel" or (
-        path == "auto" and device_profile().is_gpu and sage_kernels.quantize_unsupported(q) is None
-    )
-    quantize = sage_kernels.quantize if on_kernel else quantize_reference
+
+    def quantize(x, block, mean=None):
+        if path != "reference" and device_profile().is_gpu and sage_kernels.quantize_unsupported(x) is None:
+            return sage_kernels.quantize(x, block, mean)
+        return quantize_reference(x, block, mean)
+
     q8, q_scale = quantize(q, q_block)
     k8, k_scale = quantize(k, k_block, mean)
     return QuantizedQK(q8, q_scale, k8, k_scale, mean, q_block, k_block)
