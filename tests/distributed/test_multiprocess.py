@@ -21,3 +21,11 @@ def test_ranks_match_single_process_attention(case, size):
     failed = [f"rank {r}: {p.stderr.strip()[-2000:]}" for r, p in enumerate(ranks) if p.returncode != 0]
     assert not failed, "\n".join(failed)
     assert all(f"{case}: ok" in p.stdout for p in ranks)
+
+
+def test_ring_benchmark_launches_its_ranks():
+    from benchmarks.ring import measure
+
+    config = dict(lengths=(64,), heads=2, kv_heads=1, head_dim=16, dtype="float32", transport="gather")
+    (table,) = measure(2, config)
+    assert [row[0] for row in table.rows] == [64] and all(ms > 0 for ms in (table.rows[0][1], table.rows[0][3]))
