@@ -145,7 +145,9 @@ def quantize_qk(q: mx.array, k: mx.array, gran: str = "per_block", smooth_k: boo
     for name, x in (("q", q), ("k", k)):
         check_array(name, x, f"(batch, heads, seq, head_dim) [{tensor_layout}]", ndim=4)
     if q.dtype != k.dtype or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"k must share q's dtype, batch and head_dim; got q {q.shape} {q.dtype}, k {k.shape} {k.dtype}")
+        raise ValueError(
+            f"k must share q's dtype, batch and head_dim; got q {q.shape} {q.dtype}, k {k.shape} {k.dtype}"
+        )
     if q.shape[head_axis] % max(k.shape[head_axis], 1):
         raise ValueError(f"q's heads ({q.shape[head_axis]}) must be a multiple of k's ({k.shape[head_axis]})")
     if layout == "BSHD":

@@ -26,7 +26,6 @@ DTYPES = (mx.float16, mx.bfloat16)
 QUANT_ROWS = 64  # rows per threadgroup of the quantization kernel
 QUANT_THREADS = 128
 QUANT_HEAD_DIMS = (32, 64, 128, 256)
-SMALLEST = {"BK": 32, "WARPS": 4}
 
 
 def quantize_unsupported(x: mx.array) -> Optional[str]:
@@ -79,21 +78,18 @@ def unsupported(spec: AttentionSpec, pv_accum_dtype: str = "fp32") -> Optional[s
         return f"dtype {spec.dtype} is not float16 or bfloat16"
     if spec.head_dim not in HEAD_DIMS or spec.v_head_dim != spec.head_dim:
         return f"head dims ({spec.head_dim}, {spec.v_head_dim}) are not one of {HEAD_DIMS} for q, k and v"
-    if shared_memory_bytes(spec.head_dim, SMALLEST) > shared_memory_limit():
+    if shared_memory_bytes(spec.head_dim, tuning.SPACES[SAGE_ATTN.name].default) > shared_memory_limit():
         return f"head_dim {spec.head_dim} needs more shared memory than this backend's {shared_memory_limit()} bytes"
     if pv_accum_dtype != "fp32":
         return f"pv_accum_dtype {pv_accum_dtype!r} runs on the reference path"
-    if spec.q_len == 0:
-        return "q_len is 0"
+    if spec.q_len == 0 or spec.k_len == 0:
+        return "a sequence is empty"
     return None
 
 
 def config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> Dict[str, int]:
-    """Tile sizes of a launch: tuned (or default) for the call's bucket, overridden by ``config``; the
-    smallest tiles where those don't fit shared memory (head_dim 256)."""
+    """Tile sizes of a launch: tuned (or default) for the call's bucket, overridden by ``config``."""
     tuned = tuning.config_for(SAGE_ATTN, spec.dtype, {"D": spec.head_dim, "L": spec.k_len}, exact=("D",))
-    if shared_memory_bytes(spec.head_dim, tuned) > shared_memory_limit():
-        tuned = SMALLEST
     chosen = {**tuned, **(config or {})}
     if chosen["BK"] % 16 or chosen["WARPS"] < 1:
         raise ValueError(f"BK must be a multiple of 16 and WARPS positive; got {chosen}")
@@ -123,7 +119,10 @@ def attention_plan(q8, q_scale, k8, k_scale, v, spec: AttentionSpec, q_block: in
         template=template,
         grid=(query_blocks * threads, spec.num_heads, spec.batch),
         threadgroup=(threads, 1, 1),
-        output_shapes=[(spec.batch, spec.num_heads, spec.q_len, spec.head_dim), (spec.batch, spec.num_heads, spec.q_len)],
+        output_shapes=[
+            (spec.batch, spec.num_heads, spec.q_len, spec.head_dim),
+            (spec.batch, spec.num_heads, spec.q_len),
+        ],
         output_dtypes=[v.dtype, mx.float32],
     )
 

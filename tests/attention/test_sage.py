@@ -139,6 +139,13 @@ def test_rows_without_keys_give_zeros_and_minus_inf():
     assert np.all(np.isfinite(np.array(lse)[:, :, 30:]))
 
 
+def test_empty_sequences():
+    q, k, v = _offset_qkv(mx.float16, q_len=4, k_len=6)
+    assert sageattn(q[:, :, :0], k, v).shape == (2, 4, 0, 64)
+    out, lse = sageattn(q, k[:, :, :0], v[:, :, :0], return_lse=True)
+    assert np.all(np.array(out) == 0) and np.all(np.isneginf(np.array(lse)))
+
+
 def test_gqa_equals_repeated_heads_and_nhd_equals_hnd():
     q, k, v = _offset_qkv(mx.float16)
     out = sageattn(q, k, v, is_causal=True)
