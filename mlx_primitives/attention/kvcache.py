@@ -15,7 +15,7 @@ from typing import Optional, Tuple, Union
 import mlx.core as mx
 import numpy as np
 
-from ..cache.paged import check_new, check_pool, host_block_table, host_lengths, page_slots
+from ..cache.paged import check_new, check_pool, host_block_table, host_lengths, write_pages
 from ..kernels.decode import MAX_Q_LEN, decode_attention
 from ..validation import check_array
 from .dispatch import run_attention
@@ -217,13 +217,11 @@ def flash_attn_with_kvcache(
         q_pos = first[:, None] + (np.arange(q_len)[None, :] if local else np.zeros((1, q_len), np.int64))
         k = _rotate(k, rotary_cos, rotary_sin, k_pos, rotary_interleaved)
         q = _rotate(q, rotary_cos, rotary_sin, q_pos, rotary_interleaved)
-    if new:
-        if paged:
-            pages, slots = page_slots(table, lengths, new, k_cache.shape[1])
-            index = (mx.array(pages, mx.int32), mx.array(slots, mx.int32))
-        else:
-            positions = lengths[:, None] + np.arange(new)[None, :]
-            index = (mx.array(np.repeat(rows, new), mx.int32), mx.array(positions.reshape(-1), mx.int32))
+    if new and paged:
+        write_pages(k_cache, v_cache, k, v, table, lengths)
+    elif new:
+        positions = lengths[:, None] + np.arange(new)[None, :]
+        index = (mx.array(np.repeat(rows, new), mx.int32), mx.array(positions.reshape(-1), mx.int32))
         k_cache[index] = k.reshape(-1, *k.shape[2:])
         v_cache[index] = v.reshape(-1, *v.shape[2:])
 

@@ -130,16 +130,23 @@ def update_paged_kv_cache(
     lengths = host_lengths(cache_seqlens, batch)
     num_pages, page_size = k_cache.shape[:2]
     table = host_block_table(block_table, batch, num_pages, page_size, lengths + count)
+    write_pages(k_cache, v_cache, new_k, new_v, table, lengths)
+    return mx.array(lengths + count, mx.int32)
+
+
+def write_pages(k_cache: mx.array, v_cache: mx.array, new_k: mx.array, new_v: mx.array, table: np.ndarray,
+                lengths: np.ndarray) -> None:
+    """Scatter new keys/values (checked arguments, host ``table`` and ``lengths``) into the pools in place."""
+    count, page_size = new_k.shape[1], k_cache.shape[1]
     pages, rows = page_slots(table, lengths, count, page_size)
     slots = pages * page_size + rows
     if len(np.unique(slots)) != len(slots):
         raise ValueError("block_table maps two new keys to the same page slot (sequences sharing a page must "
                          "copy it before writing: PagedKVCache.reserve does)")
     if count:
-        pages, rows = mx.array(pages, mx.int32), mx.array(rows, mx.int32)
-        k_cache[pages, rows] = new_k.reshape(-1, *new_k.shape[2:])
-        v_cache[pages, rows] = new_v.reshape(-1, *new_v.shape[2:])
-    return mx.array(lengths + count, mx.int32)
+        index = (mx.array(pages, mx.int32), mx.array(rows, mx.int32))
+        k_cache[index] = new_k.reshape(-1, *new_k.shape[2:])
+        v_cache[index] = new_v.reshape(-1, *new_v.shape[2:])
 
 
 def gather_pages(pool: mx.array, pages, length: int) -> mx.array:
