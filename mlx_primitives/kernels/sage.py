@@ -21,7 +21,8 @@ from .catalog import SAGE_ATTN, SAGE_QUANT
 from .flash_attention import shared_memory_limit
 from .launcher import Launch, float_bits, launch
 
-HEAD_DIMS = (64, 96, 128, 256)
+# Head dims run on the H100 (tests/attention/test_sage_kernel.py); others take the reference path.
+HEAD_DIMS = (64, 96, 128)
 DTYPES = (mx.float16, mx.bfloat16)
 QUANT_ROWS = 64  # rows per threadgroup of the quantization kernel
 QUANT_THREADS = 128
