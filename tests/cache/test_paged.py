@@ -145,7 +145,7 @@ def test_compact_eviction_keeps_exactly_the_heavy_hitters():
     assert len(cache.pages(seq)) == 2 and cache.allocator.free_pages == 6
 
 
-OPS = st.lists(st.tuples(st.sampled_from(["new", "append", "fork", "free", "evict"]), st.integers(0, 7),
+OPS = st.lists(st.tuples(st.sampled_from(["new", "append", "fork", "free", "evict", "compact"]), st.integers(0, 7),
                          st.integers(1, 9)), min_size=1, max_size=25)
 
 
@@ -172,8 +172,14 @@ def test_no_page_is_owned_twice_or_lost_and_every_sequence_reads_its_own_keys(op
             elif op == "free":
                 cache.free(seq)
                 del expected[seq]
-            else:
+            elif op == "evict":
                 kept = cache.evict(seq, SlidingWindow(count))
+                expected[seq] = [expected[seq][i] for i in kept]
+            else:
+                length = cache.length(seq)
+                scores = ((np.arange(length) * 7 + pick) % 5).astype(float)
+                kept = cache.evict(seq, HeavyHitters(count, recent=1), scores, compact=True)
+                assert len(kept) == min(count, length)
                 expected[seq] = [expected[seq][i] for i in kept]
         except OutOfPagesError:
             pass
