@@ -216,9 +216,14 @@ class PagedKVCache:
             self._lengths[seq] = int(whole.size)
             return whole
         source = mx.array(np.asarray(pages, np.int64)[kept // size], mx.int32), mx.array(kept % size, mx.int32)
+        needed = _pages_for(kept.size, size)
+        freed = sum(self.allocator.refcount(p) == 1 for p in pages)
+        if needed > self.allocator.free_pages + freed:  # shared pages stay with their other holders
+            raise OutOfPagesError(f"compacting {kept.size} keys needs {needed} fresh pages; "
+                                  f"{self.allocator.free_pages + freed} would be free")
         moved = [pool[source] for pool in self.k_pools + self.v_pools]
         self.allocator.release(pages)
-        fresh = self.allocator.allocate(_pages_for(kept.size, size))
+        fresh = self.allocator.allocate(needed)
         slots = np.arange(kept.size)
         target = (mx.array(np.asarray(fresh, np.int64)[slots // size], mx.int32), mx.array(slots % size, mx.int32))
         for pool, rows in zip(self.k_pools + self.v_pools, moved):

@@ -194,3 +194,15 @@ def test_no_page_is_owned_twice_or_lost_and_every_sequence_reads_its_own_keys(op
     for s in list(expected):
         cache.free(s)
     assert cache.allocator.free_pages == 12
+
+
+def test_compacting_a_sequence_whose_pages_are_shared_fails_cleanly_when_the_pool_is_full():
+    cache = PagedKVCache(4, 4, HK, D, dtype=mx.float32)
+    seq = cache.add_sequence()
+    cache.append([seq], *tokens(1, 12))
+    child = cache.fork(seq)
+    cache.reserve([cache.add_sequence()], 4)  # the last free page
+    with pytest.raises(OutOfPagesError):
+        cache.evict(child, HeavyHitters(budget=6, recent=1), np.arange(12.0), compact=True)
+    assert cache.pages(child) == cache.pages(seq) and ids(cache.gather(child)[0]) == list(range(12))
+    assert [cache.allocator.refcount(p) for p in cache.pages(seq)] == [2, 2, 2]
