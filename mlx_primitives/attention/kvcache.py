@@ -85,6 +85,49 @@ def _prefill(q, k_cache, v_cache, table, rows, lengths, starts, spec_args, need_
     return mx.concatenate(outs), (mx.concatenate(lses) if need_lse else None)
 
 
+def _host_layout(k_cache, batch: int, new: int, cache_seqlens, cache_batch_idx, cache_leftpad, block_table):
+    """Check the cache's lengths, rows, padding and page table on the host.
+
+    Returns ``(lengths, table, rows, starts)`` as int64 NumPy: keys cached before the new ones, the
+    block table (None for a contiguous cache), each sequence's cache row and first unpadded key.
+    """
+    paged = block_table is not None
+    capacity = k_cache.shape[1] * (block_table.shape[1] if paged and isinstance(block_table, mx.array) else 1)
+    lengths = host_lengths(capacity if cache_seqlens is None else cache_seqlens, batch)
+    total = lengths + new
+    table, rows = None, np.arange(batch)
+    if paged:
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx indexes a contiguous cache; with block_table, each sequence's row "
+                             "of the table gives its pages")
+        table = host_block_table(block_table, batch, k_cache.shape[0], k_cache.shape[1], total)
+    else:
+        if cache_batch_idx is not None:
+            check_array("cache_batch_idx", cache_batch_idx, f"({batch},) int32", shape=(batch,), dtypes=(mx.int32,))
+            rows = np.array(cache_batch_idx, np.int64)
+            bad = (rows < 0) | (rows >= k_cache.shape[0])
+            if bad.any():
+                b = int(np.argmax(bad))
+                raise ValueError(f"cache_batch_idx[{b}] = {rows[b]} is not a row of k_cache "
+                                 f"(batch_size_cache = {k_cache.shape[0]})")
+        elif k_cache.shape[0] != batch:
+            raise ValueError(f"k_cache must have batch_size_cache = batch = {batch} without cache_batch_idx; "
+                             f"got {tuple(k_cache.shape)}")
+        over = total > k_cache.shape[1]
+        if over.any():
+            b = int(np.argmax(over))
+            raise ValueError(f"sequence {b} needs {total[b]} keys (cache_seqlens + seqlen_new); k_cache holds "
+                             f"seqlen_cache = {k_cache.shape[1]}")
+    starts = np.zeros((batch,), np.int64)
+    if cache_leftpad is not None:
+        check_array("cache_leftpad", cache_leftpad, f"({batch},) int32", shape=(batch,), dtypes=(mx.int32,))
+        starts = np.array(cache_leftpad, np.int64)
+        if ((starts < 0) | (starts > total)).any():
+            b = int(np.argmax((starts < 0) | (starts > total)))
+            raise ValueError(f"cache_leftpad[{b}] = {starts[b]} is outside [0, {total[b]}]")
+    return lengths, table, rows, starts
+
+
 def flash_attn_with_kvcache(
     q: mx.array,
     k_cache: mx.array,
@@ -170,39 +213,9 @@ def flash_attn_with_kvcache(
     if rotary_cos is not None and k is None:
         raise ValueError("rotary_cos/rotary_sin need k and v (they rotate the new keys)")
 
-    capacity = k_cache.shape[1] * (block_table.shape[1] if paged and isinstance(block_table, mx.array) else 1)
-    lengths = host_lengths(capacity if cache_seqlens is None else cache_seqlens, batch)
+    lengths, table, rows, starts = _host_layout(k_cache, batch, new, cache_seqlens, cache_batch_idx, cache_leftpad,
+                                                block_table)
     total = lengths + new
-    table, rows = None, np.arange(batch)
-    if paged:
-        if cache_batch_idx is not None:
-            raise ValueError("cache_batch_idx indexes a contiguous cache; with block_table, each sequence's row "
-                             "of the table gives its pages")
-        table = host_block_table(block_table, batch, k_cache.shape[0], k_cache.shape[1], total)
-    else:
-        if cache_batch_idx is not None:
-            check_array("cache_batch_idx", cache_batch_idx, f"({batch},) int32", shape=(batch,), dtypes=(mx.int32,))
-            rows = np.array(cache_batch_idx, np.int64)
-            bad = (rows < 0) | (rows >= k_cache.shape[0])
-            if bad.any():
-                b = int(np.argmax(bad))
-                raise ValueError(f"cache_batch_idx[{b}] = {rows[b]} is not a row of k_cache "
-                                 f"(batch_size_cache = {k_cache.shape[0]})")
-        elif k_cache.shape[0] != batch:
-            raise ValueError(f"k_cache must have batch_size_cache = batch = {batch} without cache_batch_idx; "
-                             f"got {tuple(k_cache.shape)}")
-        over = total > k_cache.shape[1]
-        if over.any():
-            b = int(np.argmax(over))
-            raise ValueError(f"sequence {b} needs {total[b]} keys (cache_seqlens + seqlen_new); k_cache holds "
-                             f"seqlen_cache = {k_cache.shape[1]}")
-    starts = np.zeros((batch,), np.int64)
-    if cache_leftpad is not None:
-        check_array("cache_leftpad", cache_leftpad, f"({batch},) int32", shape=(batch,), dtypes=(mx.int32,))
-        starts = np.array(cache_leftpad, np.int64)
-        if ((starts < 0) | (starts > total)).any():
-            b = int(np.argmax((starts < 0) | (starts > total)))
-            raise ValueError(f"cache_leftpad[{b}] = {starts[b]} is outside [0, {total[b]}]")
     spec_args = dict(scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
                      alibi_slopes=alibi_slopes)
     # Validate the attention options once on a stand-in of the cache, before anything is written.
