@@ -31,6 +31,7 @@ from .common import Table, header, time_ms, write_results
 FULL = dict(lengths=(65536, 131072, 262144), heads=32, kv_heads=8, head_dim=128, dtype="bfloat16", transport="auto")
 QUICK = dict(lengths=(1024, 2048), heads=4, kv_heads=2, head_dim=64, dtype="float32", transport="auto")
 TARGET_LENGTH, TARGET_SPEEDUP = 131072, 1.7
+LAUNCH_TIMEOUT_S = 420  # a hung rank (NCCL set-up) fails the suite inside the device's 600 s per command
 
 
 def _inputs(length: int, heads: int, kv_heads: int, head_dim: int, dtype: str):
@@ -60,6 +61,8 @@ def worker(lengths: Sequence[int], heads: int, kv_heads: int, head_dim: int, dty
         ms = time_ms(lambda: ring_attention(q, k, v, group, causal=True, transport=transport), **_repeats(length))
         times = mx.distributed.all_gather(mx.array([ms]), group=group)
         rows.append({"length": length, "rank_ms": times.tolist()})
+        if group.rank() == 0:
+            print(f"{group.size()} ranks, L={length}: {max(rows[-1]['rank_ms']):.1f} ms", flush=True)
         del q, k, v
         mx.clear_cache()
     if group.rank() == 0:
@@ -75,7 +78,7 @@ def _launch(ranks: int, config: dict) -> dict:
                 "--lengths", ",".join(map(str, config["lengths"])), "--heads", str(config["heads"]),
                 "--kv-heads", str(config["kv_heads"]), "--head-dim", str(config["head_dim"]),
                 "--dtype", config["dtype"], "--transport", config["transport"]]
-        ranks_done = launch_local(ranks, args, backend=backend)
+        ranks_done = launch_local(ranks, args, backend=backend, timeout=LAUNCH_TIMEOUT_S)
         failed = [r for r, p in enumerate(ranks_done) if p.returncode != 0]
         if failed:
             raise RuntimeError(f"ranks {failed} of the {backend} run failed (their output is above)")
@@ -91,6 +94,7 @@ def measure(ranks: int, config: dict) -> List[Table]:
         q, k, v = _inputs(length, config["heads"], config["kv_heads"], config["head_dim"], config["dtype"])
         mx.eval(q, k, v)
         single[length] = time_ms(lambda: flash_attention(q, k, v, causal=True), **_repeats(length))
+        print(f"1 device, L={length}: {single[length]:.1f} ms", flush=True)
         del q, k, v
         mx.clear_cache()
     run = _launch(ranks, config)

@@ -100,9 +100,27 @@ def check_tensor_parallel(group, kv_heads: int) -> None:
     assert got["cache"].state[0].shape == (batch, local_kv, length + 1, dims // heads), f"{name}: cache heads"
 
 
+def check_errors(group) -> None:
+    """Calls that cannot be split across ``group`` fail before any communication, naming the argument."""
+    q = mx.random.normal((1, 3, 2, 8))
+    try:
+        ring_attention(q, q, q, group, causal=True)
+    except ValueError as error:
+        assert "local length must be even" in str(error), error
+    else:
+        raise AssertionError("an odd local length was accepted by the zigzag split")
+    try:
+        Attention(16, 2 * group.size() + 1).shard(group)
+    except ValueError as error:
+        assert "num_heads" in str(error), error
+    else:
+        raise AssertionError("heads that do not split across the group were accepted")
+
+
 def main(case: str) -> None:
     group = mx.distributed.init(strict=True, backend="ring")
     mx.random.seed(1234)
+    check_errors(group)
     if case == "ring":
         for args in RING_CASES:
             check_ring_case(group, *args)
