@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mlx_primitives.attention import flash_attn_with_kvcache, kvcache
+from mlx_primitives.cache import PagedKVCache, update_paged_kv_cache
 from mlx_primitives.hardware import device_profile
 from tests.reference import Features, assert_within_rule, attention64, f64, naive_attention
 
@@ -232,3 +233,32 @@ def test_gpu_paged_decode_matches_contiguous_and_float64(page_size, q_len):
     oracle_check(out, q, keys, values, Features(causal=True, window=(100, 0)), lse)
     assert float(mx.abs(out.astype(mx.float32) - same.astype(mx.float32)).max()) < 2e-3
     assert math.isfinite(float(lse.max()))
+
+
+def test_paged_cache_decode_steps_match_float64_and_forks_diverge_cleanly():
+    paged = PagedKVCache(24, 16, HK, D, num_layers=2)
+    seqs = [paged.add_sequence() for _ in range(2)]
+    history = {}
+    for seq, length in zip(seqs, (21, 5)):  # prefill each sequence on its own (different lengths)
+        keys = random((1, length, HK, D))
+        table, seqlens = paged.reserve([seq], length)
+        for layer in range(2):
+            update_paged_kv_cache(paged.k_pools[layer], paged.v_pools[layer], keys, keys * 0.5, table, seqlens)
+        history[seq] = [f64(keys[0])]
+    beam = paged.fork(seqs[0])  # shares the 21-key prefix, then writes into a copy of its last page
+    history[beam] = list(history[seqs[0]])
+    batch = seqs + [beam]
+    for _ in range(3):
+        q, k = random((3, 1, HQ, D)), random((3, 1, HK, D))
+        table, seqlens = paged.reserve(batch, 1)
+        for b, seq in enumerate(batch):
+            history[seq].append(f64(k[b]))
+        keys = [np.concatenate(history[seq]) for seq in batch]
+        for layer in range(2):
+            out = flash_attn_with_kvcache(q, paged.k_pools[layer], paged.v_pools[layer], k, k * 0.5,
+                                          cache_seqlens=seqlens, block_table=table, causal=True)
+            oracle_check(out, q, keys, [x * 0.5 for x in keys], Features(causal=True))
+    for seq, want in zip(batch, keys):
+        got_k, got_v = paged.gather(seq, layer=1)
+        np.testing.assert_array_equal(f64(got_k), want)
+        np.testing.assert_array_equal(f64(got_v), f64(mx.array(want).astype(mx.float16) * 0.5))
