@@ -6,9 +6,9 @@ parallelism every rank computes a different part of the loss, so the gradient of
 gathered tensor is the *sum* of every rank's cotangent slice, and the gradient of a
 ring shift is the reverse shift. The two functions here carry exactly those VJPs.
 
-Transports (what each backend offers, MLX 0.29 - 0.32):
+Transports (what each backend offers in MLX 0.32):
 
-* ``"ring"`` -- ``send``/``recv`` to ring neighbours: MLX's ring (TCP) and MPI backends.
+* ``"ring"`` -- ``send``/``recv`` to ring neighbours: MLX's ring (TCP), MPI and JACCL backends.
 * ``"gather"`` -- ``all_gather``: every backend; the only choice on NCCL, which has no
   ``send``/``recv``.
 """

@@ -7,7 +7,7 @@ can tell a failed rank from a passing run.
 
 * ring: ``MLX_RANK`` and ``MLX_HOSTFILE``, a JSON list of ``["127.0.0.1:port"]`` per rank.
 * nccl: ``MLX_RANK``, ``MLX_WORLD_SIZE``, ``NCCL_HOST_IP``, ``NCCL_PORT`` and
-  ``CUDA_VISIBLE_DEVICES`` set to the rank (one GPU per process).
+  ``CUDA_VISIBLE_DEVICES`` set to the rank (one GPU per process); ``NCCL_NVLS_ENABLE=0`` unless set.
 """
 
 from __future__ import annotations
@@ -44,9 +44,12 @@ def rank_environments(size: int, backend: str, hostfile: str) -> List[Dict[str, 
             json.dump([[f"127.0.0.1:{port}"] for port in _free_ports(size)], f)
         return [{"MLX_RANK": str(r), "MLX_HOSTFILE": hostfile} for r in range(size)]
     port = _free_ports(1)[0]
+    # NVLink multicast (NVLS) stays off unless the caller's environment turns it on: on hosts whose GPUs
+    # are shared, a program using it can take them out of service.
+    nvls = os.environ.get("NCCL_NVLS_ENABLE", "0")
     return [
         {"MLX_RANK": str(r), "MLX_WORLD_SIZE": str(size), "NCCL_HOST_IP": "127.0.0.1", "NCCL_PORT": str(port),
-         "CUDA_VISIBLE_DEVICES": str(r)}
+         "CUDA_VISIBLE_DEVICES": str(r), "NCCL_NVLS_ENABLE": nvls}
         for r in range(size)
     ]
 

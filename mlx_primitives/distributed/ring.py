@@ -131,7 +131,7 @@ def ring_attention(
         layout: ``"BSHD"`` or ``"BHSD"``.
         split: how the sequence was split (:func:`~.sequence.shard_sequence`): ``"zigzag"``
             (balanced under ``causal``) or ``"contiguous"``.
-        transport: ``"ring"`` (send/recv, ring and MPI backends), ``"gather"`` (all_gather, every
+        transport: ``"ring"`` (send/recv, ring, MPI, JACCL backends), ``"gather"`` (all_gather, every
             backend) or ``"auto"`` (``"gather"`` on CUDA, whose NCCL backend has no send/recv).
         return_lse: also return the float32 log-sum-exp ``(batch, nheads, seqlen_local)``.
         path: attention path of each block, as in :func:`~mlx_primitives.attention.flash_attn_func`.

@@ -1,6 +1,7 @@
 """Context and tensor parallelism in one process: the split arithmetic, validation and the size-1 paths."""
 
 import json
+import os
 
 import mlx.core as mx
 import numpy as np
@@ -89,5 +90,6 @@ def test_rank_environments_follow_mlx_launch(tmp_path):
     nccl = rank_environments(2, "nccl", hostfile)
     assert [env["CUDA_VISIBLE_DEVICES"] for env in nccl] == ["0", "1"]
     assert {env["MLX_WORLD_SIZE"] for env in nccl} == {"2"} and len({env["NCCL_PORT"] for env in nccl}) == 1
+    assert {env["NCCL_NVLS_ENABLE"] for env in nccl} <= {"0", os.environ.get("NCCL_NVLS_ENABLE")}
     with pytest.raises(ValueError, match="backend"):
         rank_environments(2, "gloo", hostfile)
