@@ -89,14 +89,18 @@ def gather_sequence(x_local: mx.array, group: Optional[mx.distributed.Group] = N
     gathered = all_gather(x_local, group, axis)
     if split == "contiguous" or group.size() == 1:
         return gathered
-    return mx.take(gathered, mx.array(zigzag_order(gathered.shape[axis], group.size())), axis=axis)
+    chunk = x_local.shape[axis] // 2
+    index = [slice(None)] * gathered.ndim
+    parts = []
+    for slot in zigzag_chunk_slots(group.size()):
+        index[axis] = slice(slot * chunk, (slot + 1) * chunk)
+        parts.append(gathered[tuple(index)])
+    return mx.concatenate(parts, axis=axis)
 
 
-def zigzag_order(length: int, size: int) -> List[int]:
-    """Positions in the rank-ordered concatenation of zigzag parts, listed in global token order."""
-    chunk = length // (2 * size)
-    where = {}
-    for rank in range(size):
-        for slot, (start, _) in enumerate(chunk_ranges(length, rank, size, "zigzag")):
-            where[start // chunk] = (2 * rank + slot) * chunk
-    return [where[i // chunk] + i % chunk for i in range(length)]
+def zigzag_chunk_slots(size: int) -> List[int]:
+    """For each chunk of the sequence in token order, its slot in the rank-ordered concatenation of parts.
+
+    Rank ``r``'s part holds chunks ``r`` and ``2 size - 1 - r`` in slots ``2r`` and ``2r + 1``.
+    """
+    return [2 * i if i < size else 2 * (2 * size - 1 - i) + 1 for i in range(2 * size)]

@@ -11,7 +11,7 @@ from mlx_primitives import Attention
 from mlx_primitives.attention import flash_attn_func
 from mlx_primitives.distributed import chunk_ranges, gather_sequence, ring_attention, shard_attention, shard_sequence
 from mlx_primitives.distributed.launch import rank_environments
-from mlx_primitives.distributed.sequence import zigzag_order
+from mlx_primitives.distributed.sequence import zigzag_chunk_slots
 from tests.reference import random_qkv
 
 
@@ -32,11 +32,12 @@ def test_zigzag_balances_causal_pairs(size):
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
-def test_zigzag_order_restores_token_order(size):
-    length = 4 * size
+def test_zigzag_slots_restore_token_order(size):
+    length, chunk = 4 * size, 2
     concatenated = np.concatenate([np.arange(length)[start:stop] for r in range(size)
                                    for start, stop in chunk_ranges(length, r, size)])
-    assert np.array_equal(concatenated[zigzag_order(length, size)], np.arange(length))
+    restored = np.concatenate([concatenated[s * chunk:(s + 1) * chunk] for s in zigzag_chunk_slots(size)])
+    assert np.array_equal(restored, np.arange(length))
 
 
 @pytest.mark.parametrize("split", ["zigzag", "contiguous"])
