@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_primitives import Attention
+from mlx_primitives import Attention, flash_attention
 from mlx_primitives.cache import KVCache
 from mlx_primitives.distributed import chunk_ranges, gather_sequence, ring_attention, shard_sequence
 from tests.reference import Features, assert_within_rule, attention64, f64, naive_attention
@@ -62,8 +62,10 @@ def check_ring_case(group, transport, causal, split, dtype, layout, softcap) -> 
     assert_within_rule(lse, local(ref["lse"]), local(naive_lse), dtype, f"{name}: lse")
     for grad, key, naive in zip(grads, ("dq", "dk", "dv"), naive_grads):
         assert_within_rule(in_layout(grad), local(ref[key]), local(naive), dtype, f"{name}: {key}")
-    gathered = gather_sequence(out, group, axis=1 if layout == "BSHD" else 2, split=split)
-    assert_within_rule(in_layout(gathered), ref["out"], naive_out, dtype, f"{name}: gathered out")
+    gathered = in_layout(gather_sequence(out, group, axis=1 if layout == "BSHD" else 2, split=split))
+    assert_within_rule(gathered, ref["out"], naive_out, dtype, f"{name}: gathered out")
+    single = flash_attention(q, k, v, causal=causal, layout="BHSD", softcap=softcap)
+    assert_within_rule(gathered, f64(single), naive_out, dtype, f"{name}: gathered out vs one process")
 
 
 def check_tensor_parallel(group, kv_heads: int) -> None:
