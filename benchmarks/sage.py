@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_primitives.attention import describe_attention, sageattn
+from mlx_primitives.attention.sage import quantized_reference
 from mlx_primitives.attention.sage_quant import quantize_bhsd
 from mlx_primitives.hardware import device_profile
 from mlx_primitives.kernels import sage as sage_kernels
@@ -40,6 +41,12 @@ def _errors(out, exact):
     e = exact.ravel()
     cos = o @ e / (np.linalg.norm(o) * np.linalg.norm(e))
     return f"{cos:.6f}", np.abs(o - e).sum() / np.abs(e).sum(), math.sqrt(np.mean((o - e) ** 2))
+
+
+def _kernel(quant, v, spec, config=None):
+    """The attention kernel alone on quantized inputs."""
+    return sage_kernels.sage_attention(quant.q, quant.q_scale, quant.k, quant.k_scale, v, spec, quant.q_block,
+                                       quant.k_block, lambda: quantized_reference(quant, v, spec), config)
 
 
 def accuracy(quick: bool) -> Table:
@@ -87,8 +94,7 @@ def speed(quick: bool) -> Table:
                 quant = time_ms(lambda: list(quantize_bhsd(q, k, "per_block", True, "kernel")[:4]), repeats=repeats)
                 qq = quantize_bhsd(q, k, "per_block", True, "kernel")
                 mx.eval(list(qq[:5]))
-                kernel = time_ms(lambda: sage_kernels.sage_attention(
-                    qq.q, qq.q_scale, qq.k, qq.k_scale, v, spec, qq.q_block, qq.k_block, None), repeats=repeats)
+                kernel = time_ms(lambda: _kernel(qq, v, spec), repeats=repeats)
                 sdpa = time_ms(lambda: mx.fast.scaled_dot_product_attention(
                     q, k, v, scale=spec.scale, mask="causal" if causal else None), repeats=repeats)
                 tflops = spec.flops() / 1e9
@@ -108,8 +114,7 @@ def configs(quick: bool) -> Table:
         for config in sage_kernels.SAGE_ATTN.configs():
             if sage_kernels.shared_memory_bytes(128, config) > sage_kernels.shared_memory_limit():
                 continue
-            ms = time_ms(lambda: sage_kernels.sage_attention(qq.q, qq.q_scale, qq.k, qq.k_scale, v, spec, qq.q_block,
-                                                             qq.k_block, None, config), repeats=3 if quick else 10)
+            ms = time_ms(lambda: _kernel(qq, v, spec, config), repeats=3 if quick else 10)
             table.add(config["BK"], config["WARPS"], causal, ms, spec.flops() / 1e9 / ms)
     return table
 

@@ -30,7 +30,16 @@ def _flash_invalid(config: Config, profile, problem) -> Optional[str]:
     return f"needs {needed} bytes of shared memory, the limit is {limit}" if needed > limit else None
 
 
-_INVALID = {catalog.MATMUL.name: _matmul_invalid, catalog.FLASH_FWD.name: _flash_invalid}
+def _sage_invalid(config: Config, profile, problem) -> Optional[str]:
+    from .flash_attention import shared_memory_limit
+    from .sage import shared_memory_bytes
+
+    needed, limit = shared_memory_bytes(problem["D"], config), shared_memory_limit(profile.backend)
+    return f"needs {needed} bytes of shared memory, the limit is {limit}" if needed > limit else None
+
+
+_INVALID = {catalog.MATMUL.name: _matmul_invalid, catalog.FLASH_FWD.name: _flash_invalid,
+            catalog.SAGE_ATTN.name: _sage_invalid}
 
 SPACES: Dict[str, TuningSpace] = {
     kernel.name: TuningSpace(
@@ -50,6 +59,27 @@ def config_for(kernel: Kernel, dtype: mx.Dtype, problem: Mapping[str, int], exac
 
 def _task(kernel: Kernel, dtype, problem, exact, make_call) -> TuningTask:
     return TuningTask(SPACES[kernel.name], dict(problem), dtype, shape_bucket(problem, exact), make_call)
+
+
+def _sage_tasks(q: mx.array, k: mx.array, dtype) -> List[TuningTask]:
+    """SageAttention's kernel on causal GQA calls at head dims 64 and 128 (quantized once, outside the timing)."""
+    from ..attention.sage import quantized_reference
+    from ..attention.sage_quant import quantize_bhsd
+    from ..attention.spec import describe_attention
+    from .sage import sage_attention
+
+    tasks = []
+    for head_dim in (64, 128):
+        hq, hk = q[..., :head_dim], k[..., :head_dim]
+        spec = describe_attention(hq, hk, hk, causal=True)
+        quant = quantize_bhsd(hq, hk, "per_block", True)
+
+        def make_call(config, hk=hk, spec=spec, quant=quant):
+            return lambda: sage_attention(quant.q, quant.q_scale, quant.k, quant.k_scale, hk, spec, quant.q_block,
+                                          quant.k_block, lambda: quantized_reference(quant, hk, spec), config)[0]
+
+        tasks.append(_task(catalog.SAGE_ATTN, dtype, {"D": head_dim, "L": spec.k_len}, ("D",), make_call))
+    return tasks
 
 
 def tuning_tasks(quick: bool = False, kernels: Optional[Sequence[str]] = None) -> List[TuningTask]:
@@ -97,6 +127,7 @@ def tuning_tasks(quick: bool = False, kernels: Optional[Sequence[str]] = None) -
         spec = describe_attention(hq, hk, hk, causal=True, softcap=30.0)
         tasks.append(_task(catalog.FLASH_FWD, dtype, tuning_problem(spec), ("D",),
                            lambda c, hq=hq, hk=hk, spec=spec: lambda: flash_attention(hq, hk, hk, spec, c)[0]))
+    tasks += _sage_tasks(q, k, dtype)
     if kernels:
         unknown = set(kernels) - set(SPACES)
         if unknown:
