@@ -1,10 +1,10 @@
 """Tensor (head) parallel attention: the heads of one :class:`~mlx_primitives.Attention` split across ranks.
 
-Megatron's split with MLX's sharded layers (``mlx.nn.layers.distributed``): the q, k, v
-projections become :class:`~mlx.nn.AllToShardedLinear` (each rank computes its heads from
-the full input; their input gradients are summed over ranks), the output projection a
-:class:`~mlx.nn.ShardedToAllLinear` (each rank multiplies its heads' slice, one
-``all_sum`` joins them). Attention itself needs no communication: a query head only reads
+Megatron's split with MLX's sharded layers (``mlx.nn.layers.distributed.shard_linear``): the
+q, k, v projections become ``AllToShardedLinear`` (each rank computes its heads from the full
+input; their input gradients are summed over ranks), the output projection a
+``ShardedToAllLinear`` (each rank multiplies its heads' slice, one ``all_sum`` joins them),
+or their quantized twins for ``nn.QuantizedLinear`` projections. Attention itself needs no communication: a query head only reads
 its own KV head.
 
 GQA: with ``n`` ranks, ``Hq`` query and ``Hk`` KV heads, rank ``r`` keeps query heads
@@ -26,25 +26,29 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.nn.layers.distributed import AllToShardedLinear, ShardedToAllLinear
+from mlx.nn.layers.distributed import shard_linear
+from mlx.utils import tree_map
 
 
-def _kv_heads_slice(linear: nn.Linear, head_dim: int, first: int, count: int,
-                    group: mx.distributed.Group) -> AllToShardedLinear:
-    """An all-to-sharded projection computing heads ``[first, first + count)`` of ``linear`` on this rank."""
-    rows = slice(first * head_dim, (first + count) * head_dim)
-    sharded = AllToShardedLinear(linear.weight.shape[1], count * head_dim * group.size(), "bias" in linear, group)
-    sharded.weight = linear.weight[rows]
-    if "bias" in linear:
-        sharded.bias = linear.bias[rows]
-    return sharded
+def _repeat_heads(linear: nn.Module, heads: int, copies: int) -> nn.Module:
+    """``linear`` with each of its ``heads`` output heads repeated ``copies`` times (in place).
+
+    Every parameter of a (quantized) linear layer has the output rows on axis 0, so this works on
+    ``weight``, ``scales``, ``biases`` and ``bias`` alike.
+    """
+    def repeat(p: mx.array) -> mx.array:
+        return mx.repeat(p.reshape(heads, -1, *p.shape[1:]), copies, axis=0).reshape(-1, *p.shape[1:])
+
+    linear.update(tree_map(repeat, linear.parameters()))
+    return linear
 
 
 def shard_attention(attention: nn.Module, group: Optional[mx.distributed.Group] = None) -> nn.Module:
     """Split ``attention``'s heads across ``group`` in place and return it.
 
     Args:
-        attention: an :class:`~mlx_primitives.Attention` holding the full (same on every rank) weights.
+        attention: an :class:`~mlx_primitives.Attention` holding the full (same on every rank) weights;
+            its projections may be ``nn.Linear`` or ``nn.QuantizedLinear`` (MLX's ``shard_linear`` takes both).
         group: default ``mx.distributed.init()``; size 1 leaves the layer unchanged.
 
     Returns:
@@ -52,24 +56,21 @@ def shard_attention(attention: nn.Module, group: Optional[mx.distributed.Group] 
         same on every rank, equals the unsharded layer's.
     """
     group = group if group is not None else mx.distributed.init()
-    size, rank = group.size(), group.rank()
+    size = group.size()
     if size == 1:
         return attention
-    heads, kv_heads, head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
+    heads, kv_heads = attention.num_heads, attention.num_kv_heads
     if heads % size:
         raise ValueError(f"num_heads ({heads}) must be a multiple of the group size ({size})")
     if kv_heads % size and size % kv_heads:
         raise ValueError(
             f"num_kv_heads ({kv_heads}) must divide or be a multiple of the group size ({size})"
         )
-    local_heads = heads // size
-    if kv_heads % size == 0:
-        local_kv, first_kv = kv_heads // size, rank * (kv_heads // size)
-    else:
-        local_kv, first_kv = 1, rank * local_heads // (heads // kv_heads)
-    attention.q_proj = AllToShardedLinear.from_linear(attention.q_proj, group=group)
-    attention.k_proj = _kv_heads_slice(attention.k_proj, head_dim, first_kv, local_kv, group)
-    attention.v_proj = _kv_heads_slice(attention.v_proj, head_dim, first_kv, local_kv, group)
-    attention.o_proj = ShardedToAllLinear.from_linear(attention.o_proj, group=group)
-    attention.num_heads, attention.num_kv_heads = local_heads, local_kv
+    kv_projections = [attention.k_proj, attention.v_proj]
+    if kv_heads < size:  # one copy of each KV head per rank that reads it
+        kv_projections = [_repeat_heads(p, kv_heads, size // kv_heads) for p in kv_projections]
+    attention.q_proj = shard_linear(attention.q_proj, "all-to-sharded", group=group)
+    attention.k_proj, attention.v_proj = (shard_linear(p, "all-to-sharded", group=group) for p in kv_projections)
+    attention.o_proj = shard_linear(attention.o_proj, "sharded-to-all", group=group)
+    attention.num_heads, attention.num_kv_heads = heads // size, max(kv_heads // size, 1)
     return attention

@@ -102,6 +102,20 @@ def check_tensor_parallel(group, kv_heads: int) -> None:
     assert got["cache"].state[0].shape == (batch, local_kv, length + 1, dims // heads), f"{name}: cache heads"
 
 
+def check_quantized_tensor_parallel(group, kv_heads: int) -> None:
+    """Quantized projections shard through MLX's quantized sharded layers; outputs match unsharded."""
+    dims, heads = 128, 4
+    full = Attention(dims, heads, num_kv_heads=kv_heads)
+    nn.quantize(full, group_size=32, bits=8)
+    sharded = Attention(dims, heads, num_kv_heads=kv_heads)
+    nn.quantize(sharded, group_size=32, bits=8)
+    sharded.update(full.parameters())
+    sharded.shard(group)
+    x = mx.random.normal((1, 5, dims))
+    got, want = sharded(x, mask="causal"), full(x, mask="causal")
+    assert np.allclose(f64(got), f64(want), atol=1e-4), f"quantized tensor parallel kv_heads={kv_heads}"
+
+
 def check_errors(group) -> None:
     """Calls that cannot be split across ``group`` fail before any communication, naming the argument."""
     q = mx.random.normal((1, 3, 2, 8))
@@ -130,6 +144,7 @@ def main(case: str) -> None:
         for kv_heads in (4, 2, 1):
             if kv_heads % group.size() == 0 or group.size() % kv_heads == 0:
                 check_tensor_parallel(group, kv_heads)
+                check_quantized_tensor_parallel(group, kv_heads)
     print(f"rank {group.rank()}/{group.size()} {case}: ok", flush=True)
 
 
