@@ -4,8 +4,8 @@ Megatron's split with MLX's sharded layers (``mlx.nn.layers.distributed.shard_li
 q, k, v projections become ``AllToShardedLinear`` (each rank computes its heads from the full
 input; their input gradients are summed over ranks), the output projection a
 ``ShardedToAllLinear`` (each rank multiplies its heads' slice, one ``all_sum`` joins them),
-or their quantized twins for ``nn.QuantizedLinear`` projections. Attention itself needs no communication: a query head only reads
-its own KV head.
+or their quantized twins for ``nn.QuantizedLinear`` projections. Attention itself needs no
+communication: a query head only reads its own KV head.
 
 GQA: with ``n`` ranks, ``Hq`` query and ``Hk`` KV heads, rank ``r`` keeps query heads
 ``[r Hq / n, (r + 1) Hq / n)``. When ``n`` divides ``Hk`` it keeps KV heads
