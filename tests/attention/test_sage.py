@@ -7,12 +7,15 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mlx_primitives import Attention, SageAttention
 from mlx_primitives.attention import dequantize, flash_attention, quantize_qk, sageattn, sageattn_mlx
 from mlx_primitives.attention.sage_quant import GRANULARITIES
 
 from ..reference import Features, attention64, f64
+from .test_reference_memory import LONG, SHORT, naive, peak_bytes
 
 
 def _offset_qkv(dtype, q_len=96, k_len=160, heads=4, kv_heads=2, head_dim=64, offset=8.0):
@@ -110,6 +113,40 @@ def test_reference_path_is_exact_to_the_quantized_math(causal, dtype):
     # Only the output's own rounding separates us from the simulation; the quantization error is far larger.
     assert sim_error <= (2 ** -10 if dtype == mx.float16 else 2 ** -7) * np.abs(simulated).max()
     assert sim_error < 0.2 * np.abs(f64(out) - exact).max()
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    shape=st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 2), st.integers(1, 40), st.integers(1, 60)),
+    head_dim=st.sampled_from([16, 32]),
+    gran=st.sampled_from(sorted(GRANULARITIES)),
+    causal=st.booleans(),
+    nhd=st.booleans(),
+    dtype=st.sampled_from([mx.float16, mx.bfloat16]),
+)
+def test_reference_path_matches_the_quantized_math_on_random_shapes(shape, head_dim, gran, causal, nhd, dtype):
+    batch, kv_heads, groups, q_len, k_len = shape
+    q_len = min(q_len, k_len) if causal else q_len  # every row sees a key: the simulation needs one
+    q = mx.random.normal((batch, kv_heads * groups, q_len, head_dim)).astype(dtype)
+    k = (mx.random.normal((batch, kv_heads, k_len, head_dim)) + 3).astype(dtype)
+    v = mx.random.normal((batch, kv_heads, k_len, head_dim)).astype(dtype)
+    if nhd:
+        out = sageattn(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), "NHD", causal, qk_quant_gran=gran)
+        out = out.swapaxes(1, 2)
+    else:
+        out = sageattn(q, k, v, "HND", causal, qk_quant_gran=gran)
+    simulated = _quantized_attention64(quantize_qk(q, k, gran), v, head_dim ** -0.5, causal, dtype)
+    tolerance = (2 ** -10 if dtype == mx.float16 else 2 ** -7) * max(np.abs(simulated).max(), 1e-3)
+    assert np.abs(f64(out) - simulated).max() <= tolerance
+
+
+def test_reference_path_peak_memory_grows_linearly_in_sequence_length():
+    def fn(q, k, v):
+        return sageattn(q, k, v, is_causal=True, path="reference")
+
+    short, long = peak_bytes(fn, SHORT), peak_bytes(fn, LONG)
+    assert long / short < 6, f"peak grew x{long / short:.1f} for 4x the length ({short} -> {long} B)"
+    assert long < peak_bytes(naive, LONG) / 3  # int8 and dequantized copies of q and k are O(N) too
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
