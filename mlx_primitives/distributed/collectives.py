@@ -16,7 +16,7 @@ Transports (what each backend offers in MLX 0.32):
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Tuple
 
 import mlx.core as mx
 
@@ -29,20 +29,22 @@ def default_transport() -> str:
 
 
 @lru_cache
-def _receive_stream() -> mx.Stream:
-    """A CPU stream of its own for receives.
+def _transfer_streams() -> Tuple[mx.Stream, mx.Stream]:
+    """CPU streams of their own for sends and receives.
 
-    A send blocks until the neighbour reads it; with every rank sending first on the
-    same stream, payloads larger than the socket buffers would deadlock. Receiving
-    on a second stream lets each rank's receive run beside its send.
+    A send blocks until the neighbour reads it: with every rank sending first on one
+    stream, payloads larger than the socket buffers would deadlock. On streams of their
+    own, each rank's receive runs beside its send, and both beside the attention of the
+    block already received.
     """
-    return mx.new_stream(mx.cpu)
+    return mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)
 
 
 def _shift(x: mx.array, group: mx.distributed.Group, step: int) -> mx.array:
     rank, size = group.rank(), group.size()
-    sent = mx.distributed.send(x, (rank + step) % size, group=group)
-    received = mx.distributed.recv_like(x, (rank - step) % size, group=group, stream=_receive_stream())
+    send_stream, receive_stream = _transfer_streams()
+    sent = mx.distributed.send(x, (rank + step) % size, group=group, stream=send_stream)
+    received = mx.distributed.recv_like(x, (rank - step) % size, group=group, stream=receive_stream)
     return mx.depends(received, sent)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from mlx_primitives import Attention, flash_attention
 from mlx_primitives.cache import KVCache
-from mlx_primitives.distributed import chunk_ranges, gather_sequence, ring_attention, shard_sequence
+from mlx_primitives.distributed import chunk_ranges, gather_sequence, ring_attention, ring_shift, shard_sequence
 from tests.reference import Features, assert_within_rule, attention64, f64, naive_attention
 
 # (transport, causal, split, dtype, layout, softcap)
@@ -116,6 +116,15 @@ def check_quantized_tensor_parallel(group, kv_heads: int) -> None:
     assert np.allclose(f64(got), f64(want), atol=1e-4), f"quantized tensor parallel kv_heads={kv_heads}"
 
 
+def check_large_ring_shift(group) -> None:
+    """A 32 MB shift and its reverse: far past the socket buffers, where sends on one stream would deadlock."""
+    rank, size = group.rank(), group.size()
+    x = mx.full((1 << 23,), float(rank))
+    (received,), (grad,) = mx.vjp(lambda x: ring_shift(x, group), [x], [mx.full((1 << 23,), float(10 * rank))])
+    assert mx.all(received == (rank - 1) % size).item(), "ring_shift: wrong source"
+    assert mx.all(grad == 10 * ((rank + 1) % size)).item(), "ring_shift: cotangent did not travel back"
+
+
 def check_errors(group) -> None:
     """Calls that cannot be split across ``group`` fail before any communication, naming the argument."""
     q = mx.random.normal((1, 3, 2, 8))
@@ -138,6 +147,7 @@ def main(case: str) -> None:
     mx.random.seed(1234)
     check_errors(group)
     if case == "ring":
+        check_large_ring_shift(group)
         for args in RING_CASES:
             check_ring_case(group, *args)
     else:
