@@ -151,6 +151,8 @@ def sageattn(
         raise ValueError(f"pv_accum_dtype must be one of {PV_ACCUM_DTYPES}; got {pv_accum_dtype!r}")
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}; got {path!r}")
+    if sm_scale is not None and (not isinstance(sm_scale, (int, float)) or not math.isfinite(sm_scale)):
+        raise TypeError(f"sm_scale must be a finite float or None; got {sm_scale!r}")
     spec = describe_attention(q, k, v, layout=layout, scale=sm_scale, causal=bool(is_causal))
     if pv_accum_dtype == "fp16" and spec.dtype != mx.float16:
         raise ValueError(f"pv_accum_dtype='fp16' needs float16 inputs; got {spec.dtype}")

@@ -261,6 +261,7 @@ def test_layers():
     (lambda q, k, v: sageattn(q, k.astype(mx.float32), v), TypeError, "dtype"),
     (lambda q, k, v: sageattn(np.zeros((1, 4, 8, 64)), k, v), TypeError, "q must be an mx.array"),
     (lambda q, k, v: sageattn(q, k, v, path="fast"), ValueError, "path"),
+    (lambda q, k, v: sageattn(q, k, v, sm_scale=float("nan")), TypeError, "sm_scale"),
     (lambda q, k, v: quantize_qk(q, k[0]), ValueError, "k must have shape"),
     (lambda q, k, v: quantize_qk(q.astype(mx.int8), k), TypeError, "q must have dtype"),
     (lambda q, k, v: dequantize(q, mx.ones((1,)), 64), TypeError, "values must have dtype int8"),
