@@ -17,8 +17,9 @@ bring it the other ranks' keys and values:
 
 Both are exact: the result equals single-device attention on the gathered sequence up
 to floating-point summation order. Gradients flow through MLX's autodiff and the
-collectives of :mod:`.collectives` (reverse ring shift, reduce-scatter); the backward pass
-keeps every received K/V block, O(L) per rank like the gathered K/V.
+collectives of :mod:`.collectives` (reverse ring shift, reduce-scatter). The ring's backward
+pass keeps every received K/V block (O(L) per rank, like the gathered K/V) and in exchange
+sends only dK/dV back around the ring, not K/V a second time.
 """
 
 from __future__ import annotations
