@@ -1,0 +1,85 @@
+"""create_block_mask against block states computed element by element in NumPy."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_primitives.attention.flex import BlockMask, create_block_mask, mods
+from mlx_primitives.attention.flex import block_mask as block_mask_module
+
+
+def _states64(visible: np.ndarray, qb: int, kb: int) -> np.ndarray:
+    """(B, H, NQ, NK) states of a dense (B, H, Sq, Sk) boolean: 0 hidden, 1 partly, 2 fully visible."""
+    bsz, heads, q_len, k_len = visible.shape
+    nq, nk = -(-q_len // qb), -(-k_len // kb)
+    states = np.zeros((bsz, heads, nq, nk), np.int32)
+    for i in range(nq):
+        for j in range(nk):
+            tile = visible[:, :, i * qb:(i + 1) * qb, j * kb:(j + 1) * kb]
+            states[:, :, i, j] = tile.any(axis=(2, 3)).astype(np.int32) + tile.all(axis=(2, 3))
+    return states
+
+
+def _check_lists(block_mask: BlockMask, states: np.ndarray):
+    for count, indices, state in (
+        (block_mask.kv_num_blocks, block_mask.kv_indices, 1),
+        (block_mask.full_kv_num_blocks, block_mask.full_kv_indices, 2),
+    ):
+        count, indices = np.array(count), np.array(indices)
+        np.testing.assert_array_equal(count, (states == state).sum(axis=-1))
+        for index in np.ndindex(*count.shape):
+            listed = indices[index][: count[index]]
+            np.testing.assert_array_equal(listed, np.nonzero(states[index] == state)[0])
+    np.testing.assert_array_equal(np.array(block_mask.to_dense()), states)
+
+
+@pytest.mark.parametrize("q_len, k_len, block", [(256, 256, 64), (200, 150, 64), (77, 300, (32, 64))])
+def test_document_causal_blocks_match_elementwise_states(q_len, k_len, block):
+    ids = np.sort(np.random.default_rng(q_len).integers(0, 4, max(q_len, k_len)))
+    block_mask = create_block_mask(mods.document(mx.array(ids, mx.int32), causal=True), None, None, q_len, k_len,
+                                   BLOCK_SIZE=block)
+    q, k = np.arange(q_len)[:, None], np.arange(k_len)[None, :]
+    visible = ((ids[q] == ids[k]) & (q >= k))[None, None]
+    qb, kb = (block, block) if isinstance(block, int) else block
+    _check_lists(block_mask, _states64(visible, qb, kb))
+    assert block_mask.block_size == (qb, kb) and block_mask.shape == (1, 1, q_len, k_len)
+
+
+def test_per_batch_and_head_masks_keep_their_axes():
+    prefix = mx.array([5, 90], mx.int32)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return mods.prefix_lm(prefix)(b, h, q_idx, kv_idx) & (kv_idx >= h * 20)
+
+    block_mask = create_block_mask(mask_mod, 2, 3, 128, 128, BLOCK_SIZE=32)
+    b, h = np.arange(2).reshape(-1, 1, 1, 1), np.arange(3).reshape(1, -1, 1, 1)
+    q, k = np.arange(128).reshape(1, 1, -1, 1), np.arange(128).reshape(1, 1, 1, -1)
+    visible = ((k < np.array([5, 90])[b]) | (q >= k)) & (k >= h * 20)
+    _check_lists(block_mask, _states64(visible, 32, 32))
+
+
+def test_chunked_evaluation_equals_one_pass(monkeypatch):
+    one_pass = create_block_mask(mods.sliding_window(40), None, None, 300, 300, BLOCK_SIZE=16)
+    monkeypatch.setattr(block_mask_module, "CHUNK_ELEMENTS", 16 * 16 * 20)  # one query block per step
+    chunked = create_block_mask(mods.sliding_window(40), None, None, 300, 300, BLOCK_SIZE=16)
+    np.testing.assert_array_equal(np.array(one_pass.to_dense()), np.array(chunked.to_dense()))
+    assert 0.5 < chunked.sparsity() < 1.0
+
+
+def test_no_mask_mod_lists_every_block_as_full():
+    block_mask = create_block_mask(None, None, None, 100, 260, BLOCK_SIZE=128)
+    assert np.array(block_mask.to_dense()).tolist() == [[[[2, 2, 2]]]]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"B": 0}, "B must be a positive int"),
+    ({"Q_LEN": -1}, "Q_LEN must be a positive int"),
+    ({"BLOCK_SIZE": (64, 0)}, r"BLOCK_SIZE\[1\]"),
+    ({"BLOCK_SIZE": (1, 2, 3)}, "BLOCK_SIZE must be an int or a pair"),
+])
+def test_bad_arguments_name_themselves(kwargs, match):
+    args = {"mask_mod": mods.causal(), "B": None, "H": None, "Q_LEN": 64, "KV_LEN": 64, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        create_block_mask(**args)
+    with pytest.raises(TypeError, match="mask_mod must be a function"):
+        create_block_mask(3, None, None, 64, 64)
