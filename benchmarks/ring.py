@@ -4,7 +4,8 @@
 process, then starts ``n`` ranks of this module (:func:`mlx_primitives.distributed.launch_local`:
 NCCL with one GPU per rank where MLX runs on CUDA, else the ring backend over loopback) that
 time :func:`~mlx_primitives.distributed.ring_attention` on their zigzag parts of the same
-sequence. Tokens/s = L / time of the slowest rank. Rows: bf16, B=1, Hq=32, Hk=8, D=128,
+sequence (and, for comparison, on contiguous parts: the imbalance zigzag removes). Tokens/s =
+L / time of the slowest rank. Rows: bf16, B=1, Hq=32, Hk=8, D=128,
 L in {64k, 128k, 256k} (``--quick``: fp32, Hq=4, Hk=2, D=64, L in {1k, 2k} for a CPU smoke run).
 Target (issue 12): 2 GPUs at L = 128k >= 1.7x single-GPU tokens/s.
 
@@ -31,6 +32,7 @@ from .common import Table, header, time_ms, write_results
 FULL = dict(lengths=(65536, 131072, 262144), heads=32, kv_heads=8, head_dim=128, dtype="bfloat16", transport="auto")
 QUICK = dict(lengths=(1024, 2048), heads=4, kv_heads=2, head_dim=64, dtype="float32", transport="auto")
 TARGET_LENGTH, TARGET_SPEEDUP = 131072, 1.7
+SPLITS = ("zigzag", "contiguous")  # balanced, and the plain split it balances
 LAUNCH_TIMEOUT_S = 420  # a hung rank (NCCL set-up) fails the suite inside the device's 600 s per command
 
 
@@ -56,15 +58,19 @@ def worker(lengths: Sequence[int], heads: int, kv_heads: int, head_dim: int, dty
     group = mx.distributed.init(strict=True, backend=backend)
     rows = []
     for length in lengths:
-        q, k, v = (shard_sequence(x, group, axis=1) for x in _inputs(length, heads, kv_heads, head_dim, dtype))
-        mx.eval(q, k, v)
-        ms = time_ms(lambda: ring_attention(q, k, v, group, causal=True, transport=transport), **_repeats(length))
-        times = mx.distributed.all_gather(mx.array([ms]), group=group)
-        rows.append({"length": length, "rank_ms": times.tolist()})
-        if group.rank() == 0:
-            print(f"{group.size()} ranks, L={length}: {max(rows[-1]['rank_ms']):.1f} ms", flush=True)
-        del q, k, v
-        mx.clear_cache()
+        row = {"length": length}
+        for split in SPLITS:
+            q, k, v = (shard_sequence(x, group, axis=1, split=split)
+                       for x in _inputs(length, heads, kv_heads, head_dim, dtype))
+            mx.eval(q, k, v)
+            ms = time_ms(lambda: ring_attention(q, k, v, group, causal=True, split=split, transport=transport),
+                         **_repeats(length))
+            row[split] = mx.distributed.all_gather(mx.array([ms]), group=group).tolist()
+            if group.rank() == 0:
+                print(f"{group.size()} ranks, {split}, L={length}: {max(row[split]):.1f} ms", flush=True)
+            del q, k, v
+            mx.clear_cache()
+        rows.append(row)
     if group.rank() == 0:
         with open(result, "w") as f:
             json.dump({"backend": backend, "rows": rows}, f)
@@ -102,21 +108,23 @@ def measure(ranks: int, config: dict) -> List[Table]:
     table = Table(
         title=f"Ring attention, causal forward: {ranks} ranks vs 1 device ({shape})",
         columns=("L", "1 dev ms", "1 dev tok/s", f"{ranks} ranks ms", f"{ranks} ranks tok/s", "speedup",
-                 "rank ms min", "TFLOP/s per dev (1 / n)", "% peak (1 / n)"),
+                 "rank ms min", "contiguous ms", "contiguous speedup", "TFLOP/s per dev (1 / n)",
+                 "% peak (1 / n)"),
         note=(f"{ranks} ranks on the {run['backend']} backend, transport {transport!r}, zigzag split; "
               f"'{ranks} ranks ms' is the slowest rank (median of its calls), 'rank ms min' the fastest "
-              f"(load balance). 1 device: flash_attention(causal=True) on the whole sequence. "
+              f"(load balance); 'contiguous': the same with the unbalanced contiguous split. 1 device: "
+              f"flash_attention(causal=True) on the whole sequence. "
               f"Target: >= {TARGET_SPEEDUP}x at L={TARGET_LENGTH} on 2 GPUs."),
         x="L", series=("1 dev tok/s", f"{ranks} ranks tok/s"), ylabel="tokens/s",
     )
     for row in run["rows"]:
-        length, rank_ms = row["length"], row["rank_ms"]
-        slowest, one = max(rank_ms), single[row["length"]]
+        length, zigzag = row["length"], row["zigzag"]
+        slowest, one, contiguous = max(zigzag), single[length], max(row["contiguous"])
         tflop = _causal_tflop(length, config["heads"], config["head_dim"])
         rates = (tflop / one * 1e3, tflop / ranks / slowest * 1e3)
         pct = " / ".join(f"{100 * r / peak:.0f}" for r in rates) if peak else "-"
-        table.add(length, one, length / one * 1e3, slowest, length / slowest * 1e3, one / slowest, min(rank_ms),
-                  " / ".join(f"{r:.3g}" for r in rates), pct)
+        table.add(length, one, length / one * 1e3, slowest, length / slowest * 1e3, one / slowest, min(zigzag),
+                  contiguous, one / contiguous, " / ".join(f"{r:.3g}" for r in rates), pct)
     return [table]
 
 
