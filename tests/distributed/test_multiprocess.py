@@ -4,14 +4,28 @@ Each launch runs every case of tests/distributed/worker.py on every rank; a rank
 differs from the float64 oracle (or from the single-process layer) exits non-zero with the case.
 """
 
+import socket
+
 import mlx.core as mx
 import pytest
 
 from mlx_primitives.distributed import launch_local
 
-pytestmark = pytest.mark.skipif(
-    not mx.distributed.is_available("ring"), reason="this MLX build has no ring (TCP) distributed backend"
-)
+
+def _loopback_tcp() -> bool:
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+        return True
+    except OSError:
+        return False
+
+
+pytestmark = [
+    pytest.mark.skipif(not mx.distributed.is_available("ring"),
+                       reason="this MLX build has no ring (TCP) distributed backend"),
+    pytest.mark.skipif(not _loopback_tcp(), reason="no TCP on 127.0.0.1 for the ring backend's ranks"),
+]
 
 
 @pytest.mark.parametrize("size", [2, 4])
