@@ -1,7 +1,6 @@
 """One rank of the distributed tests: ``python -m tests.distributed.worker {ring,tensor}``.
 
-Started by :func:`mlx_primitives.distributed.launch_local` (see test_ring.py and
-test_tensor_parallel.py). Every rank draws the same full inputs from a fixed seed, runs
+Started by :func:`mlx_primitives.distributed.launch_local` from test_multiprocess.py. Every rank draws the same full inputs from a fixed seed, runs
 the distributed computation on its part and checks that part against the float64
 oracle (flash-attention's rule, tests/reference.py) or the single-process layer. A
 failed check raises, so the rank exits non-zero and prints which case failed.
