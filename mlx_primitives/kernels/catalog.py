@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .launcher import SRC, Kernel
+from .launcher import ENTRY, SRC, Kernel
 
 THREADS_PER_ROW = (32, 64, 128, 256, 512, 1024)
 
@@ -68,16 +68,6 @@ W8A8 = Kernel(
     tunables=(("BM", (64, 128)), ("BN", (64, 128)), ("WM", (2, 4)), ("WN", (2, 4))),
 )
 
-# Decode attention (decode.py): the split-KV pass, whose threads per group and minimum keys per
-# split are free, and the pass that merges the splits.
-DECODE = Kernel(
-    name="decode_attention",
-    body="decode.kern",
-    inputs=("q", "k_cache", "v_cache", "cache_seqlens", "block_table", "params", "slopes"),
-    outputs=("o_part", "lse_part"),
-    tunables=(("THREADS", (64, 128, 256)), ("SPLIT", (128, 256, 512))),
-)
-
 DECODE_COMBINE = Kernel(
     name="decode_attention_combine",
     body="decode_combine.kern",
@@ -101,10 +91,70 @@ class _AttentionKernel(Kernel):
 FLASH_FWD = _AttentionKernel(
     name="flash_attention_fwd",
     body="flash_fwd.kern",
-    inputs=("q", "k", "v", "window", "slopes", "sinks"),
+    inputs=("q", "k", "v", "window", "slopes", "sinks", "rng"),
     outputs=("out", "lse"),
     mma=True,
     tunables=(("BK", (32, 64)), ("WARPS", (4, 8))),
+)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class FlexKernel(_AttentionKernel):
+    """The prefill body compiled with a flex prologue (traced mods, block-sparse walk) in front of it:
+    the flash kernel's hooks (``#ifdef FLEX_MODS`` in ``flash_fwd.kern``) plus ``flex.inc``. The
+    prologue goes into the source, not the header, so MLX sees the captured arrays' ``_shape`` uses."""
+
+    prologue: str = ""
+
+    def header(self, backend: str) -> str:
+        return "\n".join([super().header(backend), (SRC / "flex.inc").read_text()])
+
+    def source(self, backend: str) -> str:
+        return ENTRY[backend] + self.prologue + (self.src_dir / self.body).read_text()
+
+
+# Flex attention (flex_attention.py): FLASH_FWD's body, inputs and tile sizes (its tuning entry), plus
+# the BlockMask lists; each traced pair of mods derives a kernel of its own from this one.
+FLEX_FWD = FlexKernel(
+    name="flex_attention_fwd",
+    body=FLASH_FWD.body,
+    inputs=FLASH_FWD.inputs + ("flex_kv_num", "flex_kv_idx", "flex_full_num", "flex_full_idx", "flex_params"),
+    outputs=FLASH_FWD.outputs,
+    mma=True,
+    tunables=FLASH_FWD.tunables,
+)
+
+# Its backward (flash_backward.py): dq walks key tiles of BK keys per query block of 16 * WARPS rows;
+# dk/dv walk query tiles of BQ rows per key block of 16 * WARPS keys.
+_FLASH_BWD_INPUTS = ("q", "k", "v", "dout", "lse", "delta", "window", "slopes", "rng")
+FLASH_BWD_DQ = _AttentionKernel(
+    name="flash_attention_bwd_dq",
+    body="flash_bwd_dq.kern",
+    inputs=_FLASH_BWD_INPUTS,
+    outputs=("dq", "dslope"),
+    mma=True,
+    tunables=(("BK", (16, 32)), ("WARPS", (1, 2, 4))),
+)
+
+FLASH_BWD_DKDV = _AttentionKernel(
+    name="flash_attention_bwd_dkdv",
+    body="flash_bwd_dkdv.kern",
+    inputs=_FLASH_BWD_INPUTS,
+    outputs=("dk", "dv"),
+    mma=True,
+    tunables=(("BQ", (16, 32)), ("WARPS", (1, 2, 4))),
+)
+
+# Decode attention (decode.py): the split-KV pass (asynchronous K/V copies from flash_<backend>.inc),
+# whose threads per group and minimum keys per split are free, and the pass that merges the splits.
+DECODE = _AttentionKernel(
+    name="decode_attention",
+    body="decode.kern",
+    inputs=("q", "k_cache", "v_cache", "cache_seqlens", "block_table", "params", "slopes"),
+    outputs=("o_part", "lse_part"),
+    mma=True,
+    tunables=(("THREADS", (64, 128)), ("SPLIT", (128, 256, 512))),
 )
 
 # Scans (scan.py): warps along time and time steps per thread; a threadgroup's chunk is their product.
@@ -148,10 +198,12 @@ DEFAULTS = {
     "rope": {"HPT": 1, "THREADS": 128},
     "glu": {"ITEMS": 2, "THREADS": 256},
     "tiled_matmul": {"BM": 64, "BN": 64, "WM": 2, "WN": 2},
-    "decode_attention": {"THREADS": 256, "SPLIT": 256},
+    "decode_attention": {"THREADS": 128, "SPLIT": 256},
     # 32 keys by 64 query rows: best of the H100 sweep (fp16, L=8k: plain, causal, softcap, window)
     # at every head dim, and all that fits shared memory at head dim 256.
     "flash_attention_fwd": {"BK": 32, "WARPS": 4},
+    "flash_attention_bwd_dq": {"BK": 32, "WARPS": 2},
+    "flash_attention_bwd_dkdv": {"BQ": 32, "WARPS": 2},
     "w8a8_linear": {"BM": 128, "BN": 128, "WM": 2, "WN": 4},
     "selective_scan": {"WARPS": 4, "ITEMS": 8},
     "linear_scan": {"WARPS": 4, "ITEMS": 8},
@@ -161,5 +213,6 @@ DEFAULTS = {
 
 KERNELS = (
     RMS_NORM, RMS_NORM_RESIDUAL, LAYER_NORM, LAYER_NORM_RESIDUAL, ROPE, GLU, MATMUL, DECODE, DECODE_COMBINE, FLASH_FWD,
+    FLASH_BWD_DQ, FLASH_BWD_DKDV,
     W8A8, SELECTIVE_SCAN, LINEAR_SCAN, SAGE_QUANT, SAGE_ATTN,
 )

@@ -3,9 +3,11 @@
 One launch computes ``out`` and the float32 ``lse`` of an attention call described by an
 :class:`~mlx_primitives.attention.spec.AttentionSpec`, with the features
 ``mx.fast.scaled_dot_product_attention`` lacks computed in-kernel: bottom-right causal and
-sliding windows (key tiles outside the window are skipped), softcap, ALiBi, GQA/MQA, sinks.
-Gradients go through the reference path (:func:`~.launcher.with_reference_vjp`). The dispatcher
-(``attention/dispatch.py``) decides when a call comes here; :func:`unsupported` says when it can't.
+sliding windows (key tiles outside the window are skipped), softcap, ALiBi, GQA/MQA, sinks,
+dropout (the counter-based keep mask of ``attention/dropout.py``). Gradients come from the backward
+kernels (:mod:`.flash_backward`) through ``mx.custom_function``, or from the reference path where
+no backward configuration fits shared memory. The dispatcher (``attention/dispatch.py``) decides
+when a call comes here; :func:`unsupported` says when it can't.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import mlx.core as mx
 from ..attention.reference import reference_attention
 from ..attention.spec import AttentionSpec
 from ..hardware import device_profile
-from . import tuning
+from . import flash_backward, tuning
 from .catalog import FLASH_FWD
-from .launcher import Launch, float_bits, launch, with_reference_vjp
+from .launcher import Launch, launch
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
 DTYPES = (mx.float16, mx.bfloat16)
@@ -48,7 +50,8 @@ def unsupported(spec: AttentionSpec) -> Optional[str]:
     if shared_memory_bytes(spec.head_dim, tuning.SPACES[FLASH_FWD.name].default) > shared_memory_limit():
         return f"head_dim {spec.head_dim} needs more shared memory than this backend's {shared_memory_limit()} bytes"
     if spec.dropout_p > 0:
-        return "dropout runs on the reference path"
+        # The kernels compute dropout given the call's seed (flash_attention(dropout_seed=...)).
+        return "dropout runs on the reference path until the dispatcher passes its seed to the kernel"
     if spec.mask is not None:
         return "a mask array is given"
     if spec.q_len == 0:
@@ -76,23 +79,14 @@ def config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> 
     return chosen
 
 
-def plan(q, k, v, window, slopes, sinks, spec: AttentionSpec, config: Dict[str, int]) -> Launch:
+def plan(q, k, v, window, slopes, sinks, rng, spec: AttentionSpec, config: Dict[str, int]) -> Launch:
     threads = 32 * config["WARPS"]
     query_blocks = -(-spec.q_len // (16 * config["WARPS"]))
-    alibi = 0 if spec.alibi_slopes is None else spec.alibi_slopes.ndim
-    template = [
-        ("T", q.dtype),
-        ("D", spec.head_dim),
-        ("BK", config["BK"]),
-        ("WARPS", config["WARPS"]),
-        ("SCALE", float_bits(spec.scale)),
-        ("SOFTCAP", float_bits(spec.softcap) if spec.softcap > 0 else 0),
-        ("ALIBI", alibi),
-        ("SINKS", int(spec.sinks is not None)),
-    ]
+    template = [("T", q.dtype), ("D", spec.head_dim), ("BK", config["BK"]), ("WARPS", config["WARPS"])]
+    template += flash_backward.feature_template(spec) + [("SINKS", int(spec.sinks is not None))]
     return Launch(
         kernel=FLASH_FWD,
-        inputs=[q, k, v, window, slopes, sinks],
+        inputs=[q, k, v, window, slopes, sinks, rng],
         template=template,
         grid=(query_blocks * threads, spec.num_heads, spec.batch),
         threadgroup=(threads, 1, 1),
@@ -109,9 +103,16 @@ def _placeholder() -> mx.array:
 
 
 def flash_attention(
-    q: mx.array, k: mx.array, v: mx.array, spec: AttentionSpec, config: Optional[Dict[str, int]] = None
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    spec: AttentionSpec,
+    config: Optional[Dict[str, int]] = None,
+    dropout_seed: Optional[mx.array] = None,
+    batch_offset: int = 0,
+    backward_configs: Optional[Tuple[Optional[Dict[str, int]], Optional[Dict[str, int]]]] = None,
 ) -> Tuple[mx.array, mx.array]:
-    """Attention of ``spec`` on the kernel, differentiable through the reference path.
+    """Attention of ``spec`` on the kernel, differentiable through the backward kernels.
 
     Args:
         q: ``(batch, num_heads, q_len, head_dim)``, float16 or bfloat16 (BHSD).
@@ -119,14 +120,20 @@ def flash_attention(
         v: ``(batch, num_kv_heads, k_len, head_dim)``.
         spec: the call's description; :func:`unsupported` must be None for it.
         config: tile sizes ``{"BK", "WARPS"}`` overriding the head dim's default.
+        dropout_seed: uint32 scalar, required when ``spec.dropout_p > 0`` (the reference path's
+            keep mask for the same seed).
+        batch_offset: index of batch row 0 in the dropout counter (varlen sequences).
+        backward_configs: ``(dq, dk/dv)`` tile sizes overriding the backward kernels' defaults.
 
     Returns:
         ``(out, lse)``: ``out`` like ``q``; ``lse`` float32 ``(batch, num_heads, q_len)``,
         ``-inf`` for rows that see no key.
     """
     chosen = config_for(spec, config)
+    grad_configs = flash_backward.configs_for(spec, shared_memory_limit(), *(backward_configs or (None, None)))
     window = mx.array(spec.window, dtype=mx.int32)
-    # ALiBi slopes and sinks are primals, so the reference's gradient reaches them too.
+    rng = flash_backward.dropout_rng(spec, dropout_seed, batch_offset)
+    # ALiBi slopes and sinks are primals, so gradients reach them too.
     extras = [x.astype(mx.float32).reshape(-1) for x in (spec.alibi_slopes, spec.sinks) if x is not None]
 
     def with_extras(extra_arrays) -> Tuple[AttentionSpec, mx.array, mx.array]:
@@ -136,17 +143,48 @@ def flash_attention(
         return dataclasses.replace(spec, alibi_slopes=slopes, sinks=sinks), slopes, sinks
 
     def reference(q, k, v, *extra_arrays) -> List[mx.array]:
-        return list(reference_attention(q, k, v, with_extras(extra_arrays)[0]))
+        return list(reference_attention(q, k, v, with_extras(extra_arrays)[0], dropout_seed, batch_offset))
 
-    def forward(q, k, v, *extra_arrays) -> List[mx.array]:
+    def kernel_inputs(extra_arrays) -> Tuple[AttentionSpec, mx.array, mx.array]:
         call_spec, slopes, sinks = with_extras(extra_arrays)
         slopes = _placeholder() if slopes is None else slopes.reshape(-1)
-        sinks = _placeholder() if sinks is None else sinks
-        launch_plan = plan(q, k, v, window, slopes, sinks, call_spec, chosen)
+        return call_spec, slopes, _placeholder() if sinks is None else sinks
+
+    def forward(q, k, v, *extra_arrays) -> List[mx.array]:
+        call_spec, slopes, sinks = kernel_inputs(extra_arrays)
+        launch_plan = plan(q, k, v, window, slopes, sinks, rng, call_spec, chosen)
         return launch(launch_plan, lambda: reference(q, k, v, *extra_arrays))
 
-    out, lse = with_reference_vjp(forward, reference)(q, k, v, *extras)
+    function = mx.custom_function(forward)
+
+    @function.vjp
+    def backward(primals, cotangents, outputs):
+        primals, cotangents = list(primals), list(cotangents)
+        reference_grads = _memo(lambda: mx.vjp(reference, primals, cotangents)[1])
+        if grad_configs is None:
+            return tuple(reference_grads())
+        q, k, v, *extra_arrays = primals
+        call_spec, slopes, _ = kernel_inputs(extra_arrays)
+        out, lse = outputs
+        return tuple(flash_backward.flash_backward(
+            q, k, v, out, lse, cotangents[0], cotangents[1], call_spec, grad_configs, window, slopes, rng,
+            reference_grads,
+        ))
+
+    out, lse = function(q, k, v, *extras)
     return out, lse
+
+
+def _memo(compute):
+    """``compute``, run on the first call only."""
+    cache = []
+
+    def once():
+        if not cache:
+            cache.append(compute())
+        return cache[0]
+
+    return once
 
 
 def compile_examples():
@@ -159,7 +197,8 @@ def compile_examples():
             kv = mx.zeros((1, 2, 41, head_dim), dtype)
             features = [
                 {},
-                {"softcap": 30.0, "alibi_slopes": mx.zeros((4,)), "sinks": mx.zeros((4,)), "causal": True},
+                {"softcap": 30.0, "alibi_slopes": mx.zeros((4,)), "sinks": mx.zeros((4,)), "causal": True,
+                 "dropout_p": 0.1},
                 {"alibi_slopes": mx.zeros((1, 4))},
             ]
             for options in features:
@@ -168,4 +207,4 @@ def compile_examples():
                     if shared_memory_bytes(head_dim, config) > shared_memory_limit("metal"):
                         continue
                     yield plan(q, kv, kv, mx.array(spec.window, dtype=mx.int32), _placeholder(), _placeholder(),
-                               spec, config)
+                               mx.zeros((3,), mx.uint32), spec, config)

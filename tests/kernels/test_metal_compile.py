@@ -4,7 +4,7 @@ import collections
 
 import pytest
 
-from mlx_primitives.kernels import catalog, decode, flash_attention, glu, matmul, norms, rotary, sage, scan
+from mlx_primitives.kernels import catalog, decode, flash_attention, flash_backward, flex_attention, glu, matmul, norms, rotary, w8a8, sage, scan
 from mlx_primitives.kernels.launcher import Kernel
 
 from . import metal_check
@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(
 
 def _plans_by_kernel():
     plans = collections.defaultdict(list)
-    for module in (norms, rotary, glu, matmul, decode, flash_attention, scan, sage):
+    for module in (norms, rotary, glu, matmul, decode, flash_attention, flash_backward, flex_attention, scan, sage,
+                   w8a8):
         for plan in module.compile_examples():
             plans[plan.kernel.name].append(plan)
     return plans
