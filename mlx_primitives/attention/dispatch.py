@@ -5,6 +5,9 @@ Paths, in order of preference:
 * ``"sdpa"`` -- ``mx.fast.scaled_dot_product_attention``, whenever the call's
   features map onto it (no window, softcap, ALiBi or dropout, no LSE requested,
   causal only with ``q_len <= k_len`` so that no row is fully masked).
+* ``"decode"`` -- the split-KV decode kernel (:mod:`mlx_primitives.kernels.decode`) on a GPU
+  backend for decode-sized calls (``q_len <= 16``) with features sdpa lacks (window, softcap,
+  ALiBi, LSE); where :data:`DECODE_BEATS_SDPA` says so from measurements, also plain/causal ones.
 * ``"kernel"`` -- the prefill flash kernel (:mod:`mlx_primitives.kernels.flash_attention`)
   on a GPU backend, for the features sdpa lacks (window, softcap, ALiBi, LSE, ...)
   and for causal calls at head dims past sdpa's fast path, when the kernel supports the call.
@@ -18,13 +21,14 @@ every call logs it at DEBUG level on the ``mlx_primitives.dispatch`` logger.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 
 from ..hardware import device_profile
-from ..kernels import flash_attention
+from ..kernels import decode, flash_attention
 from .reference import reference_attention
 from .spec import AttentionSpec
 
@@ -35,6 +39,13 @@ PATHS = ("auto", "sdpa", "kernel", "reference")
 # Past this head dim sdpa leaves its fast path (cuDNN on CUDA): on the H100 the kernel is 2-3x faster
 # there for causal calls, sdpa still ~1.3x faster without a mask (benchmarks/results/h100/flash_kernel.md).
 SDPA_FAST_HEAD_DIM = 128
+
+
+# Plain/causal decode calls the decode kernel measured faster than sdpa on, per backend:
+# (least batch, least k_len) pairs; a call at or past both of one pair goes to the kernel. Measured
+# through this dispatcher (BSHD inputs, as flash_attn_func takes them) against sdpa's route, H100,
+# MLX 0.32.4, fp16, Hq 32, Hk 8, D 128 (benchmarks/results/h100/attention.md).
+DECODE_BEATS_SDPA = {"cuda": ()}
 
 
 class Route(NamedTuple):
@@ -72,6 +83,20 @@ def _kernel_blocker(spec: AttentionSpec) -> Optional[str]:
     return flash_attention.unsupported(spec)
 
 
+def _decode_blocker(spec: AttentionSpec) -> Optional[str]:
+    """Why the decode kernel cannot compute ``spec`` here, or None."""
+    if not device_profile().is_gpu:
+        return "kernels need a GPU backend"
+    if spec.mask is not None or spec.dropout_p > 0 or spec.v_head_dim != spec.head_dim or spec.k_len == 0:
+        return "a mask array, dropout, a value head dim of its own or an empty cache"
+    return decode.unsupported(spec)
+
+
+def _decode_beats_sdpa(spec: AttentionSpec) -> bool:
+    pairs = DECODE_BEATS_SDPA.get(device_profile().backend, ())
+    return any(spec.batch >= batch and spec.k_len >= k_len for batch, k_len in pairs)
+
+
 def choose_route(spec: AttentionSpec, need_lse: bool = False, path: str = "auto") -> Route:
     """Pick the path for ``spec``.
 
@@ -95,6 +120,9 @@ def choose_route(spec: AttentionSpec, need_lse: bool = False, path: str = "auto"
         if kernel_blocker:
             raise ValueError(f"path='kernel' cannot run this call: {kernel_blocker}")
         return Route("kernel", "forced by the caller")
+    if spec.q_len <= decode.MAX_Q_LEN and (blocker or _decode_beats_sdpa(spec)) and _decode_blocker(spec) is None:
+        why = blocker or "measured faster than sdpa at this shape"
+        return Route("decode", f"{why}: the split-KV decode kernel computes it")
     past_fast_path = spec.causal and spec.head_dim > SDPA_FAST_HEAD_DIM
     if (blocker or past_fast_path) and _kernel_blocker(spec) is None:
         if blocker:
@@ -126,6 +154,22 @@ def _sdpa(q: mx.array, k: mx.array, v: mx.array, spec: AttentionSpec) -> mx.arra
     return mx.where(has_key, out, mx.zeros((), dtype=out.dtype))
 
 
+@functools.lru_cache(maxsize=64)
+def _full_lengths(batch: int, k_len: int) -> mx.array:
+    return mx.full((batch,), k_len, dtype=mx.int32)
+
+
+def _decode(q: mx.array, k: mx.array, v: mx.array, spec: AttentionSpec) -> Tuple[mx.array, mx.array]:
+    """The decode kernel on BHSD tensors: every sequence holds all k_len keys (BSHD views for the
+    kernel, free where the caller's arrays are BSHD, as flash_attn_func's are)."""
+    out, lse = decode.decode_attention(
+        q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), _full_lengths(spec.batch, spec.k_len),
+        softmax_scale=spec.scale, causal=spec.causal, window_size=spec.window, softcap=spec.softcap,
+        alibi_slopes=spec.alibi_slopes, sinks=spec.sinks, return_lse=True,
+    )
+    return out.swapaxes(1, 2), lse
+
+
 def run_attention(
     q: mx.array,
     k: mx.array,
@@ -148,6 +192,8 @@ def run_attention(
         return _sdpa(q, k, v, spec), None
     if route.path == "kernel":
         return flash_attention.flash_attention(q, k, v, spec)
+    if route.path == "decode":
+        return _decode(q, k, v, spec)
     return reference_attention(q, k, v, spec, dropout_seed, batch_offset)
 
 
