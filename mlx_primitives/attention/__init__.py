@@ -1,6 +1,7 @@
 """Attention functions: flash-attention's interface on MLX arrays, one dispatcher behind it."""
 
 from .dispatch import Route, choose_route
+from .flex import BlockMask, create_block_mask, flex_attention
 from .flash import (
     explain,
     flash_attention,
@@ -19,6 +20,7 @@ from .kvcache import flash_attn_with_kvcache
 __all__ = [
     "Attention",
     "AttentionSpec",
+    "BlockMask",
     "ChunkedCrossAttention",
     "FlashAttention",
     "QuantizedQK",
@@ -26,6 +28,7 @@ __all__ = [
     "Route",
     "SlidingWindowAttention",
     "choose_route",
+    "create_block_mask",
     "dequantize",
     "describe_attention",
     "explain",
@@ -35,6 +38,7 @@ __all__ = [
     "flash_attn_qkvpacked_func",
     "flash_attn_varlen_func",
     "flash_attn_with_kvcache",
+    "flex_attention",
     "quantize_qk",
     "reference_attention",
     "sageattn",
