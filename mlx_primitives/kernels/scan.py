@@ -24,7 +24,9 @@ from .launcher import Launch, launch
 from .tuning import config_for
 
 WARP = 32
-SPLIT_TARGET_GROUPS = 1024  # split the sequence while fewer threadgroups than this would run (H100: 132 SMs)
+# Split the sequence while fewer threadgroups than this would run. H100 (132 SMs), B=8, L=4096, D=2048:
+# 512 groups in one split ran 3.07 ms, two splits 3.55 ms (benchmarks/results/h100/zoo.md).
+SPLIT_TARGET_GROUPS = 512
 
 
 class KernelUnavailable(RuntimeError):
