@@ -1,0 +1,21 @@
+"""Models: a composed transformer, attention swapped into mlx-lm models, paged batched generation."""
+
+from .generate import Generation, PagedLayerCache, generate, sample
+from .swap import KERNELS, Replaced, SwappedAttention, model_attention, restore_attention, swap_attention
+from .transformer import ModelArgs, Transformer, TransformerBlock
+
+__all__ = [
+    "Generation",
+    "KERNELS",
+    "ModelArgs",
+    "PagedLayerCache",
+    "Replaced",
+    "SwappedAttention",
+    "Transformer",
+    "TransformerBlock",
+    "generate",
+    "model_attention",
+    "restore_attention",
+    "sample",
+    "swap_attention",
+]
