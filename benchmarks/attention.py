@@ -6,6 +6,10 @@ Tables:
 2. features -- ms and TFLOP/s of our dispatcher for plain, causal, window, softcap
    and ALiBi attention, beside sdpa (with an additive mask where it needs one),
    naive attention and the reference path.
+3. issue 5 targets, each in one table: softcap and ALiBi prefill L = 4k-16k against sdpa's plain
+   TFLOP/s and the reference path; sliding window L = 16k, W = 1k against sdpa with the additive
+   mask; decode against sdpa on contiguous K/V and on mlx-lm cache slices; the backward pass with
+   softcap through ``flash_attn_func``'s gradient against sdpa's own backward on plain attention.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from typing import Dict, List
 
 import mlx.core as mx
 
-from mlx_primitives.attention import describe_attention, explain, flash_attention
+from mlx_primitives.attention import describe_attention, explain, flash_attention, flash_attn_func
 from mlx_primitives.hardware import device_profile
 
+from . import decode
 from .common import Table, time_ms, time_per_call_ms
 
 
@@ -121,5 +126,112 @@ def features_table(quick: bool) -> Table:
     return table
 
 
+def _slopes(heads: int) -> mx.array:
+    return mx.array([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)])
+
+
+def prefill_targets_table(quick: bool) -> Table:
+    """Softcap and ALiBi prefill (non-causal, the shape of sdpa's plain call) vs sdpa plain and the reference."""
+    gpu = device_profile().is_gpu
+    dtype = mx.float16 if gpu else mx.float32
+    heads, dim = (16, 128) if gpu else (4, 64)
+    lengths = ((4096,) if quick else (4096, 8192, 16384)) if gpu else (256,)
+    table = Table(
+        f"Issue 5: softcap / ALiBi prefill vs sdpa plain, B=1 H={heads} D={dim} {dtype}",
+        ["L", "feature", "route", "ours ms", "ours TFLOP/s", "sdpa plain TFLOP/s", "ours / sdpa plain",
+         "reference ms", "vs reference"],
+        note="Targets: >= 50% of sdpa's plain TFLOP/s at the same shape, >= 20x the reference path.",
+    )
+    for length in lengths:
+        q, k, v = _inputs(1, heads, heads, length, dim, dtype)
+        plain = describe_attention(q, k, v)
+        sdpa = time_ms(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=plain.scale))
+        sdpa_tflops = plain.flops() / (sdpa * 1e9)
+        for name, options in (("softcap", {"softcap": 30.0}), ("alibi", {"alibi_slopes": _slopes(heads)})):
+            route = explain(q, k, v, layout="BHSD", **options).path
+            ours = time_ms(lambda: flash_attention(q, k, v, layout="BHSD", **options))
+            reference = time_ms(lambda: flash_attention(q, k, v, layout="BHSD", path="reference", **options),
+                                warmup=1, repeats=3)
+            tflops = plain.flops() / (ours * 1e9)
+            table.add(length, name, route, ours, tflops, sdpa_tflops, tflops / sdpa_tflops, reference,
+                      reference / ours)
+        del q, k, v
+    return table
+
+
+def window_target_table(quick: bool) -> Table:
+    gpu = device_profile().is_gpu
+    dtype = mx.float16 if gpu else mx.float32
+    heads, dim = (16, 128) if gpu else (4, 64)
+    length, width = ((8192 if quick else 16384), 1024) if gpu else (512, 64)
+    table = Table(
+        f"Issue 5: sliding window, causal, B=1 H={heads} L={length} W={width} D={dim} {dtype}",
+        ["route", "ours ms", "sdpa + additive mask ms", "speedup", "sdpa causal (full) ms"],
+        note="Target: >= 10x faster than sdpa with the equivalent additive mask.",
+    )
+    q, k, v = _inputs(1, heads, heads, length, dim, dtype)
+    options = {"causal": True, "window_size": (width - 1, 0)}
+    spec = describe_attention(q, k, v, **options)
+    route = explain(q, k, v, layout="BHSD", **options).path
+    ours = time_ms(lambda: flash_attention(q, k, v, layout="BHSD", **options))
+    bias = _bias(spec, dtype)
+    mx.eval(bias)
+    masked = time_ms(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=spec.scale, mask=bias), repeats=5)
+    del bias
+    causal = time_ms(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=spec.scale, mask="causal"))
+    table.add(route, ours, masked, masked / ours, causal)
+    return table
+
+
+def decode_target_table(quick: bool) -> Table:
+    table = decode.vs_sdpa_table()
+    table.title = "Issue 5: " + table.title
+    table.note += " Targets: >= 2.0 TB/s, never slower than either sdpa column."
+    gpu = device_profile().is_gpu
+    shapes = [(b, n) for b in (1, 8, 32) for n in (4096, 32768)] if gpu and not quick else [(1, 4096), (8, 4096)]
+    if not gpu:
+        shapes = [(1, 512)]
+    for batch, length in shapes:
+        q, k, v, seqlens = decode.cache(batch, length)
+        decode.add_vs_sdpa(table, q, k, v, seqlens)
+        del q, k, v
+    return table
+
+
+def backward_target_table(quick: bool) -> Table:
+    gpu = device_profile().is_gpu
+    dtype = mx.float16 if gpu else mx.float32
+    heads, length, dim = (16, 2048 if quick else 4096, 128) if gpu else (4, 256, 64)
+    table = Table(
+        f"Issue 5: backward with softcap (flash_attn_func gradient) vs sdpa's backward, B=1 H={heads} L={length} "
+        f"D={dim} {dtype}, non-causal",
+        ["path", "forward ms", "forward + backward ms", "backward ms", "backward TFLOP/s", "vs sdpa backward"],
+        note="Backward = (forward + backward) - forward; its FLOPs are 2.5x the forward's. "
+             "Target: softcap >= 40% of sdpa's plain backward TFLOP/s.",
+    )
+    q, k, v = (x.swapaxes(1, 2) for x in _inputs(1, heads, heads, length, dim, dtype))  # BSHD views
+    qh, kh, vh = _inputs(1, heads, heads, length, dim, dtype)
+    spec = describe_attention(qh, kh, vh)
+    flops = 2.5 * spec.flops()
+
+    def sdpa(q, k, v):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=spec.scale)
+
+    def ours(q, k, v):
+        return flash_attn_func(q, k, v, softcap=30.0)
+
+    rows = []
+    for name, fn, args in (("sdpa plain", sdpa, (qh, kh, vh)), ("flash_attn_func softcap", ours, (q, k, v))):
+        grad = mx.grad(lambda q, k, v: fn(q, k, v).astype(mx.float32).sum(), argnums=(0, 1, 2))
+        forward = time_ms(lambda: fn(*args))
+        both = time_ms(lambda: grad(*args))
+        rows.append((name, forward, both, max(both - forward, 1e-6)))
+    sdpa_backward = rows[0][3]
+    for name, forward, both, backward in rows:
+        table.add(name, forward, both, backward, flops / (backward * 1e9), sdpa_backward / backward)
+    return table
+
+
 def run(quick: bool = False) -> List[Table]:
-    return [overhead_table(quick), features_table(quick)]
+    return [overhead_table(quick), features_table(quick), prefill_targets_table(quick), window_target_table(quick),
+            decode_target_table(quick), backward_target_table(quick)]

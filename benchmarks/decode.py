@@ -10,71 +10,116 @@ Targets (issue 5/6): >= 2.0 TB/s, never slower than sdpa, paged within 10% of co
 
 from __future__ import annotations
 
+import time
 from typing import List
 
 import mlx.core as mx
 
 from mlx_primitives.hardware import device_profile
-from mlx_primitives.kernels import catalog, decode_attention
+from mlx_primitives.attention import describe_attention
+from mlx_primitives.kernels import decode_attention
+from mlx_primitives.kernels.decode import _geometry, num_splits, plan
 
 from .common import Table, time_per_call_ms
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 PAGE_SIZES = (16, 64, 256)
+PEAK_GBS = 3350.0  # H100 SXM, where the device profile does not know the chip
 
 
 def _gbs(nbytes: int, ms: float) -> float:
     return nbytes / ms / 1e6
 
 
+def build_us(fn, calls: int = 50) -> float:
+    """Microseconds of Python per call to build ``fn()``'s graph (evaluated afterwards, not timed)."""
+    fn()
+    start = time.perf_counter()
+    outs = [fn() for _ in range(calls)]
+    elapsed = time.perf_counter() - start
+    mx.eval(outs)
+    return elapsed / calls * 1e6
+
+
+SWEEP_SHAPES = ((8, 4096), (32, 4096), (8, 32768), (32, 32768))
+SWEEP_CONFIGS = [{"THREADS": t, "SPLIT": 256, "CHUNKS": c} for t in (64, 128, 256) for c in (1, 2)]
+
+
+def _split_launch(q, k, seqlens, spec, config):
+    """The split pass's launch for ``config``: how many splits, keys per step and stages it runs."""
+    geometry = _geometry(spec, config, device_profile().backend)
+    splits = num_splits(spec, k.shape[1], config["SPLIT"], geometry["THREADS"], geometry["REGISTERS"])
+    return plan(q, k, k, seqlens, None, q[:1, 0, 0, :1], spec, splits, config)
+
+
+def vs_sdpa_table() -> Table:
+    peak = device_profile().bandwidth_gbs or PEAK_GBS
+    return Table(
+        title=f"Decode: split-KV kernel vs sdpa (fp16, q_len 1, Hq={HEADS}, Hk={KV_HEADS}, D={HEAD_DIM})",
+        columns=("B", "L", "ours ms", "ours GB/s", "% peak", "ours build us", "sdpa ms", "sdpa GB/s",
+                 "sdpa cache-slice ms", "sdpa cache-slice GB/s", "best sdpa / ours"),
+        note=f"GB/s = K and V bytes of the L keys / time; % peak of {peak:.0f} GB/s. 'build us': Python time "
+             "per call building the graph (validation memoized; the GPU idles where it exceeds the call's time).",
+    )
+
+
+def cache(batch: int, length: int, dtype=mx.float16):
+    """q (B, 1, Hq, D) and a full BSHD cache (B, L, Hk, D) with its lengths, evaluated."""
+    q = mx.random.normal((batch, 1, HEADS, HEAD_DIM)).astype(dtype)
+    k = mx.random.normal((batch, length, KV_HEADS, HEAD_DIM)).astype(dtype)
+    v = mx.random.normal((batch, length, KV_HEADS, HEAD_DIM)).astype(dtype)
+    seqlens = mx.full((batch,), length, dtype=mx.int32)
+    mx.eval(q, k, v, seqlens)
+    return q, k, v, seqlens
+
+
+def add_vs_sdpa(table: Table, q, k, v, seqlens) -> float:
+    """One row of :func:`vs_sdpa_table`: our kernel, sdpa on contiguous BHSD K/V and on mlx-lm-style
+    cache slices, in this order; returns our ms."""
+    batch, length = k.shape[:2]
+    nbytes = 2 * k.size * k.dtype.size
+    peak = device_profile().bandwidth_gbs or PEAK_GBS
+    ours = time_per_call_ms(lambda: decode_attention(q, k, v, seqlens))
+    build = build_us(lambda: decode_attention(q, k, v, seqlens))
+    qh = q.swapaxes(1, 2)
+    kh, vh = (mx.contiguous(x.swapaxes(1, 2)) for x in (k, v))
+    mx.eval(qh, kh, vh)
+    sdpa = time_per_call_ms(lambda: mx.fast.scaled_dot_product_attention(qh, kh, vh, scale=HEAD_DIM**-0.5))
+    del kh, vh
+    capacity = length + 256
+    k_buf, v_buf = (mx.random.normal((batch, KV_HEADS, capacity, HEAD_DIM)).astype(k.dtype) for _ in range(2))
+    mx.eval(k_buf, v_buf)
+    sliced = time_per_call_ms(lambda: mx.fast.scaled_dot_product_attention(
+        qh, k_buf[:, :, :length], v_buf[:, :, :length], scale=HEAD_DIM**-0.5))
+    del k_buf, v_buf
+    table.add(batch, length, ours, _gbs(nbytes, ours), f"{100 * _gbs(nbytes, ours) / peak:.0f}%", build, sdpa,
+              _gbs(nbytes, sdpa), sliced, _gbs(nbytes, sliced), min(sdpa, sliced) / ours)
+    return ours
+
+
 def run(quick: bool = False) -> List[Table]:
     batches = (1, 8) if quick else (1, 8, 32)
     lengths = (4096,) if quick else (4096, 32768)
-    peak = device_profile().bandwidth_gbs or 3350.0
-    dtype = mx.float16
-    main = Table(
-        title=f"Decode: split-KV kernel vs sdpa (fp16, q_len 1, Hq={HEADS}, Hk={KV_HEADS}, D={HEAD_DIM})",
-        columns=("B", "L", "ours ms", "ours GB/s", "% peak", "sdpa ms", "sdpa GB/s", "sdpa cache-slice ms",
-                 "sdpa cache-slice GB/s", "best sdpa / ours"),
-        note=f"GB/s = K and V bytes of the L keys / time; % peak of {peak:.0f} GB/s.",
-    )
+    main = vs_sdpa_table()
     paged = Table(
         title="Decode: paged KV (shuffled page table) vs contiguous, through our kernel",
         columns=("B", "L", "page", "paged ms", "paged GB/s", "contiguous ms", "paged / contiguous"),
     )
     sweep = Table(
-        title="Decode: split-KV configs (THREADS, SPLIT = min keys per split)",
-        columns=("B", "L", "THREADS", "SPLIT", "ms", "GB/s"),
+        title="Decode: split-KV configs (THREADS; CHUNKS = 16-byte chunks per lane and row; THREADS 256 only by "
+              "explicit config)",
+        columns=("B", "L", "THREADS", "CHUNKS", "lanes per key", "splits", "KB", "STAGES", "ms", "GB/s"),
     )
     for batch in batches:
         for length in lengths:
-            nbytes = 2 * batch * length * KV_HEADS * HEAD_DIM * dtype.size
-            q = mx.random.normal((batch, 1, HEADS, HEAD_DIM)).astype(dtype)
-            k = mx.random.normal((batch, length, KV_HEADS, HEAD_DIM)).astype(dtype)
-            v = mx.random.normal((batch, length, KV_HEADS, HEAD_DIM)).astype(dtype)
-            seqlens = mx.full((batch,), length, dtype=mx.int32)
-            mx.eval(q, k, v, seqlens)
-            ours = time_per_call_ms(lambda: decode_attention(q, k, v, seqlens))
-
-            qh = q.swapaxes(1, 2)
-            kh, vh = (mx.contiguous(x.swapaxes(1, 2)) for x in (k, v))
-            mx.eval(qh, kh, vh)
-            sdpa = time_per_call_ms(lambda: mx.fast.scaled_dot_product_attention(qh, kh, vh, scale=HEAD_DIM**-0.5))
-            del kh, vh
-            capacity = length + 256
-            k_buf, v_buf = (mx.random.normal((batch, KV_HEADS, capacity, HEAD_DIM)).astype(dtype) for _ in range(2))
-            mx.eval(k_buf, v_buf)
-            sliced = time_per_call_ms(lambda: mx.fast.scaled_dot_product_attention(
-                qh, k_buf[:, :, :length], v_buf[:, :, :length], scale=HEAD_DIM**-0.5))
-            del k_buf, v_buf
-            main.add(batch, length, ours, _gbs(nbytes, ours), f"{100 * _gbs(nbytes, ours) / peak:.0f}%", sdpa,
-                     _gbs(nbytes, sdpa), sliced, _gbs(nbytes, sliced), min(sdpa, sliced) / ours)
-
+            q, k, v, seqlens = cache(batch, length)
+            nbytes = 2 * k.size * k.dtype.size
+            ours = add_vs_sdpa(main, q, k, v, seqlens)
             for page_size in PAGE_SIZES:
                 pages = length // page_size
                 order = mx.random.permutation(batch * pages)
                 table = order.reshape(batch, pages).astype(mx.int32)
-                pool_k = mx.zeros((batch * pages, page_size, KV_HEADS, HEAD_DIM), dtype)
+                pool_k = mx.zeros((batch * pages, page_size, KV_HEADS, HEAD_DIM), k.dtype)
                 pool_k[order] = k.reshape(batch * pages, page_size, KV_HEADS, HEAD_DIM)
                 pool_v = mx.zeros_like(pool_k)
                 pool_v[order] = v.reshape(batch * pages, page_size, KV_HEADS, HEAD_DIM)
@@ -83,9 +128,14 @@ def run(quick: bool = False) -> List[Table]:
                 paged.add(batch, length, page_size, ms, _gbs(nbytes, ms), ours, ms / ours)
                 del pool_k, pool_v
 
-            if not quick and (batch, length) in ((1, 4096), (8, 32768)):
-                for config in catalog.DECODE.configs():
+            if not quick and device_profile().is_gpu and (batch, length) in SWEEP_SHAPES:
+                spec = describe_attention(q, k, v, layout="BSHD", causal=True)
+                for config in SWEEP_CONFIGS:
                     ms = time_per_call_ms(lambda: decode_attention(q, k, v, seqlens, path="kernel", config=config))
-                    sweep.add(batch, length, config["THREADS"], config["SPLIT"], ms, _gbs(nbytes, ms))
+                    launch = _split_launch(q, k, seqlens, spec, config)
+                    template = dict(launch.template)
+                    sweep.add(batch, length, config["THREADS"], config["CHUNKS"], template["TPK"],
+                              launch.grid[0] // template["THREADS"], template["KB"], template["STAGES"], ms,
+                              _gbs(nbytes, ms))
             del q, k, v
     return [main, paged] + ([sweep] if sweep.rows else [])

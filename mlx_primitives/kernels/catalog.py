@@ -147,14 +147,15 @@ FLASH_BWD_DKDV = _AttentionKernel(
 )
 
 # Decode attention (decode.py): the split-KV pass (asynchronous K/V copies from flash_<backend>.inc),
-# whose threads per group and minimum keys per split are free, and the pass that merges the splits.
+# whose threads per group, minimum keys per split and 16-byte chunks per lane are free, and the pass
+# that merges the splits.
 DECODE = _AttentionKernel(
     name="decode_attention",
     body="decode.kern",
     inputs=("q", "k_cache", "v_cache", "cache_seqlens", "block_table", "params", "slopes"),
     outputs=("o_part", "lse_part"),
     mma=True,
-    tunables=(("THREADS", (64, 128)), ("SPLIT", (128, 256, 512))),
+    tunables=(("THREADS", (64, 128)), ("SPLIT", (128, 256, 512)), ("CHUNKS", (1, 2))),
 )
 
 # Scans (scan.py): warps along time and time steps per thread; a threadgroup's chunk is their product.
@@ -198,7 +199,7 @@ DEFAULTS = {
     "rope": {"HPT": 1, "THREADS": 128},
     "glu": {"ITEMS": 2, "THREADS": 256},
     "tiled_matmul": {"BM": 64, "BN": 64, "WM": 2, "WN": 2},
-    "decode_attention": {"THREADS": 128, "SPLIT": 256},
+    "decode_attention": {"THREADS": 128, "SPLIT": 256, "CHUNKS": 2},
     # 32 keys by 64 query rows: best of the H100 sweep (fp16, L=8k: plain, causal, softcap, window)
     # at every head dim, and all that fits shared memory at head dim 256.
     "flash_attention_fwd": {"BK": 32, "WARPS": 4},

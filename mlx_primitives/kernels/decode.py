@@ -11,7 +11,8 @@ every backend and is the fallback.
 from __future__ import annotations
 
 import functools
-from typing import List, Optional, Tuple, Union
+import math
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
 
@@ -20,6 +21,7 @@ from ..attention.spec import AttentionSpec, describe_attention, to_bhsd
 from ..hardware import device_profile
 from ..validation import check_array, check_same_dtype
 from . import catalog
+from .flash_attention import shared_memory_limit
 from .launcher import Launch, float_bits, launch, next_pow2, with_reference_vjp
 from .tuning import config_for
 
@@ -27,12 +29,22 @@ HEAD_DIMS = (64, 80, 96, 128, 256)
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 MAX_Q_LEN = 16  # past this, the prefill kernel's tiles use the matrix unit better
 MAX_ROWS = 8  # query rows one threadgroup keeps in registers; more take several row blocks
-WAVES = 4  # split-KV aims for this many threadgroups per GPU core (SM)
+WAVES = 4  # split-KV considers up to this many waves of threadgroups
 DEFAULT_UNITS = 132  # H100 SMs: MLX's CUDA device_info reports no SM count
+# Occupancy estimate for the split count: a lane keeps 2 * ROWS * CH * VEC floats of q and output
+# plus about ADDRESSING_REGISTERS more; the H100's SM has REGISTER_FILE registers and runs at most
+# MAX_THREADS_PER_UNIT threads.
+ADDRESSING_REGISTERS = 64
+REGISTER_FILE = 65536
+MAX_THREADS_PER_UNIT = 2048
+MAX_STAGES = 6  # K/V steps in shared memory: the one being read and up to five in flight
 COMBINE_WARPS = 4
 PATHS = ("auto", "kernel", "reference")
+QUANT_GROUP_SIZES = (32, 64, 128)
+QUANT_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize packs
 
 Output = Union[mx.array, Tuple[mx.array, mx.array]]
+Cache = Union[mx.array, Tuple[mx.array, mx.array, mx.array]]
 
 
 def reference_decode(
@@ -105,11 +117,43 @@ def _row_blocks(spec: AttentionSpec) -> Tuple[int, int]:
     return blocks, -(-rows // blocks)
 
 
-def num_splits(spec: AttentionSpec, capacity: int, split: int) -> int:
-    """Chunks per sequence: enough threadgroups to fill the GPU, each of at least ``split`` keys."""
+def _resident(threads: int, registers: int) -> int:
+    """Threadgroups of ``threads`` one SM holds at once, at ``registers`` registers a thread."""
+    return max(1, min(MAX_THREADS_PER_UNIT // threads, REGISTER_FILE // (threads * registers)))
+
+
+def num_splits(spec: AttentionSpec, capacity: int, split: int, threads: int, registers: int) -> int:
+    """Chunks per sequence: the fewest that keep the GPU's slots busy (flash-decoding's rule).
+
+    ``groups * splits`` threadgroups run in waves of ``slots`` (SMs x resident groups); a split
+    count's efficiency is the filled fraction of its last wave. The first count within 85% of the
+    best efficiency wins, since every extra split adds partial outputs for the combine pass to
+    merge; chunks stay at least ``split`` keys long.
+    """
     groups = spec.batch * spec.num_kv_heads * _row_blocks(spec)[0]
-    wanted = -(-WAVES * (device_profile().gpu_cores or DEFAULT_UNITS) // groups)
-    return max(1, min(wanted, -(-capacity // split)))
+    slots = (device_profile().gpu_cores or DEFAULT_UNITS) * _resident(threads, registers)
+    most = max(1, min(-(-capacity // split), -(-WAVES * slots // groups)))
+    efficiency = []
+    for splits in range(1, most + 1):
+        waves = groups * splits / slots
+        efficiency.append(waves / math.ceil(waves))
+    best = max(efficiency)
+    return next(s for s, e in enumerate(efficiency, start=1) if e >= 0.85 * best)
+
+
+def staging(threads: int, ch: int, head_dim: int, rows: int, backend: str) -> Tuple[int, int, int]:
+    """(THREADS, KB, STAGES) whose shared memory fits ``backend``: the K/V stages take what the
+    reductions leave; two keys per team and step where three stages fit, else one; THREADS
+    halves until two stages fit (only large head dims on Metal's 32 KiB)."""
+    limit = shared_memory_limit(backend)
+    while True:
+        reductions = 4 * (threads // 32) * (head_dim + 2 * rows)
+        per_key_step = threads * 2 * 16 * ch  # K and V chunks of one key per team, every lane
+        for kb, least in ((2, 3), (1, 2)):
+            stages = min(MAX_STAGES, (limit - reductions) // (kb * per_key_step))
+            if stages >= least:
+                return threads, kb, stages
+        threads //= 2
 
 
 @functools.lru_cache(maxsize=256)
@@ -128,34 +172,45 @@ def _placeholder() -> mx.array:
     return mx.zeros((1,), mx.float32)
 
 
-def plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec: AttentionSpec, splits: int,
-         config) -> Launch:
-    """The split-KV launch of ``decode.kern``; ``block_table`` None for a contiguous cache."""
-    vec = 16 // q.dtype.size
+def _geometry(spec: AttentionSpec, config: Dict[str, int], backend: str) -> Dict[str, int]:
+    """Lanes per key and their 16-byte chunks, rows per group, the staging that fits, and the
+    registers a lane needs (an estimate, for the split count)."""
+    vec = 16 // spec.dtype.size
     chunks = spec.head_dim // vec
     blocks, rows = _row_blocks(spec)
-    # Fewer lanes per key (two 16-byte chunks each) where q and the output slice still fit in
-    # registers: less of the per-key work (shuffles, softmax) is repeated across a team's lanes.
-    per_lane = 2 if rows <= 4 else 1
+    # CHUNKS 16-byte chunks of a row per lane: 2 repeats less of the per-key work (shuffles,
+    # softmax) across a team's lanes, 1 halves the registers of q and the output slice (more
+    # threadgroups per SM). Past 4 rows only 1 fits the registers.
+    per_lane = config["CHUNKS"] if rows <= 4 else 1
     tpk = min(32, next_pow2(-(-chunks // per_lane)))
     ch = -(-chunks // tpk)
-    threads = config["THREADS"]
+    threads, kb, stages = staging(config["THREADS"], ch, spec.head_dim, rows, backend)
+    return {"VEC": vec, "TPK": tpk, "CH": ch, "ROWS": rows, "BLOCKS": blocks, "THREADS": threads, "KB": kb,
+            "STAGES": stages, "REGISTERS": 2 * rows * ch * vec + ADDRESSING_REGISTERS}
+
+
+def plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec: AttentionSpec, splits: int,
+         config, backend: Optional[str] = None) -> Launch:
+    """The split-KV launch of ``decode.kern``; ``block_table`` None for a contiguous cache."""
+    g = _geometry(spec, config, backend or device_profile().backend)
     alibi = 0 if spec.alibi_slopes is None else spec.alibi_slopes.ndim
-    template = [
+    template = (
         ("T", q.dtype),
         ("D", spec.head_dim),
-        ("VEC", vec),
-        ("TPK", tpk),
-        ("CH", ch),
-        ("ROWS", rows),
-        ("KB", 4 if ch * rows <= 4 else 2),
-        ("THREADS", threads),
+        ("VEC", g["VEC"]),
+        ("TPK", g["TPK"]),
+        ("CH", g["CH"]),
+        ("ROWS", g["ROWS"]),
+        ("KB", g["KB"]),
+        ("STAGES", g["STAGES"]),
+        ("THREADS", g["THREADS"]),
         ("SPLIT", config["SPLIT"]),
+        ("CHUNKS", config["CHUNKS"]),
         ("PAGED", int(block_table is not None)),
         ("SCALE", float_bits(spec.scale)),
         ("SOFTCAP", float_bits(spec.softcap) if spec.softcap > 0 else 0),
         ("ALIBI", alibi),
-    ]
+    )
     shift = k_cache.shape[1].bit_length() - 1 if block_table is not None else 0
     params = _int32((spec.window[0], spec.window[1], splits, shift))
     table = _no_block_table() if block_table is None else block_table
@@ -163,8 +218,8 @@ def plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec: Attentio
         kernel=catalog.DECODE,
         inputs=[q, k_cache, v_cache, cache_seqlens, table, params, slopes],
         template=template,
-        grid=(splits * threads, spec.num_kv_heads * blocks, spec.batch),
-        threadgroup=(threads, 1, 1),
+        grid=(splits * g["THREADS"], spec.num_kv_heads * g["BLOCKS"], spec.batch),
+        threadgroup=(g["THREADS"], 1, 1),
         output_shapes=[(spec.batch, spec.num_heads, spec.q_len, splits, spec.head_dim),
                        (spec.batch, spec.num_heads, spec.q_len, splits)],
         output_dtypes=[mx.float32, mx.float32],
@@ -178,13 +233,45 @@ def combine_plan(o_part: mx.array, lse_part: mx.array, sinks: mx.array, spec: At
     return Launch(
         kernel=catalog.DECODE_COMBINE,
         inputs=[o_part, lse_part, sinks],
-        template=[("T", spec.dtype), ("D", spec.head_dim), ("SINKS", int(spec.sinks is not None)),
-                  ("WARPS_PER_GROUP", COMBINE_WARPS)],
+        template=(("T", spec.dtype), ("D", spec.head_dim), ("SINKS", int(spec.sinks is not None)),
+                  ("WARPS_PER_GROUP", COMBINE_WARPS)),
         grid=(-(-rows // COMBINE_WARPS) * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(spec.batch, spec.q_len, spec.num_heads, spec.head_dim), (spec.batch, spec.num_heads, spec.q_len)],
         output_dtypes=[spec.dtype, mx.float32],
     )
+
+
+def dequantized_cache(name: str, cache, quantization, head_dim: int) -> mx.array:
+    """``mx.dequantize`` of a ``(packed, scales, biases)`` cache after checking it against
+    ``quantization = (group_size, bits)`` and the queries' ``head_dim``."""
+    if (not isinstance(quantization, (tuple, list)) or len(quantization) != 2
+            or quantization[0] not in QUANT_GROUP_SIZES or quantization[1] not in QUANT_BITS):
+        raise ValueError(
+            f"quantization must be (group_size in {QUANT_GROUP_SIZES}, bits in {QUANT_BITS}) when k_cache/v_cache "
+            f"are (packed, scales, biases) tuples; got {quantization!r}"
+        )
+    group_size, bits = quantization
+    if not isinstance(cache, (tuple, list)) or len(cache) != 3:
+        raise ValueError(f"{name} must be a (packed, scales, biases) tuple from mx.quantize with quantization set")
+    packed, scales, biases = cache
+    words = head_dim * bits // 32
+    check_array(f"{name}[0]", packed, f"(..., num_kv_heads, head_dim * bits / 32 = {words}) uint32", ndim=4,
+                dtypes=(mx.uint32,))
+    if head_dim % group_size or packed.shape[3] * 32 != head_dim * bits:
+        raise ValueError(
+            f"{name}[0] must hold head_dim={head_dim} values of {bits} bits in groups of {group_size} per row "
+            f"({words} uint32); got shape {tuple(packed.shape)}"
+        )
+    groups_shape = tuple(packed.shape[:3]) + (head_dim // group_size,)
+    check_array(f"{name}[1]", scales, f"{groups_shape} (scales)", shape=groups_shape)
+    check_array(f"{name}[2]", biases, f"{groups_shape} (biases)", shape=groups_shape)
+    return mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits)
+
+
+def _with_inputs(plan: Launch, inputs: List[mx.array]) -> Launch:
+    return Launch(plan.kernel, inputs, plan.template, plan.grid, plan.threadgroup, plan.output_shapes,
+                  plan.output_dtypes)
 
 
 def _describe(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window_size, softcap,
@@ -221,15 +308,87 @@ def _describe(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, ca
 def _kernel_config(spec: AttentionSpec, capacity: int, config: Optional[dict]) -> dict:
     problem = {"B": spec.batch, "L": capacity, "D": spec.head_dim, "R": spec.groups * spec.q_len}
     chosen = {**config_for(catalog.DECODE, spec.dtype, problem, exact=("D", "R")), **(config or {})}
-    if chosen["THREADS"] % 32 or not 32 <= chosen["THREADS"] <= 1024 or chosen["SPLIT"] < 1:
-        raise ValueError(f"config needs THREADS a multiple of 32 in [32, 1024] and SPLIT >= 1; got {chosen}")
+    if chosen["THREADS"] % 32 or not 32 <= chosen["THREADS"] <= 1024 or chosen["SPLIT"] < 1 \
+            or chosen["CHUNKS"] not in (1, 2):
+        raise ValueError(f"config needs THREADS a multiple of 32 in [32, 1024], SPLIT >= 1 and CHUNKS 1 or 2; "
+                         f"got {chosen}")
     return chosen
+
+
+# A decode step of a model repeats one call shape per layer: the validated spec, the launch
+# geometry and the differentiable kernel function are kept per array-free call signature.
+_CALLS: Dict[tuple, Callable] = {}
+_MAX_CALLS = 256
+
+
+def _call_key(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window_size, softcap,
+              alibi_slopes, sinks, path, config) -> Optional[tuple]:
+    """What a call's meaning depends on besides array values, or None where it holds option arrays."""
+    if alibi_slopes is not None or sinks is not None:
+        return None
+    try:
+        arrays = tuple((type(x), x.shape, x.dtype) for x in (q, k_cache, v_cache, cache_seqlens))
+        table = None if block_table is None else (type(block_table), block_table.shape, block_table.dtype)
+        options = tuple(sorted(config.items())) if config else config
+        key = (arrays, table, softmax_scale, causal, window_size, softcap, path, options)
+        hash(key)
+    except (AttributeError, TypeError):  # not arrays or unhashable options: let validation say why
+        return None
+    return key
+
+
+def _prepare(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window_size, softcap,
+             alibi_slopes, sinks, path, config) -> Callable:
+    """Validate a call and build ``run(q, k_cache, v_cache, cache_seqlens, table) -> [out, lse]``.
+
+    ``table`` is the block table, or for a contiguous cache a placeholder the kernel ignores.
+    """
+    spec = _describe(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window_size, softcap,
+                     alibi_slopes, sinks)
+    paged = block_table is not None
+    page_size = k_cache.shape[1] if paged else None
+    blocker = "kernels need a GPU backend" if not device_profile().is_gpu else unsupported(spec, page_size)
+    if path == "kernel" and blocker:
+        raise ValueError(f"path='kernel' cannot run this call: {blocker}")
+
+    def reference(q, k_cache, v_cache, cache_seqlens, table) -> List[mx.array]:
+        return reference_decode(q, k_cache, v_cache, cache_seqlens, table if paged else None, spec)
+
+    if path == "reference" or blocker:
+        return reference
+
+    capacity = k_cache.shape[1] * (block_table.shape[1] if paged else 1)
+    chosen = _kernel_config(spec, capacity, config)
+    backend = device_profile().backend
+    geometry = _geometry(spec, chosen, backend)
+    splits = num_splits(spec, capacity, chosen["SPLIT"], geometry["THREADS"], geometry["REGISTERS"])
+    slopes = _placeholder() if spec.alibi_slopes is None else spec.alibi_slopes.reshape(-1)
+    sink_logits = _placeholder() if spec.sinks is None else spec.sinks.astype(mx.float32)
+
+    # Launch geometry once; each call only swaps in its arrays.
+    split_pass = plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec, splits, chosen, backend)
+    merge_pass = combine_plan(_placeholder(), _placeholder(), sink_logits, spec)
+
+    def forward(q, k_cache, v_cache, cache_seqlens, table) -> List[mx.array]:
+        fell_back = []
+
+        def fallback() -> List[mx.array]:
+            fell_back.append(True)
+            return reference(q, k_cache, v_cache, cache_seqlens, table)
+
+        parts = launch(_with_inputs(split_pass, [q, k_cache, v_cache, cache_seqlens, table, split_pass.inputs[5],
+                                                 slopes]), fallback)
+        if fell_back:  # the split pass could not run: parts already is the reference's answer
+            return parts
+        return launch(_with_inputs(merge_pass, [parts[0], parts[1], sink_logits]), fallback)
+
+    return with_reference_vjp(forward, reference)
 
 
 def decode_attention(
     q: mx.array,
-    k_cache: mx.array,
-    v_cache: mx.array,
+    k_cache: Cache,
+    v_cache: Cache,
     cache_seqlens: mx.array,
     *,
     block_table: Optional[mx.array] = None,
@@ -242,6 +401,7 @@ def decode_attention(
     return_lse: bool = False,
     path: str = "auto",
     config: Optional[dict] = None,
+    quantization: Optional[Tuple[int, int]] = None,
 ) -> Output:
     """Attention of a few new query rows per sequence over a KV cache (split-KV on the GPU).
 
@@ -271,6 +431,10 @@ def decode_attention(
         path: ``"auto"`` (kernel on a GPU backend where it supports the call, else reference),
             ``"kernel"`` (ValueError where it can't run) or ``"reference"``.
         config: template values overriding the tuned ones, e.g. ``{"THREADS": 128, "SPLIT": 256}``.
+        quantization: ``(group_size, bits)`` when ``k_cache`` and ``v_cache`` are ``mx.quantize``
+            outputs ``(packed uint32 (..., head_dim * bits / 32), scales, biases (..., head_dim /
+            group_size))`` in the layouts above (mlx-lm's QuantizedKVCache tuples); they are
+            dequantized with ``mx.dequantize``, then attended as above.
 
     Returns:
         ``out`` ``(batch, seqlen_q, num_heads, head_dim)`` in q's dtype, and with ``return_lse``
@@ -279,39 +443,22 @@ def decode_attention(
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}; got {path!r}")
-    spec = _describe(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window_size, softcap,
-                     alibi_slopes, sinks)
-    page_size = None if block_table is None else k_cache.shape[1]
-    blocker = "kernels need a GPU backend" if not device_profile().is_gpu else unsupported(spec, page_size)
-    if path == "kernel" and blocker:
-        raise ValueError(f"path='kernel' cannot run this call: {blocker}")
-
-    def reference(q, k_cache, v_cache) -> List[mx.array]:
-        return reference_decode(q, k_cache, v_cache, cache_seqlens, block_table, spec)
-
-    if path == "reference" or blocker:
-        out, lse = reference(q, k_cache, v_cache)
-    else:
-        capacity = k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
-        chosen = _kernel_config(spec, capacity, config)
-        splits = num_splits(spec, capacity, chosen["SPLIT"])
-        slopes = _placeholder() if spec.alibi_slopes is None else spec.alibi_slopes.reshape(-1)
-        sink_logits = _placeholder() if spec.sinks is None else spec.sinks.astype(mx.float32)
-
-        def forward(q, k_cache, v_cache) -> List[mx.array]:
-            fell_back = []
-
-            def fallback() -> List[mx.array]:
-                fell_back.append(True)
-                return reference(q, k_cache, v_cache)
-
-            parts = launch(plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec, splits, chosen),
-                           fallback)
-            if fell_back:  # the split pass could not run: parts already is the reference's answer
-                return parts
-            return launch(combine_plan(parts[0], parts[1], sink_logits, spec), fallback)
-
-        out, lse = with_reference_vjp(forward, reference)(q, k_cache, v_cache)
+    if quantization is not None or isinstance(k_cache, (tuple, list)) or isinstance(v_cache, (tuple, list)):
+        head_dim = check_array("q", q, "(batch, seqlen_q, num_heads, head_dim)", ndim=4).shape[3]
+        k_cache = dequantized_cache("k_cache", k_cache, quantization, head_dim)
+        v_cache = dequantized_cache("v_cache", v_cache, quantization, head_dim)
+    args = (q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window_size, softcap,
+            alibi_slopes, sinks, path, config)
+    key = _call_key(*args)
+    run = _CALLS.get(key) if key is not None else None
+    if run is None:
+        run = _prepare(*args)
+        if key is not None:
+            if len(_CALLS) >= _MAX_CALLS:
+                _CALLS.clear()
+            _CALLS[key] = run
+    table = _no_block_table() if block_table is None else block_table
+    out, lse = run(q, k_cache, v_cache, cache_seqlens, table)
     return (out, lse) if return_lse else out
 
 
@@ -335,11 +482,11 @@ def compile_examples():
                 configs = catalog.DECODE.configs() if (dtype, head_dim, options) == (mx.float16, 128, {}) \
                     else [catalog.DEFAULTS["decode_attention"]]
                 for config in configs:
-                    yield plan(q, pool, pool, lengths, table, slopes, spec, 3, config)
+                    yield plan(q, pool, pool, lengths, table, slopes, spec, 3, config, "metal")
                 if options is not features[2]:  # one combine launch without and one with sinks
                     parts = (mx.zeros((2, 4, 1, 3, head_dim)), mx.zeros((2, 4, 1, 3)))
                     yield combine_plan(*parts, _placeholder(), spec)
             default = catalog.DEFAULTS["decode_attention"]
             for q in (mx.zeros((2, 1, 4, head_dim), dtype), mx.zeros((2, 4, 8, head_dim), dtype)):  # few, many rows
                 spec = describe_attention(q, pool[:2], pool[:2], layout="BSHD", causal=True)
-                yield plan(q, pool[:2], pool[:2], lengths, None, _placeholder(), spec, 3, default)
+                yield plan(q, pool[:2], pool[:2], lengths, None, _placeholder(), spec, 3, default, "metal")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from mlx_primitives.kernels import catalog, decode_attention, launcher
-from mlx_primitives.kernels.decode import num_splits, unsupported
+from mlx_primitives.kernels.decode import _CALLS, _resident, num_splits, staging, unsupported
+from mlx_primitives.kernels.flash_attention import shared_memory_limit
 from mlx_primitives.attention.spec import describe_attention
 
 from .helpers import assert_accurate, f64, random
@@ -229,12 +230,77 @@ def test_reference_rejects_a_page_outside_the_pool_within_the_length():
 def test_split_count_fills_the_gpu_and_keeps_chunks_long():
     spec = describe_attention(mx.zeros((1, 1, 32, 128)), mx.zeros((1, 4096, 8, 128)), mx.zeros((1, 4096, 8, 128)),
                               layout="BSHD")
-    splits = num_splits(spec, 4096, 256)
-    assert splits == 16  # 4096 keys in chunks of at least 256
-    assert num_splits(spec, 100, 256) == 1
+    slots = 132 * _resident(128, 192)
+    splits = num_splits(spec, 4096, 256, 128, 192)
+    assert 8 <= splits <= 16  # 4096 keys in chunks of at least 256, most of them
+    assert num_splits(spec, 100, 256, 128, 192) == 1
     big = describe_attention(mx.zeros((32, 1, 32, 128)), mx.zeros((32, 8, 8, 128)), mx.zeros((32, 8, 8, 128)),
                              layout="BSHD")
-    assert 1 <= num_splits(big, 32768, 256) <= 4  # 256 (batch, kv head) groups already fill the GPU
+    assert num_splits(big, 32768, 256, 128, 192) == 1  # 256 (batch, kv head) groups already fill the slots
+    mid = describe_attention(mx.zeros((8, 1, 32, 128)), mx.zeros((8, 8, 8, 128)), mx.zeros((8, 8, 8, 128)),
+                             layout="BSHD")
+    waves = 64 * num_splits(mid, 32768, 256, 128, 192) / slots
+    assert waves / math.ceil(waves) >= 0.85  # the last wave of threadgroups is nearly full
+
+
+@pytest.mark.parametrize("threads, head_dim, rows", [(64, 128, 4), (128, 128, 4), (128, 256, 8), (256, 256, 4)])
+@pytest.mark.parametrize("backend", ["cuda", "metal"])
+def test_staging_fits_shared_memory(threads, head_dim, rows, backend):
+    ch = 2
+    used_threads, kb, stages = staging(threads, ch, head_dim, rows, backend)
+    stage_bytes = 2 * stages * kb * ch * used_threads * 16
+    reductions = 4 * (used_threads // 32) * (head_dim + 2 * rows)
+    assert stages >= 2 and stage_bytes + reductions <= shared_memory_limit(backend)
+    assert used_threads == threads or backend == "metal"
+
+
+@pytest.mark.parametrize("group_size, bits", [(32, 8), (64, 8), (128, 4), (64, 4)])
+def test_quantized_cache_is_attended_as_its_dequantized_values(group_size, bits):
+    lengths = [5, 40, 64]
+    q, k, v, seqlens = cache_for(lengths, 2, 4, 2, 128, mx.float16, capacity=64)
+    kq, vq = (tuple(mx.quantize(x, group_size=group_size, bits=bits)) for x in (k, v))
+    out = decode_attention(q, kq, vq, seqlens, quantization=(group_size, bits), path="reference")
+    kd, vd = (mx.dequantize(*x, group_size=group_size, bits=bits) for x in (kq, vq))
+    assert_accurate(out, naive(q, kd, vd, lengths), decode64(q, kd, vd, lengths)[0], mx.float16)
+    exact = decode64(q, k, v, lengths)[0].reshape(-1)
+    cos = float(np.dot(f64(out).reshape(-1), exact) / np.linalg.norm(f64(out)) / np.linalg.norm(exact))
+    assert cos >= (0.999 if bits == 8 else 0.99)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"quantization": None}, "quantization must be"),
+        ({"quantization": (48, 8)}, "quantization must be"),
+        ({"quantization": (64, 4)}, r"k_cache\[0\] must hold"),
+        ({"v_cache": "plain"}, "v_cache must be a"),
+        ({"scales": mx.zeros((2, 16, 2, 3), mx.float16)}, r"k_cache\[1\]"),
+    ],
+)
+def test_quantized_cache_arguments_are_checked(change, words):
+    q, k, v, seqlens = cache_for([3, 9], 1, 4, 2, 128, mx.float16, capacity=16)
+    kq, vq = (tuple(mx.quantize(x, group_size=64, bits=8)) for x in (k, v))
+    if "scales" in change:
+        kq = (kq[0], change["scales"], kq[2])
+    if change.get("v_cache") == "plain":
+        vq = v
+    with pytest.raises(ValueError, match=words):
+        decode_attention(q, kq, vq, seqlens, quantization=change.get("quantization", (64, 8)))
+
+
+def test_calls_are_memoized_per_signature_and_still_validated():
+    q, k, v, seqlens = cache_for([3, 9], 1, 4, 2, 64, mx.float32)
+    first = decode_attention(q, k, v, seqlens)
+    assert len(_CALLS) >= 1
+    again = decode_attention(q, k, v, seqlens)
+    np.testing.assert_array_equal(np.array(first), np.array(again))
+    windowed = decode_attention(q, k, v, seqlens, window_size=(2, 0))
+    assert not np.allclose(np.array(first), np.array(windowed))
+    for _ in range(2):
+        with pytest.raises(ValueError, match="softcap"):
+            decode_attention(q, k, v, seqlens, softcap=-1.0)
+        with pytest.raises(ValueError, match=r"cache_seqlens\[1\]"):
+            mx.eval(decode_attention(q, k, v, mx.array([3, 99], mx.int32)))
 
 
 def test_kernel_takes_power_of_two_pages_and_short_queries():
@@ -309,7 +375,8 @@ def test_kernel_long_query_rows_take_several_row_blocks(kernel_runs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [{"THREADS": 64, "SPLIT": 128}, {"THREADS": 256, "SPLIT": 512}])
+@pytest.mark.parametrize("config", [{"THREADS": 64, "SPLIT": 128, "CHUNKS": 1}, {"THREADS": 256, "SPLIT": 512},
+                                    {"THREADS": 128, "CHUNKS": 1}])
 def test_kernel_configs_agree(kernel_runs, config):
     q, k, v, seqlens = cache_for(GPU_LENGTHS, 1, 8, 2, 128, mx.float16)
     out = decode_attention(q, k, v, seqlens, path="kernel", config=config)
