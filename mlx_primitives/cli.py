@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
+import tempfile
 import time
 from typing import List, Sequence
 
@@ -107,11 +109,30 @@ def demo_rows(batch: int = 2, length: int = 256, heads: int = 8, kv_heads: int =
     return rows
 
 
-def demo() -> None:
+def demo(plot_path: str) -> None:
     print("\n".join(info_lines()))
     print()
     print("Attention functions, float16 (B=2, L=256, Hq=8, Hk=2, D=64): error vs the float32 reference path")
     print(_table(["function", "route", "ms", "max |err|"], demo_rows()))
+    print()
+    try:
+        import mlx_lm  # noqa: F401
+    except ImportError:
+        print("mlx-lm is not installed (pip install 'mlx-primitives[lm]'): the model demo is skipped")
+        return
+    from . import demo as model_demo
+
+    print("Random-weight Llama (4 layers, d=256, 8/2 heads), prompt 256 + 32 teacher-forced decode steps: "
+          "mlx-lm's attention vs ours")
+    rows, paths = model_demo.model_rows()
+    print(_table(["attention", "prefill ms", "decode tokens/s", "max |logit diff|"], rows))
+    print("paths that ran:")
+    for variant, path in paths.items():
+        print(f"  {variant:<13} {path}")
+    print("\n".join(model_demo.dispatcher_paths()))
+    print(model_demo.batch_generation_line())
+    written = model_demo.plot_rows(rows, plot_path)
+    print(f"plot: {written}" if written else "plot: skipped (matplotlib is not installed)")
 
 
 def _progress(done: int, total: int, task) -> None:
@@ -158,7 +179,10 @@ def main(argv: Sequence[str] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlx_primitives", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="MLX version, backend, device and available paths")
-    sub.add_parser("demo", help="info, then an accuracy/speed table of each attention function")
+    demo_cmd = sub.add_parser("demo", help="info, the attention functions' accuracy/speed, then a model with "
+                                            "mlx-lm's attention and ours")
+    demo_cmd.add_argument("--plot", default=os.path.join(tempfile.gettempdir(), "mlx_primitives_demo.png"),
+                          help="where to write the PNG plot")
     tune_cmd = sub.add_parser("tune", help="auto-tune the kernels for the local device and cache the result")
     tune_cmd.add_argument("--kernels", nargs="*", default=[], help="kernel names (default: all)")
     tune_cmd.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
@@ -170,7 +194,7 @@ def main(argv: Sequence[str] = None) -> int:
     if args.command == "info":
         print("\n".join(info_lines()))
     elif args.command == "demo":
-        demo()
+        demo(args.plot)
     elif args.command == "tune":
         if args.clear:
             from .hardware.tuning import tuning_cache

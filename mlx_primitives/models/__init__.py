@@ -1,6 +1,6 @@
 """Models: a composed transformer, attention swapped into mlx-lm models, paged batched generation."""
 
-from .generate import Generation, PagedLayerCache, generate, sample
+from .generate import Generation, PagedLayerCache, generate, paged_cache_for, paged_forward, sample
 from .swap import KERNELS, Replaced, SwappedAttention, model_attention, restore_attention, swap_attention
 from .transformer import ModelArgs, Transformer, TransformerBlock
 
@@ -15,6 +15,8 @@ __all__ = [
     "TransformerBlock",
     "generate",
     "model_attention",
+    "paged_cache_for",
+    "paged_forward",
     "restore_attention",
     "sample",
     "swap_attention",

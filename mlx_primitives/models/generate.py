@@ -100,9 +100,25 @@ class Generation:
         return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
 
 
-def _layer_caches(cache: PagedKVCache, seqs: Sequence[int], new: int, offset: Any) -> List[PagedLayerCache]:
-    table, before = cache.reserve(seqs, new)
-    return [PagedLayerCache(cache, layer, table, before, offset) for layer in range(len(cache.k_pools))]
+def paged_forward(model: nn.Module, cache: PagedKVCache, seqs: Sequence[int], tokens: mx.array) -> mx.array:
+    """Logits ``(batch, new, vocab)`` of ``tokens`` ``(batch, new)`` appended to ``seqs`` of ``cache``.
+
+    Every sequence gets ``new`` tokens at its own position; ``model`` is swapped (:func:`swap_attention`).
+    """
+    offsets = [cache.offset(s) for s in seqs]
+    offset = offsets[0] if len(seqs) == 1 else mx.array(offsets, mx.int32)
+    table, before = cache.reserve(seqs, tokens.shape[1])
+    layers = [PagedLayerCache(cache, layer, table, before, offset) for layer in range(len(cache.k_pools))]
+    return model(tokens, cache=layers)
+
+
+def paged_cache_for(model: nn.Module, num_pages: int, page_size: int = 16) -> PagedKVCache:
+    """An empty :class:`PagedKVCache` shaped for every layer of the mlx-lm ``model``, in its dtype."""
+    args = model.args
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+    dtype = model.layers[0].self_attn.o_proj.weight.dtype
+    return PagedKVCache(num_pages, page_size, args.num_key_value_heads, head_dim, num_layers=len(model.layers),
+                        dtype=dtype if dtype in (mx.float16, mx.bfloat16, mx.float32) else mx.float16)
 
 
 def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int = 32, *, max_batch: int = 8,
@@ -128,14 +144,10 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int
         raise ValueError("generate runs the model's attention over pages: call swap_attention(model) first")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token id lists")
-    args = model.args
-    head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
     longest = max(len(p) for p in prompts) + max_tokens
     if num_pages is None:
         num_pages = max_batch * -(-longest // page_size)
-    dtype = model.layers[0].self_attn.o_proj.weight.dtype
-    cache = PagedKVCache(num_pages, page_size, args.num_key_value_heads, head_dim, num_layers=len(model.layers),
-                         dtype=dtype if dtype in (mx.float16, mx.bfloat16, mx.float32) else mx.float16)
+    cache = paged_cache_for(model, num_pages, page_size)
     result = Generation(tokens=[[] for _ in prompts])
     waiting = list(range(len(prompts)))
     running: dict = {}  # cache sequence id -> prompt index
@@ -150,7 +162,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int
             index = waiting.pop(0)
             seq = cache.add_sequence()
             start = time.perf_counter()
-            logits = model(mx.array(prompts[index])[None], cache=_layer_caches(cache, [seq], len(prompts[index]), 0))
+            logits = paged_forward(model, cache, [seq], mx.array(prompts[index])[None])
             token = sample(logits[:, -1], temperature, top_p)
             result.tokens[index].append(token.item())
             result.prefill_seconds += time.perf_counter() - start
@@ -164,10 +176,9 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int
                 raise ValueError(f"prompt {waiting[0]} needs more pages than the pool of {num_pages} holds")
             break
         seqs = list(running)
-        offsets = mx.array([cache.offset(s) for s in seqs], mx.int32)
         last = mx.array([[result.tokens[running[s]][-1]] for s in seqs])
         start = time.perf_counter()
-        logits = model(last, cache=_layer_caches(cache, seqs, 1, offsets))
+        logits = paged_forward(model, cache, seqs, last)
         tokens = sample(logits[:, -1], temperature, top_p).tolist()
         result.decode_seconds += time.perf_counter() - start
         result.decode_tokens += len(seqs)
