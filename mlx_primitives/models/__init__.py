@@ -1,6 +1,6 @@
 """Models: a composed transformer, attention swapped into mlx-lm models, paged batched generation."""
 
-from .generate import Generation, PagedLayerCache, generate, paged_cache_for, paged_forward, sample
+from .generate import Generation, PagedLayerCache, PagedStep, generate, paged_cache_for, paged_forward, sample
 from .swap import KERNELS, Replaced, SwappedAttention, model_attention, restore_attention, swap_attention
 from .transformer import ModelArgs, Transformer, TransformerBlock
 
@@ -9,6 +9,7 @@ __all__ = [
     "KERNELS",
     "ModelArgs",
     "PagedLayerCache",
+    "PagedStep",
     "Replaced",
     "SwappedAttention",
     "Transformer",

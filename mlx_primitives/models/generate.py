@@ -6,8 +6,10 @@ sequence, one token per step, each at its own length. A finished sequence frees 
 
 The model is an mlx-lm model run through :func:`~mlx_primitives.models.swap_attention`: each layer
 gets a :class:`PagedLayerCache`, whose ``attend`` writes the new keys into the layer's pages and
-attends over them with :func:`~mlx_primitives.attention.flash_attn_with_kvcache` (the split-KV
-decode kernel reading pages in place on a GPU, the reference path on the CPU).
+attends over them: decode steps with :func:`~mlx_primitives.kernels.decode_attention` (the split-KV
+kernel reading pages in place on a GPU, the reference path on the CPU), prefill chunks with
+:func:`~mlx_primitives.attention.flash_attn_with_kvcache`. Host work (page reservation, write slots)
+happens once per model call, not once per layer.
 """
 
 from __future__ import annotations
@@ -18,28 +20,42 @@ from typing import Any, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..attention.kvcache import flash_attn_with_kvcache
 from ..cache import PagedKVCache
+from ..cache.paged import page_slots
+from ..kernels.decode import MAX_Q_LEN, decode_attention
 from .swap import model_attention
 
 
-class PagedLayerCache:
-    """One layer's view of a :class:`PagedKVCache` for one model call, with mlx-lm's cache interface.
+class PagedStep:
+    """What every layer of one model call over a :class:`PagedKVCache` shares, computed once on the host.
 
     Args:
         cache: the paged cache of every layer.
-        layer: this layer's index in ``cache.k_pools``.
-        block_table: int32 ``(batch, max_pages)`` from ``cache.reserve``.
-        cache_seqlens: int32 ``(batch,)`` keys cached before this call.
-        offset: RoPE position of the first new token, an int or int32 ``(batch,)``.
+        seqs: the sequences of the call, in batch order.
+        new: tokens each sequence appends.
     """
 
-    def __init__(self, cache: PagedKVCache, layer: int, block_table: mx.array, cache_seqlens: mx.array,
-                 offset: Any):
-        self.cache, self.layer = cache, layer
-        self.block_table, self.cache_seqlens = block_table, cache_seqlens
-        self.offset = offset
+    def __init__(self, cache: PagedKVCache, seqs: Sequence[int], new: int):
+        offsets = [cache.offset(s) for s in seqs]
+        self.offset = offsets[0] if len(seqs) == 1 else mx.array(offsets, mx.int32)
+        self.cache = cache
+        self.block_table, self.cache_seqlens = cache.reserve(seqs, new)
+        self.lengths = self.cache_seqlens + new
+        pages, rows = page_slots(np.array(self.block_table, np.int64), np.array(self.cache_seqlens, np.int64), new,
+                                 cache.page_size)
+        self.slots = (mx.array(pages, mx.int32), mx.array(rows, mx.int32))
+
+
+class PagedLayerCache:
+    """One layer's view of a :class:`PagedStep`, with mlx-lm's cache interface (``offset``,
+    ``update_and_fetch``, ``make_mask``) and the ``attend`` that :class:`SwappedAttention` calls."""
+
+    def __init__(self, step: PagedStep, layer: int):
+        self.step, self.layer = step, layer
+        self.offset = step.offset
         self._new = None
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
@@ -52,15 +68,25 @@ class PagedLayerCache:
 
     def attend(self, queries: mx.array, scale: float, softcap: float = 0.0,
                sinks: Optional[mx.array] = None) -> mx.array:
-        """Write the new keys into the pages, then attend ``queries`` ``(batch, heads, new, head_dim)``."""
+        """Write the new keys into the pages, then attend ``queries`` ``(batch, heads, new, head_dim)``.
+
+        Decode-sized calls (``new <= 16``) go straight to the split-KV decode kernel over the pages;
+        longer ones (prefill) through :func:`flash_attn_with_kvcache`, which gathers the pages.
+        """
         if sinks is not None:
             raise ValueError("paged generation takes no attention sinks")
-        k_new, v_new = self._new
-        out = flash_attn_with_kvcache(
-            queries.swapaxes(1, 2), self.cache.k_pools[self.layer], self.cache.v_pools[self.layer], k=k_new,
-            v=v_new, cache_seqlens=self.cache_seqlens, block_table=self.block_table, softmax_scale=scale,
-            causal=True, softcap=softcap,
-        )
+        step, (k_new, v_new) = self.step, self._new
+        k_pool, v_pool = step.cache.k_pools[self.layer], step.cache.v_pools[self.layer]
+        queries = queries.swapaxes(1, 2)
+        if queries.shape[1] > MAX_Q_LEN:
+            out = flash_attn_with_kvcache(queries, k_pool, v_pool, k=k_new, v=v_new, cache_seqlens=step.cache_seqlens,
+                                          block_table=step.block_table, softmax_scale=scale, causal=True,
+                                          softcap=softcap)
+        else:
+            k_pool[step.slots] = k_new.reshape(-1, *k_new.shape[2:])
+            v_pool[step.slots] = v_new.reshape(-1, *v_new.shape[2:])
+            out = decode_attention(queries, k_pool, v_pool, step.lengths, block_table=step.block_table,
+                                   softmax_scale=scale, causal=True, softcap=softcap)
         return out.swapaxes(1, 2)
 
 
@@ -105,11 +131,8 @@ def paged_forward(model: nn.Module, cache: PagedKVCache, seqs: Sequence[int], to
 
     Every sequence gets ``new`` tokens at its own position; ``model`` is swapped (:func:`swap_attention`).
     """
-    offsets = [cache.offset(s) for s in seqs]
-    offset = offsets[0] if len(seqs) == 1 else mx.array(offsets, mx.int32)
-    table, before = cache.reserve(seqs, tokens.shape[1])
-    layers = [PagedLayerCache(cache, layer, table, before, offset) for layer in range(len(cache.k_pools))]
-    return model(tokens, cache=layers)
+    step = PagedStep(cache, seqs, tokens.shape[1])
+    return model(tokens, cache=[PagedLayerCache(step, layer) for layer in range(len(cache.k_pools))])
 
 
 def paged_cache_for(model: nn.Module, num_pages: int, page_size: int = 16) -> PagedKVCache:
