@@ -9,21 +9,22 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-_COMMON = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+_COMMON = dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
                num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=256)
 
-# Tiny configs of the families swap_attention supports, in Hugging Face config.json keys.
+# Tiny configs of the families swap_attention supports, in Hugging Face config.json keys. Head dim 64
+# where the family lets the config set it (the GPU kernels' smallest), 32 otherwise.
 TINY_CONFIGS: Dict[str, dict] = {
-    "llama": dict(_COMMON, model_type="llama"),
-    "llama_sliding": dict(_COMMON, model_type="llama", layer_types=["sliding_attention", "full_attention"],
+    "llama": dict(_COMMON, model_type="llama", head_dim=64),
+    "llama_sliding": dict(_COMMON, model_type="llama", head_dim=64, layer_types=["sliding_attention", "full_attention"],
                           sliding_window=8),
-    "mistral": dict(_COMMON, model_type="mistral", rope_theta=1e6),
+    "mistral": dict(_COMMON, model_type="mistral", head_dim=64, rope_theta=1e6),
     "qwen2": dict(_COMMON, model_type="qwen2"),
-    "qwen3": dict(_COMMON, model_type="qwen3", head_dim=32, max_position_embeddings=4096,
+    "qwen3": dict(_COMMON, model_type="qwen3", head_dim=64, max_position_embeddings=4096,
                   tie_word_embeddings=True, rope_theta=1e6),
-    "gemma2": dict(_COMMON, model_type="gemma2", head_dim=16, query_pre_attn_scalar=16.0,
+    "gemma2": dict(_COMMON, model_type="gemma2", head_dim=64, query_pre_attn_scalar=64.0,
                    attn_logit_softcapping=5.0, final_logit_softcapping=30.0),
-    "gemma3_text": dict(_COMMON, model_type="gemma3_text", head_dim=16, query_pre_attn_scalar=16,
+    "gemma3_text": dict(_COMMON, model_type="gemma3_text", head_dim=64, query_pre_attn_scalar=64,
                         sliding_window=8, sliding_window_pattern=2),
     "phi3": dict(_COMMON, model_type="phi3"),
 }

@@ -12,7 +12,7 @@ from mlx_primitives.models import model_attention, restore_attention, swap_atten
 from mlx_primitives.models.configs import TINY_CONFIGS, random_model  # noqa: E402
 
 PROMPT, DECODE_STEPS = 24, 16
-STD = 0.15  # large enough weights that attention is peaked: a wrong mask or position shows in the logits
+STD = 0.1  # large enough weights that attention is peaked: a wrong mask or position shows in the logits
 
 
 def run_logits(model, tokens):
@@ -71,13 +71,16 @@ def test_sage_swap_within_its_accuracy():
     assert model_attention(model).routes["sage"] > 0
 
 
-def test_float16_swap_within_fp16_tolerance():
-    config = TINY_CONFIGS["qwen2"]
+@pytest.mark.parametrize("name,kernel", [("qwen2", "flash"), ("gemma2", "flash"), ("llama_sliding", "flash"),
+                                         ("gemma2", "flex")])
+def test_float16_swap_within_fp16_tolerance(name, kernel):
+    """In float16 the kernels run on a GPU (softcap: flash and decode kernels; flex: the flex kernel)."""
+    config = TINY_CONFIGS[name]
     model = random_model(config, dtype=mx.float16, std=STD)
     tokens = tokens_for(config)
     exact = run_logits(random_model(config, dtype=mx.float32, std=STD), tokens)
     baseline = run_logits(model, tokens)
-    swap_attention(model)
+    swap_attention(model, kernel=kernel)
     got = run_logits(model, tokens)
     # Within twice mlx-lm's own float16 error against the float32 model, plus a floor.
     assert np.abs(got - exact).max() <= 2 * np.abs(baseline - exact).max() + 1e-3
