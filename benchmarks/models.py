@@ -69,7 +69,7 @@ def _decode(model, tokens: mx.array, steps: int, paged: bool):
 
 def run(quick: bool = False) -> List[Table]:
     config = TINY_CONFIGS["llama"] if quick else LLAMA_1B
-    lengths = (64, 128) if quick else (1024, 2048, 4096, 8192)
+    lengths = (64, 128) if quick else (2048, 4096, 8192)
     contexts = (128,) if quick else (2048, 8192)
     steps = 4 if quick else DECODE_STEPS
     shape = ("tiny Llama" if quick else "Llama-3.2-1B-shaped") + (
