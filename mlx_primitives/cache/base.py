@@ -1,9 +1,11 @@
 """What the contiguous caches share with mlx-lm's: the state protocol and the attention-mask helper.
 
-mlx-lm models call ``cache.update_and_fetch(keys, values)``, read ``cache.offset`` for RoPE and ask
-``cache.make_mask(N, return_array=..., window_size=...)`` for the mask of ``N`` new queries;
-``save_prompt_cache``-style persistence reads ``state`` (arrays) and ``meta_state`` (strings) and
-rebuilds a cache with ``from_state``. The classes here follow that protocol.
+mlx-lm models call ``cache.update_and_fetch(keys, values)``, read ``cache.offset`` for RoPE, ask
+``cache.make_mask(N, return_array=..., window_size=...)`` for the mask of ``N`` new queries and look
+for ``bits``/``group_size`` on quantized caches; the caches here answer all of these as mlx-lm's do.
+For persistence they keep the ``state`` (arrays) + ``meta_state`` (strings) + ``from_state(state,
+meta_state)`` split of earlier mlx-lm releases (mlx-lm 0.32 folds the scalars into ``state``), which
+:func:`save_cache` / :func:`load_cache` read.
 """
 
 from __future__ import annotations

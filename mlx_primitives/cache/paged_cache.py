@@ -231,7 +231,7 @@ class PagedKVCache:
         self._pages[seq], self._lengths[seq] = fresh, int(kept.size)
         return kept
 
-    # Persistence (mlx-lm's state / meta_state protocol) ------------------------------------------
+    # Persistence (the state / meta_state pair save_cache reads) ---------------------------------
 
     @property
     def state(self) -> List[mx.array]:
