@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..hardware import device_profile
-from .launcher import run_checked
+from .launcher import next_pow2, run_checked
 from .quantization import quantize_int8
 from .w8a8 import w8a8_linear
 
@@ -33,8 +33,9 @@ def quantized_matmul(
 ) -> mx.array:
     """``x @ W^T`` for a weight ``W (out, in)`` in MLX's affine format, through ``mx.quantized_matmul``.
 
-    The first call per (backend, dtype, bits, group size, GEMV or not) is evaluated on the spot; if
-    MLX's kernel fails there, that kind of call dequantizes ``W`` and uses ``@`` from then on.
+    The first call per (backend, dtype, bits, group size, rows rounded up to a power of two, weight
+    shape) is evaluated on the spot: MLX picks its kernel by those. If MLX's kernel fails there, that
+    kind of call dequantizes ``W`` and uses ``@`` from then on.
 
     Args:
         x (array): ``(..., in)``.
@@ -43,9 +44,9 @@ def quantized_matmul(
     Returns:
         ``(..., out)`` array of ``x``'s dtype.
     """
-    gemv = x.size == x.shape[-1]
-    key = (device_profile().backend, f"mx.quantized_matmul(bits={bits}, group_size={group_size}, gemv={gemv})",
-           x.dtype)
+    rows = min(next_pow2(x.size // max(x.shape[-1], 1)), 1024)
+    name = f"mx.quantized_matmul(bits={bits}, group_size={group_size})"
+    key = (device_profile().backend, name, x.dtype, rows, tuple(weight.shape))
 
     def run():
         return [mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)]
@@ -53,7 +54,7 @@ def quantized_matmul(
     def fallback():
         return [_dequantized_matmul(x, weight, scales, biases, group_size, bits)]
 
-    return run_checked(key, key[1], run, fallback)[0]
+    return run_checked(key, name, run, fallback)[0]
 
 
 class _AffineLinear(nn.QuantizedLinear):
