@@ -90,6 +90,7 @@ def tuning_tasks(quick: bool = False, kernels: Optional[Sequence[str]] = None) -
     from .matmul import tiled_matmul
     from .norms import layer_norm, rms_norm
     from .rotary import rope
+    from .w8a8 import quantize_per_token, w8a8_matmul
 
     dtype = mx.float16
     rows, dims = (4 * 1024, 4096) if quick else (8 * 2048, 4096)
@@ -103,7 +104,9 @@ def tuning_tasks(quick: bool = False, kernels: Optional[Sequence[str]] = None) -
     k = mx.random.normal((batch, 8, length, 128)).astype(dtype)
     size = 2048 if quick else 4096
     a, b = (mx.random.normal((size, size)).astype(dtype) for _ in range(2))
-    mx.eval(x, r, w, gate, up, q, k, a, b)
+    a_q, a_scale = quantize_per_token(a)
+    b_q, b_scale = quantize_per_token(b)
+    mx.eval(x, r, w, gate, up, q, k, a, b, a_q, a_scale, b_q, b_scale)
 
     norm_problem = {"rows": rows, "D": dims}
     tasks = [
@@ -121,6 +124,8 @@ def tuning_tasks(quick: bool = False, kernels: Optional[Sequence[str]] = None) -
               lambda c: lambda: rope(q, k, 128, path="kernel", config=c)),
         _task(catalog.MATMUL, dtype, {"M": size, "N": size, "K": size}, (),
               lambda c: lambda: tiled_matmul(a, b, config=c)),
+        _task(catalog.W8A8, dtype, {"M": size, "N": size, "K": size}, (),
+              lambda c: lambda: w8a8_matmul(a_q, a_scale, b_q, b_scale, config=c)),
     ]
     for head_dim in (64, 128, 256):
         hq, hk = (t[..., :head_dim] if head_dim <= 128 else mx.concatenate([t, t], axis=-1) for t in (q, k))
