@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mlx_primitives.cache import KVCache, QuantizedKVCache, RotatingKVCache
+from mlx_primitives.hardware import detect_backend
 
 theirs = pytest.importorskip("mlx_lm.models.cache")
 
@@ -58,3 +59,17 @@ def test_an_mlx_lm_model_gives_the_same_logits_with_our_caches():
         for token in (7, 8, 9, 1, 2):
             step = mx.array([[token]])
             assert mx.allclose(model(step, cache=ours), model(step, cache=ref), atol=1e-5)
+
+
+def test_an_mlx_lm_model_gives_the_same_logits_with_our_quantized_cache():
+    llama = pytest.importorskip("mlx_lm.models.llama")
+    args = llama.ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=128,
+                           num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-5, vocab_size=50)
+    if detect_backend() == "cuda":
+        pytest.skip("mlx-lm attends over quantized caches with mx.quantized_matmul, whose CUDA build fails here")
+    model = llama.Model(args)
+    ours = [QuantizedKVCache(group_size=64, bits=8) for _ in range(2)]
+    ref = [theirs.QuantizedKVCache(group_size=64, bits=8) for _ in range(2)]
+    for tokens in ([[3, 1, 4, 1, 5]], [[9]], [[2]]):
+        step = mx.array(tokens)
+        assert mx.array_equal(model(step, cache=ours), model(step, cache=ref))
