@@ -91,4 +91,6 @@ def test_batched_paged_decode_logits_equal_mlx_lm_per_sequence(dtype):
         paged_forward(model, cache, [seq], mx.array(prompt)[None])
     got = np.stack([np.array(paged_forward(model, cache, seqs, mx.array(steps[:, i : i + 1]))[:, -1]
                              .astype(mx.float32)) for i in range(steps.shape[1])])
-    assert np.abs(got - expected).max() <= 2 * np.abs(baseline - expected).max() + 1e-4
+    # Floor: float32 matmuls (and so the reference path) run in TF32 on CUDA.
+    floor = 5e-3 * np.abs(expected).max() if mx.default_device() == mx.gpu else 1e-4
+    assert np.abs(got - expected).max() <= 2 * np.abs(baseline - expected).max() + floor
