@@ -5,8 +5,8 @@ mlx-lm's tokens/s (decode kernel), logits equal within fp16 tolerance.
 
 * Prefill: ``model.model(tokens, cache)`` for one sequence into fresh mlx-lm caches, then the head on
   the last position (what generation needs); mlx-lm as is vs ``swap_attention(kernel="flash")``.
-* Decode: after an untimed prefill of ``context`` tokens and one untimed step, steps of one token
-  each evaluated in turn (``time / steps``): mlx-lm with its ``KVCache``; the flash swap on the same ``KVCache`` (the
+* Decode: after an untimed prefill of ``context`` tokens and one untimed step, teacher-forced steps
+  of one token, each queued with ``mx.async_eval`` as mlx-lm's ``generate_step`` does (``time / steps``): mlx-lm with its ``KVCache``; the flash swap on the same ``KVCache`` (the
   dispatcher's decode route); the flash swap over a ``PagedKVCache`` (split-KV decode kernel reading
   pages in place).
 * Logits: last-position prefill logits and every decode step's, fp16, against a float32 copy of the
@@ -62,7 +62,8 @@ def _decode(model, tokens: mx.array, steps: int, paged: bool):
     start = time.perf_counter()
     for i in range(context + 1, tokens.shape[1]):
         logits.append(step(tokens[:, i : i + 1]))
-        mx.eval(logits[-1])
+        mx.async_eval(logits[-1])  # as mlx-lm's generate_step: build step i + 1 while step i runs
+    mx.eval(logits)
     ms = (time.perf_counter() - start) * 1e3 / (steps - 1)
     return ms, np.array(mx.concatenate(logits).astype(mx.float32))
 
