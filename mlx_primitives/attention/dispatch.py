@@ -42,9 +42,9 @@ SDPA_FAST_HEAD_DIM = 128
 
 
 # Plain/causal decode calls the decode kernel measured faster than sdpa on, per backend:
-# (least batch, least k_len) pairs; a call at or past both of one pair goes to the kernel. Measured
-# through this dispatcher (BSHD inputs, as flash_attn_func takes them) against sdpa's route, H100,
-# MLX 0.32.4, fp16, Hq 32, Hk 8, D 128 (benchmarks/results/h100/attention.md).
+# (least batch, least k_len) pairs; a call at or past both of one pair goes to the kernel. H100,
+# MLX 0.32.4, fp16, Hq 32, Hk 8, D 128, B 1-32, L 4k-32k: the kernel is 0.66-0.96x sdpa on every shape
+# (benchmarks/results/h100/decode.md, attention.md), so none.
 DECODE_BEATS_SDPA = {"cuda": ()}
 
 
