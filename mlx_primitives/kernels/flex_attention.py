@@ -94,6 +94,11 @@ def block_inputs(block_mask) -> List[mx.array]:
             block_mask.full_kv_indices, params]
 
 
+def kernel_array(captured: mx.array) -> mx.array:
+    """How a captured array reaches the kernel: float32 (floating dtypes) or int32 (ints and bools)."""
+    return captured.astype(mx.float32 if mx.issubdtype(captured.dtype, mx.floating) else mx.int32)
+
+
 def plan(q: mx.array, k: mx.array, v: mx.array, spec: AttentionSpec, config: Dict[str, int], kernel: FlexKernel,
          blocks: Sequence[mx.array], captures: Sequence[mx.array]) -> Launch:
     """The flash kernel's launch of a call without built-in features, on ``kernel`` with the flex inputs."""
@@ -132,8 +137,7 @@ def flex_attention_kernel(
         arrays = list(captures)
         for i, array in zip(floating, float_arrays):
             arrays[i] = array
-        return [a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a.astype(mx.int32)
-                for a in arrays]
+        return [kernel_array(a) for a in arrays]
 
     def forward(q, k, v, *float_arrays) -> List[mx.array]:
         launch_plan = plan(q, k, v, spec, config, kernel, blocks, kernel_captures(float_arrays))
@@ -173,6 +177,5 @@ def compile_examples():
                     if flash_attention.shared_memory_bytes(head_dim, config) > flash_attention.shared_memory_limit(
                             "metal"):
                         continue
-                    arrays = [c.astype(mx.float32) if mx.issubdtype(c.dtype, mx.floating) else c.astype(mx.int32)
-                              for c in captures]
+                    arrays = [kernel_array(c) for c in captures]
                     yield plan(q, kv, kv, spec, config, kernel, block_inputs(block_mask), arrays)
