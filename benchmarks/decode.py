@@ -18,7 +18,7 @@ import mlx.core as mx
 from mlx_primitives.hardware import device_profile
 from mlx_primitives.attention import describe_attention
 from mlx_primitives.kernels import decode_attention
-from mlx_primitives.kernels.decode import _geometry, num_splits, plan
+from mlx_primitives.kernels.decode_launch import geometry, num_splits, plan
 
 from .common import Table, time_per_call_ms
 
@@ -47,8 +47,8 @@ SWEEP_CONFIGS = [{"THREADS": t, "SPLIT": 256, "CHUNKS": c} for t in (64, 128, 25
 
 def _split_launch(q, k, seqlens, spec, config):
     """The split pass's launch for ``config``: how many splits, keys per step and stages it runs."""
-    geometry = _geometry(spec, config, device_profile().backend)
-    splits = num_splits(spec, k.shape[1], config["SPLIT"], geometry["THREADS"], geometry["REGISTERS"])
+    shape = geometry(spec, config, device_profile().backend)
+    splits = num_splits(spec, k.shape[1], config["SPLIT"], shape["THREADS"], shape["REGISTERS"])
     return plan(q, k, k, seqlens, None, q[:1, 0, 0, :1], spec, splits, config)
 
 

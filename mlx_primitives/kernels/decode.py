@@ -3,15 +3,13 @@
 :func:`decode_attention` runs split-KV ("flash-decoding") on the GPU: ``src/decode.kern`` cuts each
 sequence's visible keys into chunks, one threadgroup per (batch, kv head, chunk) reducing all the
 query rows of the kv head's GQA group to a partial output and its log-sum-exp, and
-``src/decode_combine.kern`` merges the chunks. Paged caches are read through the block table in
-place (no gather). :func:`reference_decode` (gather, then the reference path) computes the same on
-every backend and is the fallback.
+``src/decode_combine.kern`` merges the chunks (launch plans: :mod:`.decode_launch`). Paged caches are
+read through the block table in place (no gather). :func:`reference_decode` (gather, then the
+reference path) computes the same on every backend and is the fallback.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
@@ -21,24 +19,13 @@ from ..attention.spec import AttentionSpec, describe_attention, to_bhsd
 from ..hardware import device_profile
 from ..validation import check_array, check_same_dtype
 from . import catalog
-from .flash_attention import shared_memory_limit
-from .launcher import Launch, float_bits, launch, next_pow2, with_reference_vjp
+from .decode_launch import (DTYPES, HEAD_DIMS, combine_plan, geometry, no_block_table, num_splits, placeholder, plan,
+                            with_inputs)
+from .decode_launch import compile_examples  # noqa: F401 -- the Metal compile check asks this module
+from .launcher import launch, with_reference_vjp
 from .tuning import config_for
 
-HEAD_DIMS = (64, 80, 96, 128, 256)
-DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 MAX_Q_LEN = 16  # past this, the prefill kernel's tiles use the matrix unit better
-MAX_ROWS = 8  # query rows one threadgroup keeps in registers; more take several row blocks
-WAVES = 4  # split-KV considers up to this many waves of threadgroups
-DEFAULT_UNITS = 132  # H100 SMs: MLX's CUDA device_info reports no SM count
-# Occupancy estimate for the split count: a lane keeps 2 * ROWS * CH * VEC floats of q and output
-# plus about ADDRESSING_REGISTERS more; the H100's SM has REGISTER_FILE registers and runs at most
-# MAX_THREADS_PER_UNIT threads.
-ADDRESSING_REGISTERS = 64
-REGISTER_FILE = 65536
-MAX_THREADS_PER_UNIT = 2048
-MAX_STAGES = 6  # K/V steps in shared memory: the one being read and up to five in flight
-COMBINE_WARPS = 4
 PATHS = ("auto", "kernel", "reference")
 QUANT_GROUP_SIZES = (32, 64, 128)
 QUANT_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize packs
@@ -110,138 +97,6 @@ def unsupported(spec: AttentionSpec, page_size: Optional[int] = None) -> Optiona
     return None
 
 
-def _row_blocks(spec: AttentionSpec) -> Tuple[int, int]:
-    """(row blocks, rows per block) splitting the groups * q_len rows of a kv head evenly."""
-    rows = spec.groups * spec.q_len
-    blocks = -(-rows // MAX_ROWS)
-    return blocks, -(-rows // blocks)
-
-
-def _resident(threads: int, registers: int) -> int:
-    """Threadgroups of ``threads`` one SM holds at once, at ``registers`` registers a thread."""
-    return max(1, min(MAX_THREADS_PER_UNIT // threads, REGISTER_FILE // (threads * registers)))
-
-
-def num_splits(spec: AttentionSpec, capacity: int, split: int, threads: int, registers: int) -> int:
-    """Chunks per sequence: the fewest that keep the GPU's slots busy (flash-decoding's rule).
-
-    ``groups * splits`` threadgroups run in waves of ``slots`` (SMs x resident groups); a split
-    count's efficiency is the filled fraction of its last wave. The first count within 85% of the
-    best efficiency wins, since every extra split adds partial outputs for the combine pass to
-    merge; chunks stay at least ``split`` keys long.
-    """
-    groups = spec.batch * spec.num_kv_heads * _row_blocks(spec)[0]
-    slots = (device_profile().gpu_cores or DEFAULT_UNITS) * _resident(threads, registers)
-    most = max(1, min(-(-capacity // split), -(-WAVES * slots // groups)))
-    efficiency = []
-    for splits in range(1, most + 1):
-        waves = groups * splits / slots
-        efficiency.append(waves / math.ceil(waves))
-    best = max(efficiency)
-    return next(s for s, e in enumerate(efficiency, start=1) if e >= 0.85 * best)
-
-
-def staging(threads: int, ch: int, head_dim: int, rows: int, backend: str) -> Tuple[int, int, int]:
-    """(THREADS, KB, STAGES) whose shared memory fits ``backend``: the K/V stages take what the
-    reductions leave; two keys per team and step where three stages fit, else one; THREADS
-    halves until two stages fit (only large head dims on Metal's 32 KiB)."""
-    limit = shared_memory_limit(backend)
-    while True:
-        reductions = 4 * (threads // 32) * (head_dim + 2 * rows)
-        per_key_step = threads * 2 * 16 * ch  # K and V chunks of one key per team, every lane
-        for kb, least in ((2, 3), (1, 2)):
-            stages = min(MAX_STAGES, (limit - reductions) // (kb * per_key_step))
-            if stages >= least:
-                return threads, kb, stages
-        threads //= 2
-
-
-@functools.lru_cache(maxsize=256)
-def _int32(values: Tuple[int, ...]) -> mx.array:
-    """Small int32 arrays of launch parameters, built once per distinct value."""
-    return mx.array(values, dtype=mx.int32)
-
-
-@functools.lru_cache(maxsize=1)
-def _no_block_table() -> mx.array:
-    """What a contiguous cache passes as ``block_table``: one page (its rows) per sequence."""
-    return mx.zeros((1, 1), mx.int32)
-
-
-def _placeholder() -> mx.array:
-    return mx.zeros((1,), mx.float32)
-
-
-def _geometry(spec: AttentionSpec, config: Dict[str, int], backend: str) -> Dict[str, int]:
-    """Lanes per key and their 16-byte chunks, rows per group, the staging that fits, and the
-    registers a lane needs (an estimate, for the split count)."""
-    vec = 16 // spec.dtype.size
-    chunks = spec.head_dim // vec
-    blocks, rows = _row_blocks(spec)
-    # CHUNKS 16-byte chunks of a row per lane: 2 repeats less of the per-key work (shuffles,
-    # softmax) across a team's lanes, 1 halves the registers of q and the output slice (more
-    # threadgroups per SM). Past 4 rows only 1 fits the registers.
-    per_lane = config["CHUNKS"] if rows <= 4 else 1
-    tpk = min(32, next_pow2(-(-chunks // per_lane)))
-    ch = -(-chunks // tpk)
-    threads, kb, stages = staging(config["THREADS"], ch, spec.head_dim, rows, backend)
-    return {"VEC": vec, "TPK": tpk, "CH": ch, "ROWS": rows, "BLOCKS": blocks, "THREADS": threads, "KB": kb,
-            "STAGES": stages, "REGISTERS": 2 * rows * ch * vec + ADDRESSING_REGISTERS}
-
-
-def plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec: AttentionSpec, splits: int,
-         config, backend: Optional[str] = None) -> Launch:
-    """The split-KV launch of ``decode.kern``; ``block_table`` None for a contiguous cache."""
-    g = _geometry(spec, config, backend or device_profile().backend)
-    alibi = 0 if spec.alibi_slopes is None else spec.alibi_slopes.ndim
-    template = (
-        ("T", q.dtype),
-        ("D", spec.head_dim),
-        ("VEC", g["VEC"]),
-        ("TPK", g["TPK"]),
-        ("CH", g["CH"]),
-        ("ROWS", g["ROWS"]),
-        ("KB", g["KB"]),
-        ("STAGES", g["STAGES"]),
-        ("THREADS", g["THREADS"]),
-        ("SPLIT", config["SPLIT"]),
-        ("CHUNKS", config["CHUNKS"]),
-        ("PAGED", int(block_table is not None)),
-        ("SCALE", float_bits(spec.scale)),
-        ("SOFTCAP", float_bits(spec.softcap) if spec.softcap > 0 else 0),
-        ("ALIBI", alibi),
-    )
-    shift = k_cache.shape[1].bit_length() - 1 if block_table is not None else 0
-    params = _int32((spec.window[0], spec.window[1], splits, shift))
-    table = _no_block_table() if block_table is None else block_table
-    return Launch(
-        kernel=catalog.DECODE,
-        inputs=[q, k_cache, v_cache, cache_seqlens, table, params, slopes],
-        template=template,
-        grid=(splits * g["THREADS"], spec.num_kv_heads * g["BLOCKS"], spec.batch),
-        threadgroup=(g["THREADS"], 1, 1),
-        output_shapes=[(spec.batch, spec.num_heads, spec.q_len, splits, spec.head_dim),
-                       (spec.batch, spec.num_heads, spec.q_len, splits)],
-        output_dtypes=[mx.float32, mx.float32],
-    )
-
-
-def combine_plan(o_part: mx.array, lse_part: mx.array, sinks: mx.array, spec: AttentionSpec) -> Launch:
-    """The launch of ``decode_combine.kern`` merging the splits of every query row."""
-    rows = spec.batch * spec.num_heads * spec.q_len
-    threads = COMBINE_WARPS * 32
-    return Launch(
-        kernel=catalog.DECODE_COMBINE,
-        inputs=[o_part, lse_part, sinks],
-        template=(("T", spec.dtype), ("D", spec.head_dim), ("SINKS", int(spec.sinks is not None)),
-                  ("WARPS_PER_GROUP", COMBINE_WARPS)),
-        grid=(-(-rows // COMBINE_WARPS) * threads, 1, 1),
-        threadgroup=(threads, 1, 1),
-        output_shapes=[(spec.batch, spec.q_len, spec.num_heads, spec.head_dim), (spec.batch, spec.num_heads, spec.q_len)],
-        output_dtypes=[spec.dtype, mx.float32],
-    )
-
-
 def dequantized_cache(name: str, cache, quantization, head_dim: int) -> mx.array:
     """``mx.dequantize`` of a ``(packed, scales, biases)`` cache after checking it against
     ``quantization = (group_size, bits)`` and the queries' ``head_dim``."""
@@ -267,11 +122,6 @@ def dequantized_cache(name: str, cache, quantization, head_dim: int) -> mx.array
     check_array(f"{name}[1]", scales, f"{groups_shape} (scales)", shape=groups_shape)
     check_array(f"{name}[2]", biases, f"{groups_shape} (biases)", shape=groups_shape)
     return mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits)
-
-
-def _with_inputs(plan: Launch, inputs: List[mx.array]) -> Launch:
-    return Launch(plan.kernel, inputs, plan.template, plan.grid, plan.threadgroup, plan.output_shapes,
-                  plan.output_dtypes)
 
 
 def _describe(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window_size, softcap,
@@ -360,14 +210,14 @@ def _prepare(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, cau
     capacity = k_cache.shape[1] * (block_table.shape[1] if paged else 1)
     chosen = _kernel_config(spec, capacity, config)
     backend = device_profile().backend
-    geometry = _geometry(spec, chosen, backend)
-    splits = num_splits(spec, capacity, chosen["SPLIT"], geometry["THREADS"], geometry["REGISTERS"])
-    slopes = _placeholder() if spec.alibi_slopes is None else spec.alibi_slopes.reshape(-1)
-    sink_logits = _placeholder() if spec.sinks is None else spec.sinks.astype(mx.float32)
+    shape = geometry(spec, chosen, backend)
+    splits = num_splits(spec, capacity, chosen["SPLIT"], shape["THREADS"], shape["REGISTERS"])
+    slopes = placeholder() if spec.alibi_slopes is None else spec.alibi_slopes.reshape(-1)
+    sink_logits = placeholder() if spec.sinks is None else spec.sinks.astype(mx.float32)
 
     # Launch geometry once; each call only swaps in its arrays.
     split_pass = plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec, splits, chosen, backend)
-    merge_pass = combine_plan(_placeholder(), _placeholder(), sink_logits, spec)
+    merge_pass = combine_plan(placeholder(), placeholder(), sink_logits, spec)
 
     def forward(q, k_cache, v_cache, cache_seqlens, table) -> List[mx.array]:
         fell_back = []
@@ -376,11 +226,11 @@ def _prepare(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, cau
             fell_back.append(True)
             return reference(q, k_cache, v_cache, cache_seqlens, table)
 
-        parts = launch(_with_inputs(split_pass, [q, k_cache, v_cache, cache_seqlens, table, split_pass.inputs[5],
+        parts = launch(with_inputs(split_pass, [q, k_cache, v_cache, cache_seqlens, table, split_pass.inputs[5],
                                                  slopes]), fallback)
         if fell_back:  # the split pass could not run: parts already is the reference's answer
             return parts
-        return launch(_with_inputs(merge_pass, [parts[0], parts[1], sink_logits]), fallback)
+        return launch(with_inputs(merge_pass, [parts[0], parts[1], sink_logits]), fallback)
 
     return with_reference_vjp(forward, reference)
 
@@ -457,36 +307,8 @@ def decode_attention(
             if len(_CALLS) >= _MAX_CALLS:
                 _CALLS.clear()
             _CALLS[key] = run
-    table = _no_block_table() if block_table is None else block_table
+    table = no_block_table() if block_table is None else block_table
     out, lse = run(q, k_cache, v_cache, cache_seqlens, table)
     return (out, lse) if return_lse else out
 
 
-def compile_examples():
-    """Launches covering every dtype, head dim, feature flag, row tiling, paging and tunable config
-    (for the Metal compile check)."""
-    for dtype in DTYPES:
-        for head_dim in HEAD_DIMS:
-            pool = mx.zeros((5, 16, 2, head_dim), dtype)
-            table = mx.zeros((2, 3), mx.int32)
-            lengths = mx.zeros((2,), mx.int32)
-            features = [
-                {},
-                {"softcap": 30.0, "alibi_slopes": mx.zeros((4,)), "sinks": mx.zeros((4,)), "window_size": (64, 0)},
-                {"alibi_slopes": mx.zeros((2, 4))},
-            ]
-            for options in features:
-                q = mx.zeros((2, 1, 4, head_dim), dtype)
-                spec = describe_attention(q, pool[:2], pool[:2], layout="BSHD", causal=True, **options)
-                slopes = _placeholder() if spec.alibi_slopes is None else spec.alibi_slopes.reshape(-1)
-                configs = catalog.DECODE.configs() if (dtype, head_dim, options) == (mx.float16, 128, {}) \
-                    else [catalog.DEFAULTS["decode_attention"]]
-                for config in configs:
-                    yield plan(q, pool, pool, lengths, table, slopes, spec, 3, config, "metal")
-                if options is not features[2]:  # one combine launch without and one with sinks
-                    parts = (mx.zeros((2, 4, 1, 3, head_dim)), mx.zeros((2, 4, 1, 3)))
-                    yield combine_plan(*parts, _placeholder(), spec)
-            default = catalog.DEFAULTS["decode_attention"]
-            for q in (mx.zeros((2, 1, 4, head_dim), dtype), mx.zeros((2, 4, 8, head_dim), dtype)):  # few, many rows
-                spec = describe_attention(q, pool[:2], pool[:2], layout="BSHD", causal=True)
-                yield plan(q, pool[:2], pool[:2], lengths, None, _placeholder(), spec, 3, default, "metal")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from mlx_primitives.kernels import catalog, decode_attention, launcher
-from mlx_primitives.kernels.decode import _CALLS, _resident, num_splits, staging, unsupported
+from mlx_primitives.kernels.decode import _CALLS, unsupported
+from mlx_primitives.kernels.decode_launch import _resident, num_splits, staging
 from mlx_primitives.kernels.flash_attention import shared_memory_limit
 from mlx_primitives.attention.spec import describe_attention
 
