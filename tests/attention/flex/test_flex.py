@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mlx_primitives.attention.flex import create_block_mask, flex_attention, flex_route, mods
-from tests.attention.flex.oracle import default_scale, flex64, grids, naive_flex
+from tests.attention.flex.oracle import KERNEL_FALLBACK_IS_AN_ERROR, default_scale, flex64, grids, naive_flex
 from tests.reference import assert_within_rule, random_qkv
 
 
@@ -70,6 +70,7 @@ def test_gradients_match_float64_including_the_captured_table():
 
 
 @pytest.mark.gpu
+@pytest.mark.filterwarnings(KERNEL_FALLBACK_IS_AN_ERROR)
 def test_kernel_gradients_match_float64_including_the_captured_table():
     q, k, v, block_mask = _gradient_check(mx.float16, seq_len=200, head_dim=64, block_size=128, atol=3e-2)
     score_mod = mods.compose(mods.softcap(4.0), mods.relative_position_bias(mx.zeros((4, 7)), 3))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mlx_primitives.attention.flex import create_block_mask, flex_attention, flex_route
-from tests.attention.flex.oracle import CASE_NAMES, case, default_scale, flex64, naive_flex
+from tests.attention.flex.oracle import KERNEL_FALLBACK_IS_AN_ERROR, CASE_NAMES, case, default_scale, flex64, naive_flex
 from tests.reference import assert_within_rule, random_qkv
 
 BATCH, HEADS, KV_HEADS = 2, 4, 2
@@ -32,12 +32,14 @@ def _run(name, dtype, seq_len, head_dim, block_size):
     return q, k, v, score_mod, block_mask
 
 
+@pytest.mark.filterwarnings(KERNEL_FALLBACK_IS_AN_ERROR)
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_mod_on_reference_path_matches_float64(name):
     _run(name, mx.float32, seq_len=150, head_dim=32, block_size=32)
 
 
 @pytest.mark.gpu
+@pytest.mark.filterwarnings(KERNEL_FALLBACK_IS_AN_ERROR)
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_mod_on_kernel_matches_float64(name, dtype):
