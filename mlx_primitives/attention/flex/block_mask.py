@@ -169,7 +169,9 @@ def create_block_mask(
         A :class:`BlockMask` with batch and head axes of size ``B``/``H`` (1 where None).
     """
     if mask_mod is not None and not callable(mask_mod):
-        raise TypeError(f"mask_mod must be a function mask_mod(b, h, q_idx, kv_idx) or None; got {type(mask_mod).__name__}")
+        raise TypeError(
+            f"mask_mod must be a function mask_mod(b, h, q_idx, kv_idx) or None; got {type(mask_mod).__name__}"
+        )
     b = 1 if B is None else _positive_int("B", B)
     h = 1 if H is None else _positive_int("H", H)
     q_len, kv_len = _positive_int("Q_LEN", Q_LEN), _positive_int("KV_LEN", KV_LEN)
