@@ -222,10 +222,17 @@ def max_error(x, ref) -> float:
 
 
 def assert_within_rule(ours, ref, naive, dtype, what: str = "out") -> None:
-    """flash-attention's tolerance rule: err(ours) <= 2 * err(naive in ``dtype``) + floor(``dtype``)."""
+    """flash-attention's tolerance rule: err(ours) <= 2 * err(naive in ``dtype``) + floor.
+
+    The floor is ``FLOOR[dtype]`` in units of the reference's magnitude (at least 1): gradients
+    reach magnitudes where a few float32 roundings exceed an absolute 1e-5.
+    """
     err, naive_err = max_error(ours, ref), max_error(naive, ref)
-    bound = 2 * naive_err + FLOOR[dtype]
-    assert err <= bound, f"{what}: max error {err:.3g} > 2 * naive error {naive_err:.3g} + {FLOOR[dtype]:g} [{dtype}]"
+    ref = np.asarray(ref, np.float64)
+    finite = ref[np.isfinite(ref)]
+    floor = FLOOR[dtype] * max(1.0, float(np.abs(finite).max()) if finite.size else 1.0)
+    bound = 2 * naive_err + floor
+    assert err <= bound, f"{what}: max error {err:.3g} > 2 * naive error {naive_err:.3g} + {floor:.3g} [{dtype}]"
 
 
 # Named feature sets used across the tests: each maps to flash_attn_func options and oracle Features.
