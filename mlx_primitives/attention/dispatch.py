@@ -191,7 +191,7 @@ def run_attention(
     if route.path == "sdpa":
         return _sdpa(q, k, v, spec), None
     if route.path == "kernel":
-        return flash_attention.flash_attention(q, k, v, spec)
+        return flash_attention.flash_attention(q, k, v, spec, dropout_seed=dropout_seed, batch_offset=batch_offset)
     if route.path == "decode":
         return _decode(q, k, v, spec)
     return reference_attention(q, k, v, spec, dropout_seed, batch_offset)

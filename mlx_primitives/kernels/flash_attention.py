@@ -49,9 +49,6 @@ def unsupported(spec: AttentionSpec) -> Optional[str]:
         return f"head dims ({spec.head_dim}, {spec.v_head_dim}) are not one of {HEAD_DIMS} for q, k and v"
     if shared_memory_bytes(spec.head_dim, tuning.SPACES[FLASH_FWD.name].default) > shared_memory_limit():
         return f"head_dim {spec.head_dim} needs more shared memory than this backend's {shared_memory_limit()} bytes"
-    if spec.dropout_p > 0:
-        # The kernels compute dropout given the call's seed (flash_attention(dropout_seed=...)).
-        return "dropout runs on the reference path until the dispatcher passes its seed to the kernel"
     if spec.mask is not None:
         return "a mask array is given"
     if spec.q_len == 0:

@@ -170,7 +170,7 @@ def test_every_fitting_tile_config(no_fallback, config):
 
 
 @pytest.mark.gpu
-def test_gradient_goes_through_reference(no_fallback):
+def test_kernel_gradients_match_the_reference_path(no_fallback):
     q, k, v = (mx.random.normal((1, 4, 70, 64)).astype(mx.float16) for _ in range(3))
     slopes = mx.random.uniform(shape=(4,)) * 0.1
     spec = describe_attention(q, k, v, causal=True, softcap=10.0, alibi_slopes=slopes)
@@ -199,6 +199,23 @@ def test_dispatcher_runs_the_kernel_for_softcap(no_fallback):
     np.testing.assert_allclose(np.array(lse), np.array(ref_lse), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.gpu
+def test_dispatcher_runs_dropout_on_the_kernel_with_the_reference_keep_mask(no_fallback):
+    from mlx_primitives.attention import explain, flash_attn_func
+
+    q, k, v = (mx.random.normal((2, 77, h, 64)).astype(mx.float16) for h in (4, 2, 2))
+    options = {"dropout_p": 0.2, "causal": True, "softcap": 20.0}
+    assert explain(q, k, v, **options).path == "kernel"
+    key = mx.random.key(7)
+    ours = mx.grad(lambda q: flash_attn_func(q, k, v, dropout_key=key, **options).astype(mx.float32).sum())(q)
+    out = flash_attn_func(q, k, v, dropout_key=key, **options)
+    q32, k32, v32 = (x.astype(mx.float32) for x in (q, k, v))
+    ref = flash_attn_func(q32, k32, v32, dropout_key=key, path="reference", **options)
+    ref_dq = mx.grad(lambda q: flash_attn_func(q, k32, v32, dropout_key=key, path="reference", **options).sum())(q32)
+    np.testing.assert_allclose(f64(out), f64(ref), atol=1e-2)
+    np.testing.assert_allclose(f64(ours), f64(ref_dq), atol=5e-2, rtol=2e-2)
+
+
 # --- routes (CPU): a fake GPU profile --------------------------------------------------------------
 
 @pytest.fixture
@@ -222,6 +239,7 @@ def _spec(head_dim=128, dtype=mx.float16, q_len=64, k_len=64, **features):
         ({}, True),
         ({"causal": True, "q_len": 100, "k_len": 50}, False),
         ({"head_dim": 256, "causal": True}, False),
+        ({"dropout_p": 0.1}, False),
     ],
 )
 def test_gpu_routes_features_sdpa_lacks_to_the_kernel(on_gpu, features, need_lse):
@@ -238,7 +256,6 @@ def test_gpu_keeps_plain_and_causal_on_sdpa(on_gpu, features):
     [
         {"softcap": 30.0, "dtype": mx.float32},
         {"softcap": 30.0, "head_dim": 48},
-        {"softcap": 30.0, "dropout_p": 0.1},
         {"softcap": 30.0, "mask": mx.zeros((64, 64))},
     ],
 )
