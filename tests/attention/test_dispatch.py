@@ -47,7 +47,7 @@ def test_decode_calls_sdpa_lacks_go_to_the_decode_kernel(on_gpu, features, need_
     [
         ({"q_len": 17, "softcap": 30.0}, "kernel"),  # past decode sizes: the prefill kernel
         ({"softcap": 30.0, "head_dim": 48}, "reference"),  # no kernel takes head dim 48
-        ({"softcap": 30.0, "dropout_p": 0.1}, "reference"),
+        ({"softcap": 30.0, "dropout_p": 0.1}, "kernel"),  # the decode kernel has no dropout
         ({"softcap": 30.0, "mask": mx.zeros((1, 4096))}, "reference"),
         ({}, "sdpa"),
         ({"causal": True}, "sdpa"),
