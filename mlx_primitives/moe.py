@@ -16,6 +16,7 @@ from typing import Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from .hardware import device_profile
 from .kernels import swiglu
 from .validation import check_array
 
@@ -238,8 +239,11 @@ class SparseMoELayer(nn.Module):
         plan = build_expert_dispatch(experts, weights.astype(x.dtype), self.num_experts, self.capacity_factor)
         rows = tokens[plan.token_indices][:, None, :]
         index = plan.expert_indices
-        hidden = swiglu(self.gate_proj(rows, index, True), self.up_proj(rows, index, True))
-        out = self.down_proj(hidden, index, True)[:, 0, :] * plan.weights[:, None]
+        # MLX 0.32.4's CUDA gather_mm gives wrong rows with sorted_indices=True on these gathered rows
+        # (H100: max error 0.5 against float64; the unsorted kernel is exact), so CUDA takes the unsorted one.
+        grouped = device_profile().backend != "cuda"
+        hidden = swiglu(self.gate_proj(rows, index, grouped), self.up_proj(rows, index, grouped))
+        out = self.down_proj(hidden, index, grouped)[:, 0, :] * plan.weights[:, None]
         y = out[plan.inverse].reshape(-1, self.top_k, x.shape[-1]).sum(axis=1).reshape(x.shape)
         return (y, compute_load_balancing_loss(probs, experts)) if return_aux_loss else y
 
