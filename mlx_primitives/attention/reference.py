@@ -98,6 +98,55 @@ class _Block:
         return keep_mask(seed, batch_head, self.rows.astype(mx.uint32), self.cols.astype(mx.uint32), spec.dropout_p)
 
 
+class OnlineSoftmax:
+    """One query block's running softmax (float32): fold score blocks in one after another, then read
+    out the normalized output and the log-sum-exp.
+
+    Scores are ``(..., rows, keys)``, value blocks ``(..., keys, v_dim)``; ``sinks`` (broadcastable to
+    ``(..., rows, 1)``) join the denominator as logits without a value.
+    """
+
+    def __init__(self, rows_shape: Tuple[int, ...], v_dim: int, sinks: Optional[mx.array] = None):
+        shape = tuple(rows_shape) + (1,)
+        if sinks is None:
+            self.running_max = mx.full(shape, -mx.inf, dtype=mx.float32)
+            self.denom = mx.zeros(shape, dtype=mx.float32)
+        else:
+            self.running_max = mx.broadcast_to(sinks, shape)
+            self.denom = mx.ones(shape, dtype=mx.float32)
+        self.acc = mx.zeros(tuple(rows_shape) + (v_dim,), dtype=mx.float32)
+
+    def fold(
+        self,
+        s: mx.array,
+        v_block: mx.array,
+        keep: Optional[mx.array] = None,
+        keep_scale: float = 1.0,
+        pv_product: Optional[Callable[[mx.array, mx.array], mx.array]] = None,
+    ) -> None:
+        """Fold in the scores ``s`` of one key block. Dropout: only weights where ``keep`` is true reach
+        ``v_block``, scaled by ``keep_scale``; ``pv_product(p, v_block)`` replaces the float32 product."""
+        # The softmax does not depend on the shift, so the running max carries no gradient.
+        new_max = mx.stop_gradient(mx.maximum(self.running_max, s.max(axis=-1, keepdims=True)))
+        safe_max = mx.where(new_max == -mx.inf, 0.0, new_max)
+        correction = mx.exp(self.running_max - safe_max)
+        p = mx.exp(s - safe_max)
+        self.denom = self.denom * correction + p.sum(axis=-1, keepdims=True)
+        if keep is not None:
+            p = mx.where(keep, p * keep_scale, 0.0)
+        pv = p @ v_block if pv_product is None else pv_product(p, v_block)
+        self.acc = self.acc * correction + pv
+        self.running_max = new_max
+
+    def result(self) -> Tuple[mx.array, mx.array]:
+        """``(out, lse)``: ``out`` ``(..., rows, v_dim)``, ``lse`` ``(..., rows, 1)``; rows that saw no key
+        give zeros and ``-inf``."""
+        seen = self.denom > 0
+        safe_denom = mx.where(seen, self.denom, 1.0)
+        safe_max = mx.where(self.running_max == -mx.inf, 0.0, self.running_max)
+        return self.acc / safe_denom, mx.where(seen, safe_max + mx.log(safe_denom), -mx.inf)
+
+
 def reference_attention(
     q: mx.array,
     k: mx.array,
@@ -141,14 +190,7 @@ def reference_attention(
         q_blk = q_scaled[..., i0:i1, :]
         if outs:  # evaluate query blocks one after another
             q_blk = _after(q_blk, outs[-1])
-        shape = q_blk.shape[:-1] + (1,)
-        if sinks is None:
-            running_max = mx.full(shape, -mx.inf, dtype=mx.float32)
-            denom = mx.zeros(shape, dtype=mx.float32)
-        else:
-            running_max = mx.broadcast_to(sinks, shape)
-            denom = mx.ones(shape, dtype=mx.float32)
-        acc = mx.zeros(q_blk.shape[:-1] + (spec.v_head_dim,), dtype=mx.float32)
+        state = OnlineSoftmax(q_blk.shape[:-1], spec.v_head_dim, sinks)
         key_start, key_stop = spec.visible_keys(i0, i1)
         for j0 in range(key_start, key_stop, chunk):
             j1 = min(key_stop, j0 + chunk)
@@ -156,24 +198,13 @@ def reference_attention(
             k_blk = k32[..., j0:j1, :]
             if j0 > key_start:
                 # Without this edge MLX may compute every score block before folding any in: O(N^2) memory.
-                k_blk = _after(k_blk, denom)
+                k_blk = _after(k_blk, state.denom)
             s = block.scores(q_blk, k_blk, slopes, spec.mask)
-            # The softmax does not depend on the shift, so the running max carries no gradient.
-            new_max = mx.stop_gradient(mx.maximum(running_max, s.max(axis=-1, keepdims=True)))
-            safe_max = mx.where(new_max == -mx.inf, 0.0, new_max)
-            correction = mx.exp(running_max - safe_max)
-            p = mx.exp(s - safe_max)
-            denom = denom * correction + p.sum(axis=-1, keepdims=True)
-            if spec.dropout_p > 0:
-                p = mx.where(block.keep(dropout_seed, batch_offset), p * (1.0 / (1.0 - spec.dropout_p)), 0.0)
-            pv = p @ v32[..., j0:j1, :] if pv_product is None else pv_product(p, v32[..., j0:j1, :])
-            acc = acc * correction + pv
-            running_max = new_max
-        seen = denom > 0
-        safe_denom = mx.where(seen, denom, 1.0)
-        outs.append(acc / safe_denom)
-        safe_max = mx.where(running_max == -mx.inf, 0.0, running_max)
-        lses.append(mx.where(seen, safe_max + mx.log(safe_denom), -mx.inf))
+            keep = block.keep(dropout_seed, batch_offset) if spec.dropout_p > 0 else None
+            state.fold(s, v32[..., j0:j1, :], keep, 1.0 / (1.0 - spec.dropout_p), pv_product)
+        out, lse = state.result()
+        outs.append(out)
+        lses.append(lse)
 
     out = mx.concatenate(outs, axis=-2) if len(outs) > 1 else outs[0]
     lse = mx.concatenate(lses, axis=-2) if len(lses) > 1 else lses[0]

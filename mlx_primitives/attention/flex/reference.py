@@ -17,7 +17,7 @@ from typing import Callable, List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
-from ..reference import _after
+from ..reference import OnlineSoftmax, _after
 from .block_mask import FULL, HIDDEN, BlockMask
 
 CHUNK = 256
@@ -88,15 +88,12 @@ def flex_reference(
         q_blk = q32[..., i0:i1, :]
         if outs:  # evaluate query blocks one after another
             q_blk = _after(q_blk, outs[-1])
-        shape = q_blk.shape[:-1] + (1,)
-        running_max = mx.full(shape, -mx.inf, dtype=mx.float32)
-        denom = mx.zeros(shape, dtype=mx.float32)
-        acc = mx.zeros(shape[:-1] + (v_dim,), dtype=mx.float32)
+        state = OnlineSoftmax(q_blk.shape[:-1], v_dim)
         q_grid = mx.arange(i0, i1, dtype=mx.int32).reshape(1, 1, 1, -1, 1)
         for step, (j0, j1, needs_mask) in enumerate(_key_plan(states, slice(i0 // qb, -(-i1 // qb)), k_len, kb)):
             k_blk = k32[..., j0:j1, :]
             if step:  # without this edge MLX may compute every score block before folding any in
-                k_blk = _after(k_blk, denom)
+                k_blk = _after(k_blk, state.denom)
             s = q_blk @ k_blk.swapaxes(-1, -2)
             kv_grid = mx.arange(j0, j1, dtype=mx.int32).reshape(1, 1, 1, 1, -1)
             if score_mod is not None:
@@ -105,19 +102,10 @@ def flex_reference(
             if needs_mask and mask_mod is not None:
                 visible = mx.array(mask_mod(b_grid, h_grid, q_grid, kv_grid))
                 s = mx.where(visible if visible.dtype == mx.bool_ else visible != 0, s, -mx.inf)
-            # The softmax does not depend on the shift, so the running max carries no gradient.
-            new_max = mx.stop_gradient(mx.maximum(running_max, s.max(axis=-1, keepdims=True)))
-            safe_max = mx.where(new_max == -mx.inf, 0.0, new_max)
-            correction = mx.exp(running_max - safe_max)
-            p = mx.exp(s - safe_max)
-            denom = denom * correction + p.sum(axis=-1, keepdims=True)
-            acc = acc * correction + p @ v32[..., j0:j1, :]
-            running_max = new_max
-        seen = denom > 0
-        safe_denom = mx.where(seen, denom, 1.0)
-        outs.append(acc / safe_denom)
-        safe_max = mx.where(running_max == -mx.inf, 0.0, running_max)
-        lses.append(mx.where(seen, safe_max + mx.log(safe_denom), -mx.inf))
+            state.fold(s, v32[..., j0:j1, :])
+        out, lse = state.result()
+        outs.append(out)
+        lses.append(lse)
 
     out = mx.concatenate(outs, axis=-2) if len(outs) > 1 else outs[0]
     lse = mx.concatenate(lses, axis=-2) if len(lses) > 1 else lses[0]
