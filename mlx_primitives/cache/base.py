@@ -40,7 +40,8 @@ def attention_mask(num_queries: int, offset: int, return_array: bool = False,
 
 
 class Cache:
-    """mlx-lm's cache protocol: ``state`` (arrays), ``meta_state`` (strings), ``from_state``, trimming."""
+    """mlx-lm's cache protocol: ``state`` (arrays), ``meta_state`` (strings), ``from_state``, trimming the
+    last positions of an ``offset``-counted cache."""
 
     step = 256
 
@@ -63,8 +64,17 @@ class Cache:
         cache.meta_state = meta_state
         return cache
 
+    def size(self) -> int:
+        return self.offset
+
     def is_trimmable(self) -> bool:
-        return False
+        return True
+
+    def trim(self, n: int) -> int:
+        """Drop the last ``n`` positions; returns how many were dropped."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
 
     def empty(self) -> bool:
         return self.keys is None

@@ -53,18 +53,6 @@ class KVCache(Cache):
         self.keys, self.values = value if value else (None, None)
         self.offset = 0 if self.keys is None else self.keys.shape[2]
 
-    def size(self) -> int:
-        return self.offset
-
-    def is_trimmable(self) -> bool:
-        return True
-
-    def trim(self, n: int) -> int:
-        """Drop the last ``n`` positions; returns how many were dropped."""
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
-
     def to_quantized(self, group_size: int = 64, bits: int = 4) -> "QuantizedKVCache":
         """The same positions in a :class:`QuantizedKVCache`."""
         from .quantized import QuantizedKVCache

@@ -90,17 +90,6 @@ class QuantizedKVCache(Cache):
     def meta_state(self, value) -> None:
         self.offset, self.group_size, self.bits = map(int, value)
 
-    def size(self) -> int:
-        return self.offset
-
-    def is_trimmable(self) -> bool:
-        return True
-
-    def trim(self, n: int) -> int:
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
-
     def dequantized(self) -> Tuple[mx.array, mx.array]:
         """Every cached position as float keys and values ``(batch, kv_heads, offset, head_dim)``."""
         keys, values = self.state
