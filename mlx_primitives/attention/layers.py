@@ -220,6 +220,8 @@ class Attention(nn.Module):
             q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
+            if isinstance(k, tuple):  # a quantized cache (ours or mlx-lm's): (packed, scales, biases)
+                k, v = (mx.dequantize(*t, group_size=cache.group_size, bits=cache.bits) for t in (k, v))
         if self.kernel == "sage":
             if mask is not None and not (isinstance(mask, str) and mask == "causal"):
                 raise ValueError(f"kernel='sage' takes mask 'causal' or None; got {type(mask).__name__}")

@@ -15,7 +15,7 @@ from mlx_primitives.attention import (
     explain,
     flash_attention,
 )
-from mlx_primitives.cache import KVCache
+from mlx_primitives.cache import KVCache, QuantizedKVCache
 from tests.reference import DTYPES, Features, attention64, check_against_reference, f64, random_qkv
 
 
@@ -150,6 +150,17 @@ def test_attention_block_works_with_mlx_lm_cache():
     cache = cache_module.KVCache()
     pieces = [layer(x[:, :4], mask="causal", cache=cache)] + [layer(x[:, t : t + 1], cache=cache) for t in range(4, 7)]
     np.testing.assert_allclose(f64(mx.concatenate(pieces, axis=1)), f64(full), atol=2e-5)
+
+
+@pytest.mark.parametrize("options", [{}, {"window_size": (3, -1)}], ids=["plain", "window"])
+def test_attention_block_accepts_a_quantized_kv_cache(options):
+    layer = Attention(128, 4, num_kv_heads=2, **options)  # head_dim 32: one quantization group
+    x = mx.random.normal((2, 10, 128))
+    full = layer(x, mask="causal")
+    cache = QuantizedKVCache(group_size=32, bits=8)
+    pieces = [layer(x[:, :6], mask="causal", cache=cache)] + [layer(x[:, t : t + 1], cache=cache) for t in range(6, 10)]
+    err = np.abs(f64(mx.concatenate(pieces, axis=1)) - f64(full)).max()
+    assert cache.offset == 10 and 0 < err < 2e-2  # int8 keys and values: close, not bit-equal
 
 
 def test_attention_block_without_mask_is_bidirectional_and_takes_mask_arrays():
