@@ -46,6 +46,19 @@ def time_per_call_ms(fn: Callable[[], object], calls: int = 20, repeats: int = 5
     return time_ms(batch, warmup=2, repeats=repeats) / calls
 
 
+def build_us(fn: Callable[[], object], calls: int = 50, rounds: int = 5) -> float:
+    """Microseconds of Python per call to build ``fn()``'s graph: the median over ``rounds`` of
+    ``calls`` calls each (outputs evaluated after each round, not timed)."""
+    mx.eval(fn())
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        outs = [fn() for _ in range(calls)]
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+        mx.eval(outs)
+    return statistics.median(samples)
+
+
 @dataclass
 class Table:
     """A titled markdown table; ``series`` names the columns a plot draws against ``x``."""

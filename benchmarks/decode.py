@@ -10,7 +10,6 @@ Targets (issue 5/6): >= 2.0 TB/s, never slower than sdpa, paged within 10% of co
 
 from __future__ import annotations
 
-import time
 from typing import List
 
 import mlx.core as mx
@@ -20,7 +19,7 @@ from mlx_primitives.attention import describe_attention
 from mlx_primitives.kernels import decode_attention
 from mlx_primitives.kernels.decode_launch import geometry, num_splits, plan
 
-from .common import Table, time_per_call_ms
+from .common import Table, build_us, time_per_call_ms
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 PAGE_SIZES = (16, 64, 256)
@@ -29,16 +28,6 @@ PEAK_GBS = 3350.0  # H100 SXM, where the device profile does not know the chip
 
 def _gbs(nbytes: int, ms: float) -> float:
     return nbytes / ms / 1e6
-
-
-def build_us(fn, calls: int = 50) -> float:
-    """Microseconds of Python per call to build ``fn()``'s graph (evaluated afterwards, not timed)."""
-    fn()
-    start = time.perf_counter()
-    outs = [fn() for _ in range(calls)]
-    elapsed = time.perf_counter() - start
-    mx.eval(outs)
-    return elapsed / calls * 1e6
 
 
 SWEEP_SHAPES = ((8, 4096), (32, 4096), (8, 32768), (32, 32768))

@@ -14,7 +14,7 @@ import traceback
 
 from .common import header, write_results
 
-SUITES = ("attention", "kernels", "tuning", "flash_kernel", "decode", "kvcache", "sage", "zoo", "quantization", "flex", "ring", "models")
+SUITES = ("attention", "kernels", "tuning", "flash_kernel", "decode", "kvcache", "sage", "zoo", "quantization", "flex", "ring", "models", "host_overhead")
 
 
 def main(argv=None) -> None:
