@@ -19,10 +19,9 @@ from ..attention.spec import AttentionSpec, describe_attention, to_bhsd
 from ..hardware import device_profile
 from ..validation import check_array, check_same_dtype
 from . import catalog
-from .decode_launch import (DTYPES, HEAD_DIMS, combine_plan, geometry, no_block_table, num_splits, placeholder, plan,
-                            with_inputs)
+from .decode_launch import DTYPES, HEAD_DIMS, combine_plan, geometry, no_block_table, num_splits, placeholder, plan
 from .decode_launch import compile_examples  # noqa: F401 -- the Metal compile check asks this module
-from .launcher import launch, with_reference_vjp
+from .launcher import BoundLaunch, with_reference_vjp
 from .tuning import config_for
 
 MAX_Q_LEN = 16  # past this, the prefill kernel's tiles use the matrix unit better
@@ -173,14 +172,16 @@ _MAX_CALLS = 256
 
 def _call_key(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window_size, softcap,
               alibi_slopes, sinks, path, config) -> Optional[tuple]:
-    """What a call's meaning depends on besides array values, or None where it holds option arrays."""
+    """What a call's meaning depends on besides array values (the backend included), or None where it
+    holds option arrays."""
     if alibi_slopes is not None or sinks is not None:
         return None
     try:
-        arrays = tuple((type(x), x.shape, x.dtype) for x in (q, k_cache, v_cache, cache_seqlens))
         table = None if block_table is None else (type(block_table), block_table.shape, block_table.dtype)
         options = tuple(sorted(config.items())) if config else config
-        key = (arrays, table, softmax_scale, causal, window_size, softcap, path, options)
+        key = (type(q), q.shape, q.dtype, type(k_cache), k_cache.shape, k_cache.dtype, type(v_cache), v_cache.shape,
+               v_cache.dtype, type(cache_seqlens), cache_seqlens.shape, cache_seqlens.dtype, table, softmax_scale,
+               causal, window_size, softcap, path, options, device_profile().backend)
         hash(key)
     except (AttributeError, TypeError):  # not arrays or unhashable options: let validation say why
         return None
@@ -216,8 +217,9 @@ def _prepare(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, cau
     sink_logits = placeholder() if spec.sinks is None else spec.sinks.astype(mx.float32)
 
     # Launch geometry once; each call only swaps in its arrays.
-    split_pass = plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec, splits, chosen, backend)
-    merge_pass = combine_plan(placeholder(), placeholder(), sink_logits, spec)
+    split_plan = plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec, splits, chosen, backend)
+    split_pass, params = BoundLaunch(split_plan), split_plan.inputs[5]
+    merge_pass = BoundLaunch(combine_plan(placeholder(), placeholder(), sink_logits, spec))
 
     def forward(q, k_cache, v_cache, cache_seqlens, table) -> List[mx.array]:
         fell_back = []
@@ -226,11 +228,10 @@ def _prepare(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, cau
             fell_back.append(True)
             return reference(q, k_cache, v_cache, cache_seqlens, table)
 
-        parts = launch(with_inputs(split_pass, [q, k_cache, v_cache, cache_seqlens, table, split_pass.inputs[5],
-                                                 slopes]), fallback)
+        parts = split_pass([q, k_cache, v_cache, cache_seqlens, table, params, slopes], fallback)
         if fell_back:  # the split pass could not run: parts already is the reference's answer
             return parts
-        return launch(with_inputs(merge_pass, [parts[0], parts[1], sink_logits]), fallback)
+        return merge_pass([parts[0], parts[1], sink_logits], fallback)
 
     return with_reference_vjp(forward, reference)
 

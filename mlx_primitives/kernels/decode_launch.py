@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 
@@ -163,11 +163,6 @@ def combine_plan(o_part: mx.array, lse_part: mx.array, sinks: mx.array, spec: At
                        (spec.batch, spec.num_heads, spec.q_len)],
         output_dtypes=[spec.dtype, mx.float32],
     )
-
-
-def with_inputs(plan: Launch, inputs: List[mx.array]) -> Launch:
-    return Launch(plan.kernel, inputs, plan.template, plan.grid, plan.threadgroup, plan.output_shapes,
-                  plan.output_dtypes)
 
 
 def compile_examples():

@@ -157,12 +157,32 @@ def launch(plan: Launch, reference: Callable[[], List[mx.array]]) -> List[mx.arr
     error turns into the fallback rather than an exception at the user's ``mx.eval``. Inside
     ``mx.compile`` that check can't run and the kernel is trusted.
     """
-    backend = device_profile().backend
-    if backend not in PRELUDES:
-        _fallback_warning(plan.kernel.name, f"MLX runs on the {backend}")
-        return reference()
-    key = (backend, plan.kernel, tuple(plan.template), tuple(a.dtype for a in plan.inputs))
-    return run_checked(key, plan.kernel.name, lambda: plan.call(compiled(plan.kernel, backend)), reference)
+    return BoundLaunch(plan)(plan.inputs, reference)
+
+
+class BoundLaunch:
+    """A launch with everything but its input arrays fixed, for call paths that repeat one shape.
+
+    ``BoundLaunch(plan)(inputs, reference)`` is :func:`launch` of ``plan`` with ``inputs`` in place of
+    ``plan.inputs`` (the same dtypes: they are part of the key of the first-launch check); the key,
+    the backend and the keyword arguments of the ``mx.fast`` call are built once, here.
+    """
+
+    def __init__(self, plan: Launch):
+        self.kernel = plan.kernel
+        self.backend = device_profile().backend
+        self.compiled = compiled(plan.kernel, self.backend) if self.backend in PRELUDES else None
+        self.key = (self.backend, plan.kernel, tuple(plan.template), tuple(a.dtype for a in plan.inputs))
+        self.arguments = dict(template=list(plan.template), grid=plan.grid, threadgroup=plan.threadgroup,
+                              output_shapes=[tuple(s) for s in plan.output_shapes],
+                              output_dtypes=list(plan.output_dtypes))
+
+    def __call__(self, inputs: Sequence[mx.array], reference: Callable[[], List[mx.array]]) -> List[mx.array]:
+        if self.backend not in PRELUDES:
+            _fallback_warning(self.kernel.name, f"MLX runs on the {self.backend}")
+            return reference()
+        return run_checked(self.key, self.kernel.name,
+                           lambda: self.compiled(inputs=list(inputs), verbose=False, **self.arguments), reference)
 
 
 def run_checked(
