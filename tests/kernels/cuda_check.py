@@ -43,6 +43,8 @@ import mlx.core as mx
 
 from mlx_primitives.kernels.launcher import Launch
 
+# MLX's JIT headers that utils.cuh pulls in, from ml-explore/mlx mlx/backend/cuda/device/: byte for byte
+# (but the copyright sign) the ones NVRTC gets embedded in the 0.32.4 CUDA wheel's libmlx.so.
 STUB_DIR = Path(__file__).parent / "cuda_stub"
 ARCH = "sm_90a"  # MLX targets sm_<major><minor>a from compute capability 9 on (jit_module.cpp)
 
