@@ -33,7 +33,7 @@ import mlx.core as mx
 from ..attention.spec import AttentionSpec
 from . import flash_attention, flash_backward
 from .catalog import FLASH_FWD, FLEX_FWD, FlexKernel
-from .launcher import Launch, launch, with_reference_vjp
+from .launcher import BoundLaunch, Launch, with_reference_vjp
 
 
 @functools.lru_cache(maxsize=256)
@@ -109,42 +109,43 @@ def plan(q: mx.array, k: mx.array, v: mx.array, spec: AttentionSpec, config: Dic
     return dataclasses.replace(base, kernel=kernel, inputs=list(base.inputs) + list(blocks) + list(captures))
 
 
-def flex_attention_kernel(
-    q: mx.array,
-    k: mx.array,
-    v: mx.array,
-    spec: AttentionSpec,
-    kernel: FlexKernel,
-    config: Dict[str, int],
-    block_mask,
-    captures: Sequence[mx.array],
-    reference: Callable[..., List[mx.array]],
-) -> Tuple[mx.array, mx.array]:
-    """``(out, lse)`` of flex attention on ``kernel``, differentiable through ``reference``.
+def prepare_kernel(q: mx.array, k: mx.array, v: mx.array, spec: AttentionSpec, kernel: FlexKernel,
+                   config: Dict[str, int], block_mask, captures: Sequence[mx.array]) -> Callable[..., Tuple[mx.array, mx.array]]:
+    """The launch of a flex call on ``kernel``, built once for calls like this one:
+    ``run(q, k, v, block_mask, captures, reference) -> (out, lse)``, differentiable through ``reference``.
 
     Args:
         q, k, v: BHSD, float16 or bfloat16; ``spec`` their description (no built-in features).
         kernel: from :func:`flex_kernel`; ``config`` from :func:`block_config`.
         block_mask: the :class:`~mlx_primitives.attention.flex.BlockMask` the kernel walks, or None.
         captures: the arrays behind ``flex_cap<i>``, in slot order.
-        reference: ``reference(q, k, v, *float_captures) -> [out, lse]`` (the reference path with
-            the float captures rebound, so gradients reach them too).
+
+    ``run`` takes arrays of the same shapes and dtypes (a BlockMask of the same shapes, captures of
+    the same dtypes) and ``reference(q, k, v, *float_captures) -> [out, lse]``: the reference path
+    with the float captures rebound, so gradients reach them too.
     """
     blocks = block_inputs(block_mask)
+    template = plan(q, k, v, spec, config, kernel, blocks, [kernel_array(c) for c in captures])
+    bound = BoundLaunch(template)
+    fixed = list(template.inputs[3:7])  # window, slopes, sinks, rng: constants of the spec
+    params = blocks[4]
     floating = [i for i, c in enumerate(captures) if mx.issubdtype(c.dtype, mx.floating)]
 
-    def kernel_captures(float_arrays) -> List[mx.array]:
-        arrays = list(captures)
-        for i, array in zip(floating, float_arrays):
-            arrays[i] = array
-        return [kernel_array(a) for a in arrays]
+    def run(q, k, v, block_mask, captures: Sequence[mx.array], reference) -> Tuple[mx.array, mx.array]:
+        lists = blocks[:4] if block_mask is None else [block_mask.kv_num_blocks, block_mask.kv_indices,
+                                                         block_mask.full_kv_num_blocks, block_mask.full_kv_indices]
 
-    def forward(q, k, v, *float_arrays) -> List[mx.array]:
-        launch_plan = plan(q, k, v, spec, config, kernel, blocks, kernel_captures(float_arrays))
-        return launch(launch_plan, lambda: reference(q, k, v, *float_arrays))
+        def forward(q, k, v, *float_arrays) -> List[mx.array]:
+            arrays = list(captures)
+            for i, array in zip(floating, float_arrays):
+                arrays[i] = array
+            inputs = [q, k, v, *fixed, *lists, params, *(kernel_array(a) for a in arrays)]
+            return bound(inputs, lambda: reference(q, k, v, *float_arrays))
 
-    out, lse = with_reference_vjp(forward, reference)(q, k, v, *(captures[i] for i in floating))
-    return out, lse
+        out, lse = with_reference_vjp(forward, reference)(q, k, v, *(captures[i] for i in floating))
+        return out, lse
+
+    return run
 
 
 def compile_examples():

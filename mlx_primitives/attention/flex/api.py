@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Callable, List, NamedTuple, Optional, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import mlx.core as mx
 
@@ -19,7 +19,7 @@ from ...kernels import flash_attention
 from ..spec import AttentionSpec, describe_attention
 from .block_mask import BlockMask
 from .reference import flex_reference
-from .trace import Untraceable, rebind, trace_mods
+from .trace import Untraceable, fingerprint, rebind, trace_mods
 
 _warned: set = set()
 
@@ -77,12 +77,73 @@ def _kernel_plan(spec: AttentionSpec, score_mod, block_mask):
     return FlexRoute("kernel", "the mods trace and the kernel takes the call"), (score, mask, captures, config)
 
 
+class _Prepared(NamedTuple):
+    """A validated call, its route and, on the kernel, its launch (``prepare_kernel``'s ``run``)."""
+
+    spec: AttentionSpec
+    route: FlexRoute
+    run: Optional[Callable]
+    captures: List[mx.array]
+
+
+# Prepared calls, keyed by everything they depend on: array types, shapes and dtypes, scale, GQA, the
+# backend, the BlockMask's sizes and the mods' fingerprints (trace.fingerprint: their code and the
+# values they read, captured arrays by identity). A model repeats a few of them; preparing one
+# (validation, tracing, tuning lookup, launch geometry) costs more than a small attention on a GPU.
+_PREPARED: Dict[tuple, _Prepared] = {}
+_MAX_PREPARED = 256
+_ARRAYS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+
+
+def _call_key(query, key, value, score_mod, block_mask, scale, enable_gqa) -> Optional[tuple]:
+    """The key of :data:`_PREPARED` for a call, or None where something in it can't be keyed."""
+    if not (scale is None or type(scale) in (int, float)) or type(enable_gqa) is not bool:
+        return None
+    score = fingerprint(score_mod)
+    blocks = None
+    if block_mask is not None:
+        if type(block_mask) is not BlockMask:
+            return None
+        blocks = (block_mask.block_size, block_mask.seq_lengths, fingerprint(block_mask.mask_mod),
+                  *((getattr(block_mask, name).shape, getattr(block_mask, name).dtype) for name in _ARRAYS))
+    if score is None or (blocks is not None and blocks[2] is None):
+        return None
+    try:
+        call = (type(query), query.shape, query.dtype, type(key), key.shape, key.dtype, type(value), value.shape,
+                value.dtype, scale, enable_gqa, device_profile().backend, score, blocks)
+        hash(call)
+    except (AttributeError, TypeError):  # not arrays: let validation say why
+        return None
+    return call
+
+
+def _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa) -> _Prepared:
+    call = _call_key(query, key, value, score_mod, block_mask, scale, enable_gqa)
+    prepared = _PREPARED.get(call) if call is not None else None
+    if prepared is not None:
+        return prepared
+    spec = _describe(query, key, value, score_mod, block_mask, scale, enable_gqa)
+    route, traced = _kernel_plan(spec, score_mod, block_mask)
+    run, captures = None, []
+    if route.path == "kernel":
+        from ...kernels.flex_attention import flex_kernel, prepare_kernel
+
+        score, mask, captures, config = traced
+        kernel = flex_kernel(score, mask, len(captures), None if block_mask is None else block_mask.block_size)
+        run = prepare_kernel(query, key, value, spec, kernel, config, block_mask, captures)
+    prepared = _Prepared(spec, route, run, captures)
+    if call is not None:
+        if len(_PREPARED) >= _MAX_PREPARED:
+            _PREPARED.clear()
+        _PREPARED[call] = prepared
+    return prepared
+
+
 def flex_route(query: mx.array, key: mx.array, value: mx.array, score_mod: Optional[Callable] = None,
                block_mask: Optional[BlockMask] = None, scale: Optional[float] = None,
                enable_gqa: bool = False) -> FlexRoute:
     """The path :func:`flex_attention` takes for these arguments, and why."""
-    spec = _describe(query, key, value, score_mod, block_mask, scale, enable_gqa)
-    return _kernel_plan(spec, score_mod, block_mask)[0]
+    return _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa).route
 
 
 def _warn_untraceable(route: FlexRoute, score_mod, block_mask) -> None:
@@ -128,20 +189,17 @@ def flex_attention(
         ``(out, lse)``, ``lse`` float32 ``(batch, num_heads, q_len)`` (natural log). A row that sees
         no key gives zeros and ``lse = -inf``.
     """
-    spec = _describe(query, key, value, score_mod, block_mask, scale, enable_gqa)
-    route, traced = _kernel_plan(spec, score_mod, block_mask)
-    if route.path == "kernel":
-        out, lse = _on_kernel(query, key, value, spec, score_mod, block_mask, *traced)
+    prepared = _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa)
+    if prepared.route.path == "kernel":
+        out, lse = _on_kernel(query, key, value, prepared, score_mod, block_mask)
     else:
-        _warn_untraceable(route, score_mod, block_mask)
-        out, lse = flex_reference(query, key, value, score_mod, block_mask, spec.scale)
+        _warn_untraceable(prepared.route, score_mod, block_mask)
+        out, lse = flex_reference(query, key, value, score_mod, block_mask, prepared.spec.scale)
     return (out, lse) if return_lse else out
 
 
-def _on_kernel(query, key, value, spec, score_mod, block_mask, score, mask, captures, config):
-    from ...kernels.flex_attention import flex_attention_kernel, flex_kernel
-
-    kernel = flex_kernel(score, mask, len(captures), None if block_mask is None else block_mask.block_size)
+def _on_kernel(query, key, value, prepared: _Prepared, score_mod, block_mask):
+    spec, captures = prepared.spec, prepared.captures
     floating = [c for c in captures if mx.issubdtype(c.dtype, mx.floating)]
 
     def reference(q, k, v, *float_arrays) -> List[mx.array]:
@@ -151,4 +209,4 @@ def _on_kernel(query, key, value, spec, score_mod, block_mask, score, mask, capt
             call_mask = dataclasses.replace(block_mask, mask_mod=rebind(block_mask.mask_mod, replaced))
         return list(flex_reference(q, k, v, rebind(score_mod, replaced), call_mask, spec.scale))
 
-    return flex_attention_kernel(query, key, value, spec, kernel, config, block_mask, captures, reference)
+    return prepared.run(query, key, value, block_mask, captures, reference)

@@ -14,14 +14,16 @@ bug in the mod; the kernel never reads outside its inputs). A mod that branches 
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
+import numpy as np
 
 from .symbolic import BOOL, FLOAT, INT, TRACED_OPS, CapturedArray, Sym, Untraceable, as_kind, as_sym
 
-__all__ = ["Untraceable", "rebind", "trace_mods"]
+__all__ = ["Untraceable", "fingerprint", "rebind", "trace_mods"]
 
 
 class _TracedMx:
@@ -35,13 +37,14 @@ _TRACED_MX = _TracedMx()
 _BY_FUNCTION = {id(getattr(mx, name)): op for name, op in TRACED_OPS.items()}
 
 
-def _global_names(code: types.CodeType) -> set:
+@functools.lru_cache(maxsize=1024)
+def _global_names(code: types.CodeType) -> frozenset:
     """Global names ``code`` and the functions defined inside it may read."""
     names = set(code.co_names)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names |= _global_names(const)
-    return names
+    return frozenset(names)
 
 
 class _Rebinder:
@@ -88,6 +91,76 @@ class _Rebinder:
             return types.CellType()
 
 
+# Values a trace may read that never change: keyed by identity.
+_CONSTANTS = (types.ModuleType, types.BuiltinFunctionType, type, type(mx.exp))
+_SCALARS = (bool, int, float, complex, str, bytes, type(None), np.generic)
+
+
+class _Unkeyable(Exception):
+    pass
+
+
+class _Fingerprint:
+    """The values :class:`_Rebinder` reads from a mod, recursively, as a hashable key."""
+
+    def __init__(self):
+        self.visiting: set = set()
+
+    def value(self, value):
+        if isinstance(value, mx.array):
+            # A captured array becomes a kernel input read at each call: its identity (and what the
+            # expression depends on, shape and dtype) is the key, not its contents.
+            return ("array", id(value), value.shape, value.dtype)
+        if isinstance(value, types.FunctionType):
+            return self.function(value)
+        if type(value) in (tuple, list):
+            return (type(value), tuple(self.value(v) for v in value))
+        if isinstance(value, _SCALARS):
+            return (type(value), value)
+        if isinstance(value, _CONSTANTS):
+            return ("constant", id(value))
+        raise _Unkeyable
+
+    def function(self, fn: types.FunctionType):
+        if id(fn) in self.visiting:  # a recursive call: the outer visit covers it
+            return ("recursive", fn.__code__)
+        self.visiting.add(id(fn))
+        scope = fn.__globals__
+        names = tuple((name, self.value(scope[name])) for name in sorted(_global_names(fn.__code__)) if name in scope)
+        closure = tuple(self.value(c.cell_contents) if _filled(c) else ("empty",) for c in fn.__closure__ or ())
+        defaults = tuple(self.value(d) for d in fn.__defaults__ or ())
+        kwdefaults = tuple((k, self.value(v)) for k, v in sorted((fn.__kwdefaults__ or {}).items()))
+        self.visiting.discard(id(fn))
+        return (fn.__code__, names, closure, defaults, kwdefaults)
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
+def fingerprint(mod: Optional[Callable]) -> Optional[tuple]:
+    """A key for what tracing ``mod`` gives: its code and the values it reads (closure cells, defaults,
+    the globals it names, recursively through the functions it calls), or None where ``mod`` or one of
+    those values is not a function, scalar, tuple/list, module, type, builtin or ``mx.array``.
+
+    Scalars count by value; modules, types and builtins by identity (their attributes are taken as
+    constants); a captured ``mx.array`` by identity, shape and dtype, since the trace reads it as a
+    kernel input whose contents are loaded at each call (holders of the trace keep the array alive,
+    so its identity is not reused). Mods reading other objects (a config instance) get None: they
+    are traced on every call.
+    """
+    if mod is None:
+        return ()
+    if not isinstance(mod, types.FunctionType):
+        return None
+    try:
+        return _Fingerprint().function(mod)
+    except _Unkeyable:
+        return None
 
 
 def rebind(mod: Optional[Callable], arrays: Dict[int, mx.array]) -> Optional[Callable]:

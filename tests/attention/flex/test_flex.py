@@ -82,3 +82,36 @@ def test_block_sizes_the_kernel_cannot_walk_go_to_the_reference():
     q, k, v = random_qkv(1, 96, 96, 2, 2, 64, dtype=mx.float16, layout="BHSD")
     route = flex_route(q, k, v, block_mask=create_block_mask(mods.causal(), None, None, 96, 96, BLOCK_SIZE=48))
     assert route.path == "reference" and "not a multiple" in route.reason
+
+
+def test_prepared_calls_follow_what_the_mods_read():
+    """Calls are prepared once per key (trace.fingerprint); a mod whose closure, default or global
+    changes, or a new captured array, gets a fresh preparation and the answer it asks for."""
+    from mlx_primitives.attention.flex import api
+    from mlx_primitives.attention.flex.trace import fingerprint
+
+    q, k, v = random_qkv(1, 48, 48, 2, 2, 16, layout="BHSD")
+    scale = default_scale(16)
+
+    def shifted(bias):
+        return lambda score, b, h, q_idx, kv_idx: score + bias * (q_idx - kv_idx)
+
+    api._PREPARED.clear()
+    for bias in (0.1, 0.1, -0.2):
+        out = flex_attention(q, k, v, score_mod=shifted(bias))
+        fn = lambda s, b, h, qi, ki: s + bias * (qi - ki)  # noqa: E731
+        assert_within_rule(out, flex64(q, k, v, scale, fn)["out"], naive_flex(q, k, v, scale, fn), mx.float32)
+    assert len(api._PREPARED) == 2  # 0.1 twice, then -0.2
+
+    for table in (mx.random.normal((2,)), mx.random.normal((2,))):  # a new captured array each time
+        out = flex_attention(q, k, v, score_mod=lambda s, b, h, q_idx, kv_idx: s + table[h])
+        table64 = np.array(table, np.float64)
+        fn = lambda s, b, h, qi, ki: s + table64[h]  # noqa: E731
+        assert_within_rule(out, flex64(q, k, v, scale, fn)["out"], naive_flex(q, k, v, scale, fn), mx.float32)
+
+    class Holder:
+        bias = 0.5
+
+    holder = Holder()
+    unkeyable = lambda s, b, h, q_idx, kv_idx: s + holder.bias  # noqa: E731
+    assert fingerprint(unkeyable) is None  # an object's attribute: traced on every call
