@@ -148,12 +148,15 @@ FLASH_BWD_DKDV = _AttentionKernel(
 
 # Decode attention (decode.py): the split-KV pass (asynchronous K/V copies from flash_<backend>.inc),
 # whose threads per group, minimum keys per split and 16-byte chunks per lane are free, and the pass
-# that merges the splits.
+# that merges the splits. The split-KV pass also reads mx.quantize caches (KV_BITS; the scales and
+# biases are placeholders for a float cache).
 DECODE = _AttentionKernel(
     name="decode_attention",
     body="decode.kern",
-    inputs=("q", "k_cache", "v_cache", "cache_seqlens", "block_table", "params", "slopes"),
+    inputs=("q", "k_cache", "v_cache", "cache_seqlens", "block_table", "params", "slopes", "k_scales", "k_biases",
+            "v_scales", "v_biases"),
     outputs=("o_part", "lse_part"),
+    helpers=("decode.inc",),
     mma=True,
     tunables=(("THREADS", (64, 128)), ("SPLIT", (128, 256, 512)), ("CHUNKS", (1, 2))),
 )

@@ -19,7 +19,8 @@ from ..attention.spec import AttentionSpec, describe_attention, to_bhsd
 from ..hardware import device_profile
 from ..validation import check_array, check_same_dtype
 from . import catalog
-from .decode_launch import DTYPES, HEAD_DIMS, combine_plan, geometry, no_block_table, num_splits, placeholder, plan
+from .decode_launch import (DTYPES, HEAD_DIMS, KERNEL_BITS, combine_plan, geometry, no_affine, no_block_table,
+                            num_splits, placeholder, plan)
 from .decode_launch import compile_examples  # noqa: F401 -- the Metal compile check asks this module
 from .launcher import BoundLaunch, with_reference_vjp
 from .tuning import config_for
@@ -96,9 +97,9 @@ def unsupported(spec: AttentionSpec, page_size: Optional[int] = None) -> Optiona
     return None
 
 
-def dequantized_cache(name: str, cache, quantization, head_dim: int) -> mx.array:
-    """``mx.dequantize`` of a ``(packed, scales, biases)`` cache after checking it against
-    ``quantization = (group_size, bits)`` and the queries' ``head_dim``."""
+def quantized_cache(name: str, cache, quantization, head_dim: int) -> Tuple[mx.array, mx.array, mx.array]:
+    """A ``(packed, scales, biases)`` cache, checked against ``quantization = (group_size, bits)``
+    and the queries' ``head_dim``."""
     if (not isinstance(quantization, (tuple, list)) or len(quantization) != 2
             or quantization[0] not in QUANT_GROUP_SIZES or quantization[1] not in QUANT_BITS):
         raise ValueError(
@@ -120,7 +121,17 @@ def dequantized_cache(name: str, cache, quantization, head_dim: int) -> mx.array
     groups_shape = tuple(packed.shape[:3]) + (head_dim // group_size,)
     check_array(f"{name}[1]", scales, f"{groups_shape} (scales)", shape=groups_shape)
     check_array(f"{name}[2]", biases, f"{groups_shape} (biases)", shape=groups_shape)
-    return mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits)
+    return packed, scales, biases
+
+
+def _dequantized(cache: mx.array, scales: mx.array, biases: mx.array, quantization: Tuple[int, int]) -> mx.array:
+    return mx.dequantize(cache, scales, biases, group_size=quantization[0], bits=quantization[1])
+
+
+def _values_view(packed: mx.array, scales: mx.array, head_dim: int) -> mx.array:
+    """A lazy ``(..., head_dim)`` stand-in for a quantized cache (never evaluated): what validation
+    and the attention spec read of it are its shape and its values' dtype."""
+    return mx.broadcast_to(scales[..., :1], tuple(packed.shape[:3]) + (head_dim,))
 
 
 def _describe(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window_size, softcap,
@@ -171,17 +182,17 @@ _MAX_CALLS = 256
 
 
 def _call_key(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window_size, softcap,
-              alibi_slopes, sinks, path, config) -> Optional[tuple]:
+              alibi_slopes, sinks, path, config, quantization, affine) -> Optional[tuple]:
     """What a call's meaning depends on besides array values (the backend included), or None where it
     holds option arrays."""
     if alibi_slopes is not None or sinks is not None:
         return None
     try:
+        arrays = tuple((type(a), a.shape, a.dtype) for a in (q, k_cache, v_cache, cache_seqlens, *affine))
         table = None if block_table is None else (type(block_table), block_table.shape, block_table.dtype)
         options = tuple(sorted(config.items())) if config else config
-        key = (type(q), q.shape, q.dtype, type(k_cache), k_cache.shape, k_cache.dtype, type(v_cache), v_cache.shape,
-               v_cache.dtype, type(cache_seqlens), cache_seqlens.shape, cache_seqlens.dtype, table, softmax_scale,
-               causal, window_size, softcap, path, options, device_profile().backend)
+        key = (arrays, table, softmax_scale, causal, window_size, softcap, path, options, quantization,
+               device_profile().backend)
         hash(key)
     except (AttributeError, TypeError):  # not arrays or unhashable options: let validation say why
         return None
@@ -189,12 +200,18 @@ def _call_key(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, ca
 
 
 def _prepare(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window_size, softcap,
-             alibi_slopes, sinks, path, config) -> Callable:
-    """Validate a call and build ``run(q, k_cache, v_cache, cache_seqlens, table) -> [out, lse]``.
+             alibi_slopes, sinks, path, config, quantization, affine) -> Callable:
+    """Validate a call and build ``run(q, k_cache, v_cache, cache_seqlens, table, *affine) -> [out, lse]``.
 
-    ``table`` is the block table, or for a contiguous cache a placeholder the kernel ignores.
+    ``table`` is the block table, or for a contiguous cache a placeholder the kernel ignores. A
+    quantized cache: ``k_cache``/``v_cache`` the packed words, ``affine`` ``(k_scales, k_biases,
+    v_scales, v_biases)``, ``quantization`` ``(group_size, bits)`` with bits in ``KERNEL_BITS``.
     """
-    spec = _describe(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window_size, softcap,
+    if affine:
+        k_view, v_view = (_values_view(c, s, q.shape[3]) for c, s in ((k_cache, affine[0]), (v_cache, affine[2])))
+    else:
+        k_view, v_view = k_cache, v_cache
+    spec = _describe(q, k_view, v_view, cache_seqlens, block_table, softmax_scale, causal, window_size, softcap,
                      alibi_slopes, sinks)
     paged = block_table is not None
     page_size = k_cache.shape[1] if paged else None
@@ -202,7 +219,10 @@ def _prepare(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, cau
     if path == "kernel" and blocker:
         raise ValueError(f"path='kernel' cannot run this call: {blocker}")
 
-    def reference(q, k_cache, v_cache, cache_seqlens, table) -> List[mx.array]:
+    def reference(q, k_cache, v_cache, cache_seqlens, table, *affine) -> List[mx.array]:
+        if affine:
+            k_cache = _dequantized(k_cache, *affine[:2], quantization)
+            v_cache = _dequantized(v_cache, *affine[2:], quantization)
         return reference_decode(q, k_cache, v_cache, cache_seqlens, table if paged else None, spec)
 
     if path == "reference" or blocker:
@@ -211,24 +231,26 @@ def _prepare(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, cau
     capacity = k_cache.shape[1] * (block_table.shape[1] if paged else 1)
     chosen = _kernel_config(spec, capacity, config)
     backend = device_profile().backend
-    shape = geometry(spec, chosen, backend)
+    shape = geometry(spec, chosen, backend, quantization[1] if affine else 0)
     splits = num_splits(spec, capacity, chosen["SPLIT"], shape["THREADS"], shape["REGISTERS"])
     slopes = placeholder() if spec.alibi_slopes is None else spec.alibi_slopes.reshape(-1)
     sink_logits = placeholder() if spec.sinks is None else spec.sinks.astype(mx.float32)
 
     # Launch geometry once; each call only swaps in its arrays.
-    split_plan = plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec, splits, chosen, backend)
+    split_plan = plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec, splits, chosen, backend,
+                      affine or None, quantization)
     split_pass, params = BoundLaunch(split_plan), split_plan.inputs[5]
     merge_pass = BoundLaunch(combine_plan(placeholder(), placeholder(), sink_logits, spec))
 
-    def forward(q, k_cache, v_cache, cache_seqlens, table) -> List[mx.array]:
+    def forward(q, k_cache, v_cache, cache_seqlens, table, *affine) -> List[mx.array]:
         fell_back = []
 
         def fallback() -> List[mx.array]:
             fell_back.append(True)
-            return reference(q, k_cache, v_cache, cache_seqlens, table)
+            return reference(q, k_cache, v_cache, cache_seqlens, table, *affine)
 
-        parts = split_pass([q, k_cache, v_cache, cache_seqlens, table, params, slopes], fallback)
+        parts = split_pass([q, k_cache, v_cache, cache_seqlens, table, params, slopes, *(affine or no_affine())],
+                           fallback)
         if fell_back:  # the split pass could not run: parts already is the reference's answer
             return parts
         return merge_pass([parts[0], parts[1], sink_logits], fallback)
@@ -284,8 +306,9 @@ def decode_attention(
         config: template values overriding the tuned ones, e.g. ``{"THREADS": 128, "SPLIT": 256}``.
         quantization: ``(group_size, bits)`` when ``k_cache`` and ``v_cache`` are ``mx.quantize``
             outputs ``(packed uint32 (..., head_dim * bits / 32), scales, biases (..., head_dim /
-            group_size))`` in the layouts above (mlx-lm's QuantizedKVCache tuples); they are
-            dequantized with ``mx.dequantize``, then attended as above.
+            group_size))`` in the layouts above (mlx-lm's QuantizedKVCache tuples), attended as their
+            dequantized values. The kernel reads 2-, 4- and 8-bit caches in place (dequantizing in
+            registers); other widths are dequantized with ``mx.dequantize`` first.
 
     Returns:
         ``out`` ``(batch, seqlen_q, num_heads, head_dim)`` in q's dtype, and with ``return_lse``
@@ -294,12 +317,19 @@ def decode_attention(
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}; got {path!r}")
+    affine: Tuple[mx.array, ...] = ()
     if quantization is not None or isinstance(k_cache, (tuple, list)) or isinstance(v_cache, (tuple, list)):
         head_dim = check_array("q", q, "(batch, seqlen_q, num_heads, head_dim)", ndim=4).shape[3]
-        k_cache = dequantized_cache("k_cache", k_cache, quantization, head_dim)
-        v_cache = dequantized_cache("v_cache", v_cache, quantization, head_dim)
+        (k_cache, *k_affine), (v_cache, *v_affine) = (quantized_cache(name, cache, quantization, head_dim)
+                                                      for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)))
+        if quantization[1] in KERNEL_BITS:
+            affine, quantization = (*k_affine, *v_affine), tuple(quantization)
+        else:  # the kernel reads 2-, 4- and 8-bit words; others are attended as their float values
+            k_cache, v_cache = _dequantized(k_cache, *k_affine, quantization), _dequantized(v_cache, *v_affine,
+                                                                                            quantization)
+            quantization = None
     args = (q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window_size, softcap,
-            alibi_slopes, sinks, path, config)
+            alibi_slopes, sinks, path, config, quantization, affine)
     key = _call_key(*args)
     run = _CALLS.get(key) if key is not None else None
     if run is None:
@@ -309,7 +339,7 @@ def decode_attention(
                 _CALLS.clear()
             _CALLS[key] = run
     table = no_block_table() if block_table is None else block_table
-    out, lse = run(q, k_cache, v_cache, cache_seqlens, table)
+    out, lse = run(q, k_cache, v_cache, cache_seqlens, table, *affine)
     return (out, lse) if return_lse else out
 
 

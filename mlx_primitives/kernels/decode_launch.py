@@ -2,14 +2,16 @@
 
 How a call maps onto the GPU: lanes per key and their 16-byte chunks, query rows per threadgroup,
 the shared-memory stages that fit the backend, the split count that fills the SMs, and the two
-launches. :mod:`.decode` validates calls and runs these plans.
+launches. :mod:`.decode` validates calls and runs these plans. A quantized cache (``mx.quantize``
+words of ``KERNEL_BITS`` bits) is staged in chunks of 16 values (``2 * bits`` bytes) and
+dequantized in registers.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
@@ -32,6 +34,8 @@ REGISTER_FILE = 65536
 MAX_THREADS_PER_UNIT = 2048
 MAX_STAGES = 6  # K/V steps in shared memory: the one being read and up to five in flight
 COMBINE_WARPS = 4
+KERNEL_BITS = (2, 4, 8)  # quantized caches the split-KV kernel reads; others are dequantized first
+QUANT_VEC = 16  # values per staged chunk of a quantized cache
 def _row_blocks(spec: AttentionSpec) -> Tuple[int, int]:
     """(row blocks, rows per block) splitting the groups * q_len rows of a kv head evenly."""
     rows = spec.groups * spec.q_len
@@ -63,14 +67,15 @@ def num_splits(spec: AttentionSpec, capacity: int, split: int, threads: int, reg
     return next(s for s, e in enumerate(efficiency, start=1) if e >= 0.85 * best)
 
 
-def staging(threads: int, ch: int, head_dim: int, rows: int, backend: str) -> Tuple[int, int, int]:
+def staging(threads: int, ch: int, head_dim: int, rows: int, backend: str,
+            chunk_bytes: int = 16) -> Tuple[int, int, int]:
     """(THREADS, KB, STAGES) whose shared memory fits ``backend``: the K/V stages take what the
     reductions leave; two keys per team and step where three stages fit, else one; THREADS
     halves until two stages fit (only large head dims on Metal's 32 KiB)."""
     limit = shared_memory_limit(backend)
     while True:
         reductions = 4 * (threads // 32) * (head_dim + 2 * rows)
-        per_key_step = threads * 2 * 16 * ch  # K and V chunks of one key per team, every lane
+        per_key_step = threads * 2 * chunk_bytes * ch  # K and V chunks of one key per team, every lane
         for kb, least in ((2, 3), (1, 2)):
             stages = min(MAX_STAGES, (limit - reductions) // (kb * per_key_step))
             if stages >= least:
@@ -94,27 +99,42 @@ def placeholder() -> mx.array:
     return mx.zeros((1,), mx.float32)
 
 
-def geometry(spec: AttentionSpec, config: Dict[str, int], backend: str) -> Dict[str, int]:
-    """Lanes per key and their 16-byte chunks, rows per group, the staging that fits, and the
-    registers a lane needs (an estimate, for the split count)."""
-    vec = 16 // spec.dtype.size
+@functools.lru_cache(maxsize=1)
+def no_affine() -> Tuple[mx.array, ...]:
+    """What a float cache passes as the scales and biases of a quantized one."""
+    return (mx.zeros((1,), mx.float32),) * 4
+
+
+def geometry(spec: AttentionSpec, config: Dict[str, int], backend: str, bits: int = 0) -> Dict[str, int]:
+    """Lanes per key and their chunks (16 bytes of a float cache, 16 values of a ``bits``-bit one),
+    rows per group, the staging that fits, and the registers a lane needs (an estimate, for the
+    split count)."""
+    vec = QUANT_VEC if bits else 16 // spec.dtype.size
     chunks = spec.head_dim // vec
     blocks, rows = _row_blocks(spec)
-    # CHUNKS 16-byte chunks of a row per lane: 2 repeats less of the per-key work (shuffles,
-    # softmax) across a team's lanes, 1 halves the registers of q and the output slice (more
-    # threadgroups per SM). Past 4 rows only 1 fits the registers.
-    per_lane = config["CHUNKS"] if rows <= 4 else 1
+    # CHUNKS chunks of a row per lane: 2 repeats less of the per-key work (shuffles, softmax)
+    # across a team's lanes, 1 halves the registers of q and the output slice (more threadgroups
+    # per SM). Past 4 rows (2 with the 16-value chunks of a quantized cache) only 1 fits the registers.
+    per_lane = config["CHUNKS"] if rows <= (2 if bits else 4) else 1
     tpk = min(32, next_pow2(-(-chunks // per_lane)))
     ch = -(-chunks // tpk)
-    threads, kb, stages = staging(config["THREADS"], ch, spec.head_dim, rows, backend)
+    threads, kb, stages = staging(config["THREADS"], ch, spec.head_dim, rows, backend,
+                                  vec * bits // 8 if bits else 16)
+    affine = 2 * rows * ch + 8 * kb * ch if bits else 0  # q sums, bias sums, two steps' scales and biases
     return {"VEC": vec, "TPK": tpk, "CH": ch, "ROWS": rows, "BLOCKS": blocks, "THREADS": threads, "KB": kb,
-            "STAGES": stages, "REGISTERS": 2 * rows * ch * vec + ADDRESSING_REGISTERS}
+            "STAGES": stages, "REGISTERS": 2 * rows * ch * vec + affine + ADDRESSING_REGISTERS}
 
 
 def plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec: AttentionSpec, splits: int,
-         config, backend: Optional[str] = None) -> Launch:
-    """The split-KV launch of ``decode.kern``; ``block_table`` None for a contiguous cache."""
-    g = geometry(spec, config, backend or device_profile().backend)
+         config, backend: Optional[str] = None, affine: Optional[Sequence[mx.array]] = None,
+         quantization: Optional[Tuple[int, int]] = None) -> Launch:
+    """The split-KV launch of ``decode.kern``; ``block_table`` None for a contiguous cache.
+
+    A quantized cache: ``k_cache``/``v_cache`` the packed words, ``affine`` ``(k_scales, k_biases,
+    v_scales, v_biases)`` and ``quantization`` ``(group_size, bits)`` with bits in ``KERNEL_BITS``.
+    """
+    group, bits = quantization or (0, 0)
+    g = geometry(spec, config, backend or device_profile().backend, bits)
     alibi = 0 if spec.alibi_slopes is None else spec.alibi_slopes.ndim
     template = (
         ("T", q.dtype),
@@ -132,13 +152,15 @@ def plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec: Attentio
         ("SCALE", float_bits(spec.scale)),
         ("SOFTCAP", float_bits(spec.softcap) if spec.softcap > 0 else 0),
         ("ALIBI", alibi),
+        ("KV_BITS", bits),
+        ("GROUP", group),
     )
     shift = k_cache.shape[1].bit_length() - 1 if block_table is not None else 0
     params = _int32((spec.window[0], spec.window[1], splits, shift))
     table = no_block_table() if block_table is None else block_table
     return Launch(
         kernel=catalog.DECODE,
-        inputs=[q, k_cache, v_cache, cache_seqlens, table, params, slopes],
+        inputs=[q, k_cache, v_cache, cache_seqlens, table, params, slopes] + list(affine or no_affine()),
         template=template,
         grid=(splits * g["THREADS"], spec.num_kv_heads * g["BLOCKS"], spec.batch),
         threadgroup=(g["THREADS"], 1, 1),
@@ -193,3 +215,35 @@ def compile_examples():
             for q in (mx.zeros((2, 1, 4, head_dim), dtype), mx.zeros((2, 4, 8, head_dim), dtype)):  # few, many rows
                 spec = describe_attention(q, pool[:2], pool[:2], layout="BSHD", causal=True)
                 yield plan(q, pool[:2], pool[:2], lengths, None, placeholder(), spec, 3, default, "metal")
+    yield from _quantized_examples()
+
+
+def _quantized_examples():
+    """Quantized caches: every bit width, dtype and row tiling at head dims 64/128/256, paged and
+    contiguous; every group size and tunable config at fp16 and head dim 128 (and 96 in groups of 32);
+    the score mods once."""
+    lengths, table, default = mx.zeros((2,), mx.int32), mx.zeros((2, 3), mx.int32), catalog.DEFAULTS["decode_attention"]
+
+    def quantized(q, bits, group, paged, config=default, **options):
+        head_dim = q.shape[3]
+        packed = mx.zeros((5 if paged else 2, 16, 2, head_dim * bits // 32), mx.uint32)
+        scales = mx.zeros(packed.shape[:3] + (head_dim // group,), q.dtype)
+        view = mx.zeros((2, 16, 2, head_dim), q.dtype)
+        spec = describe_attention(q, view, view, layout="BSHD", causal=True, **options)
+        slopes = placeholder() if spec.alibi_slopes is None else spec.alibi_slopes.reshape(-1)
+        return plan(q, packed, packed, lengths, table if paged else None, slopes, spec, 3, config, "metal",
+                    (scales,) * 4, (group, bits))
+
+    for dtype in DTYPES:
+        for bits in KERNEL_BITS:
+            for head_dim in (64, 128, 256):
+                for q_shape in ((2, 1, 4, head_dim), (2, 4, 8, head_dim)):  # few, many rows
+                    yield quantized(mx.zeros(q_shape, dtype), bits, 64, paged=q_shape[1] == 1)
+    q = mx.zeros((2, 1, 4, 128), mx.float16)
+    for bits in (4, 8):
+        for group in (32, 64, 128):
+            for config in catalog.DECODE.configs():
+                yield quantized(q, bits, group, paged=False, config=config)
+    yield quantized(mx.zeros((2, 2, 4, 96), mx.float16), 8, 32, paged=True)
+    yield quantized(q, 8, 64, paged=True, softcap=30.0, alibi_slopes=mx.zeros((2, 4)), sinks=mx.zeros((4,)),
+                    window_size=(64, 0))

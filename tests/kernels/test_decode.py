@@ -412,3 +412,61 @@ def test_kernel_skips_pages_outside_the_pool_and_clamps_lengths(kernel_runs):
     first = decode64(q[:1], kept, kept_v, [24], window=(-1, -1))[0]
     assert_accurate(out[:1], naive(q[:1], kept, kept_v, [24], window=(-1, -1)), first, mx.float16)
     assert_accurate(out[1:], naive(q[1:], k[1:], v[1:], [64]), decode64(q[1:], k[1:], v[1:], [64])[0], mx.float16)
+
+
+def _quantized(k, v, group_size, bits):
+    """``mx.quantize`` of a cache and its dequantized values (what the kernel must attend)."""
+    kq, vq = (tuple(mx.quantize(x, group_size=group_size, bits=bits)) for x in (k, v))
+    kd, vd = (mx.dequantize(*x, group_size=group_size, bits=bits) for x in (kq, vq))
+    return kq, vq, kd, vd
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("dtype, head_dim, q_len, groups", [(mx.float16, 128, 1, 4), (mx.bfloat16, 64, 4, 8),
+                                                            (mx.float16, 256, 1, 1)])
+def test_kernel_reads_quantized_caches_in_place(kernel_runs, bits, group_size, dtype, head_dim, q_len, groups):
+    q, k, v, seqlens = cache_for(GPU_LENGTHS, q_len, 2 * groups, 2, head_dim, dtype)
+    kq, vq, kd, vd = _quantized(k, v, group_size, bits)
+    out, lse = decode_attention(q, kq, vq, seqlens, quantization=(group_size, bits), return_lse=True, path="kernel")
+    exact, exact_lse = decode64(q, kd, vd, GPU_LENGTHS)
+    assert_accurate(out, naive(q, kd, vd, GPU_LENGTHS), exact, dtype)
+    np.testing.assert_allclose(np.array(lse), exact_lse, atol=1e-2, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("feature", ["window", "softcap", "alibi_batch", "sinks"])
+def test_kernel_quantized_cache_features(kernel_runs, feature):
+    q, k, v, seqlens = cache_for(GPU_LENGTHS, 2, 8, 2, 128, mx.float16)
+    kq, vq, kd, vd = _quantized(k, v, 64, 8)
+    options = _options(feature, len(GPU_LENGTHS), 8)
+    out = decode_attention(q, kq, vq, seqlens, quantization=(64, 8), path="kernel", **options)
+    exact = decode64(q, kd, vd, GPU_LENGTHS, **_oracle_args(options))[0]
+    base = naive(q, kd, vd, GPU_LENGTHS, **{key: val for key, val in _oracle_args(options).items() if key != "sinks"},
+                 sinks=options.get("sinks"))
+    assert_accurate(out, base, exact, mx.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kernel_paged_quantized_equals_contiguous(kernel_runs, bits):
+    lengths, page_size = [5, 300, 1000], 64
+    q, k, v, seqlens = cache_for(lengths, 1, 8, 2, 128, mx.float16, capacity=1024)
+    kq, vq, kd, vd = _quantized(k, v, 32, bits)
+    pool_k, pool_v, table = paged_from(k, v, lengths, page_size, np.random.default_rng(bits))
+    pool_kq, pool_vq = (tuple(mx.quantize(x, group_size=32, bits=bits)) for x in (pool_k, pool_v))
+    contiguous = decode_attention(q, kq, vq, seqlens, quantization=(32, bits), path="kernel")
+    paged = decode_attention(q, pool_kq, pool_vq, seqlens, block_table=table, quantization=(32, bits), path="kernel")
+    np.testing.assert_array_equal(np.array(paged), np.array(contiguous))
+    assert_accurate(paged, naive(q, kd, vd, lengths), decode64(q, kd, vd, lengths)[0], mx.float16)
+
+
+def test_quantized_calls_are_memoized_and_other_widths_are_dequantized():
+    q, k, v, seqlens = cache_for([3, 9], 1, 4, 2, 64, mx.float32)
+    _CALLS.clear()
+    for bits in (8, 8, 3):
+        kq, vq, kd, vd = _quantized(k, v, 32, bits)
+        out = decode_attention(q, kq, vq, seqlens, quantization=(32, bits))
+        assert_accurate(out, naive(q, kd, vd, [3, 9]), decode64(q, kd, vd, [3, 9])[0], mx.float32)
+    assert len(_CALLS) == 2  # 8 bits once (memoized), 3 bits as a float cache
