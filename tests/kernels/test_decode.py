@@ -421,11 +421,13 @@ def _quantized(k, v, group_size, bits):
     return kq, vq, kd, vd
 
 
+QUANTIZED_SHAPES = [(mx.float16, 128, 1, 4), (mx.bfloat16, 64, 4, 8), (mx.float16, 256, 1, 1)]  # dtype, D, Sq, groups
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("dtype, head_dim, q_len, groups", [(mx.float16, 128, 1, 4), (mx.bfloat16, 64, 4, 8),
-                                                            (mx.float16, 256, 1, 1)])
+@pytest.mark.parametrize("group_size, dtype, head_dim, q_len, groups",
+                         [(g, *shape) for g in (32, 64, 128) for shape in QUANTIZED_SHAPES if shape[1] % g == 0])
 def test_kernel_reads_quantized_caches_in_place(kernel_runs, bits, group_size, dtype, head_dim, q_len, groups):
     q, k, v, seqlens = cache_for(GPU_LENGTHS, q_len, 2 * groups, 2, head_dim, dtype)
     kq, vq, kd, vd = _quantized(k, v, group_size, bits)
