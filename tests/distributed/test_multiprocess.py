@@ -37,6 +37,19 @@ def test_ranks_match_single_process_attention(case, size):
     assert all(f"{case}: ok" in p.stdout for p in ranks)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["ring", "tensor"])
+def test_nccl_ranks_match_single_process_attention(case):
+    """One GPU per rank over MLX's NCCL backend (2 GPUs; skipped with fewer)."""
+    if not mx.distributed.is_available("nccl") or mx.device_count(mx.gpu) < 2:
+        pytest.skip("needs MLX's NCCL backend and 2 GPUs")
+    ranks = launch_local(2, ["-m", "tests.distributed.worker", case, "nccl"], backend="nccl", timeout=300,
+                         capture=True)
+    failed = [f"rank {r}: {p.stderr.strip()[-2000:]}" for r, p in enumerate(ranks) if p.returncode != 0]
+    assert not failed, "\n".join(failed)
+    assert all(f"{case}: ok" in p.stdout for p in ranks)
+
+
 def test_ring_benchmark_launches_its_ranks():
     from benchmarks.ring import measure
 
