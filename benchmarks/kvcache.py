@@ -14,7 +14,6 @@ int8 >= 1.5x faster than fp16 at L = 32k with cos-sim >= 0.999.
 from __future__ import annotations
 
 import gc
-import inspect
 from typing import List
 
 import mlx.core as mx
@@ -106,11 +105,11 @@ def _memory(quick: bool) -> Table:
 
 
 def _quantized(quick: bool) -> Table:
-    fused = "quantization" in inspect.signature(decode_attention).parameters
-    route = "decode_attention(quantization=...)" if fused else "mx.dequantize + fp16 decode kernel"
     table = Table(
-        title=f"Decode at L = {QUANTIZED_LENGTH}: int8 KV (group {GROUP_SIZE}, {route}) vs fp16 KV",
-        columns=("B", "L", "fp16 ms", "int8 ms", "fp16 / int8", "cos-sim"),
+        title=f"Decode at L = {QUANTIZED_LENGTH}: int8 and int4 KV (group {GROUP_SIZE}, read in place by the decode "
+              "kernel) vs fp16 KV",
+        columns=("B", "L", "fp16 ms", "int8 ms", "fp16 / int8", "int8 cos-sim", "int4 ms", "fp16 / int4",
+                 "int4 cos-sim"),
         note="Targets: fp16 / int8 >= 1.5, cos-sim >= 0.999.",
     )
     length = QUANTIZED_LENGTH
@@ -118,21 +117,20 @@ def _quantized(quick: bool) -> Table:
         q = mx.random.normal((batch, 1, HEADS, HEAD_DIM)).astype(mx.float16)
         k, v = (mx.random.normal((batch, length, KV_HEADS, HEAD_DIM)).astype(mx.float16) for _ in range(2))
         seqlens = mx.full((batch,), length, mx.int32)
-        kq, vq = (tuple(mx.quantize(x, group_size=GROUP_SIZE, bits=8)) for x in (k, v))
-        mx.eval(q, k, v, seqlens, kq, vq)
-        if fused:
-            def int8():
-                return decode_attention(q, kq, vq, seqlens, quantization=(GROUP_SIZE, 8))
-        else:
-            def int8():
-                dk, dv = (mx.dequantize(*x, group_size=GROUP_SIZE, bits=8).astype(mx.float16) for x in (kq, vq))
-                return decode_attention(q, dk, dv, seqlens)
+        mx.eval(q, k, v, seqlens)
         fp16 = time_per_call_ms(lambda: decode_attention(q, k, v, seqlens))
-        ms = time_per_call_ms(int8)
-        a, b = (x.astype(mx.float32).reshape(-1) for x in (decode_attention(q, k, v, seqlens), int8()))
-        cos = (a @ b / (mx.linalg.norm(a) * mx.linalg.norm(b))).item()
-        table.add(batch, length, fp16, ms, fp16 / ms, f"{cos:.5f}")
-        del q, k, v, kq, vq
+        exact = decode_attention(q, k, v, seqlens).astype(mx.float32).reshape(-1)
+        row = [batch, length, fp16]
+        for bits in (8, 4):
+            kq, vq = (tuple(mx.quantize(x, group_size=GROUP_SIZE, bits=bits)) for x in (k, v))
+            mx.eval(kq, vq)
+            ms = time_per_call_ms(lambda: decode_attention(q, kq, vq, seqlens, quantization=(GROUP_SIZE, bits)))
+            out = decode_attention(q, kq, vq, seqlens, quantization=(GROUP_SIZE, bits)).astype(mx.float32).reshape(-1)
+            cos = (exact @ out / (mx.linalg.norm(exact) * mx.linalg.norm(out))).item()
+            row += [ms, fp16 / ms, f"{cos:.5f}"]
+            del kq, vq
+        table.add(*row)
+        del q, k, v
     return table
 
 
