@@ -8,6 +8,7 @@ from typing import Any, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kernels.decode_heads_first import decode_heads_first
 from .flash import flash_attention
 from .sage import sageattn
 from .spec import check_layout
@@ -221,6 +222,14 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
             if isinstance(k, tuple):  # a quantized cache (ours or mlx-lm's): (packed, scales, biases)
+                from ..cache.quantized import decodes_in_place  # the cache package builds on attention
+
+                if self.kernel == "flash" and decodes_in_place(q, cache, mask):
+                    out = decode_heads_first(
+                        q, cache.keys, cache.values, cache.offset, softmax_scale=self.scale, causal=mask == "causal",
+                        window_size=self.window_size, softcap=self.softcap, quantization=(cache.group_size, cache.bits),
+                    )
+                    return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
                 k, v = (mx.dequantize(*t, group_size=cache.group_size, bits=cache.bits) for t in (k, v))
         if self.kernel == "sage":
             if mask is not None and not (isinstance(mask, str) and mask == "causal"):

@@ -8,6 +8,10 @@ from typing import List, Optional, Tuple, Union
 import mlx.core as mx
 
 from ..attention.flash import flash_attention
+from ..hardware import device_profile
+from ..kernels.decode import MAX_Q_LEN
+from ..kernels.decode_heads_first import decode_heads_first
+from ..kernels.decode_launch import KERNEL_BITS
 from .base import Cache, Mask
 
 Quantized = Tuple[mx.array, mx.array, mx.array]  # (packed uint32, scales, biases)
@@ -119,13 +123,16 @@ def quantized_attention(
     """Attention of ``queries`` over quantized keys and values (mlx-lm's
     ``quantized_scaled_dot_product_attention``, without ``mx.quantized_matmul``).
 
-    The keys and values are dequantized and attended through :func:`flash_attention` (the
-    dispatcher picks sdpa, the flash kernel or the reference path).
+    Over a quantized cache (this package's or mlx-lm's ``QuantizedKVCache``) on a GPU backend, a
+    decode step (``q_len <= 16``, mask None or ``"causal"``, 2, 4 or 8 bits) runs the decode kernel
+    on the cache's buffers in place, dequantizing in registers. Otherwise the keys and values are
+    dequantized and attended through :func:`flash_attention` (the dispatcher picks sdpa, the flash
+    kernel or the reference path).
 
     Args:
         queries: ``(batch, num_heads, q_len, head_dim)``.
-        keys: ``(packed, scales, biases)`` of ``(batch, kv_heads, k_len, ...)``, or a
-            :class:`QuantizedKVCache` (then ``values``, ``group_size`` and ``bits`` come from it).
+        keys: ``(packed, scales, biases)`` of ``(batch, kv_heads, k_len, ...)``, or a quantized
+            cache (then ``values``, ``group_size`` and ``bits`` come from it).
         values: like ``keys``.
         scale: softmax scale, default ``1 / sqrt(head_dim)``.
         mask: None, ``"causal"`` or a boolean/additive array broadcastable to
@@ -135,12 +142,23 @@ def quantized_attention(
     Returns:
         ``(batch, num_heads, q_len, head_dim)`` in the queries' dtype.
     """
-    if isinstance(keys, QuantizedKVCache):
-        k, v = keys.dequantized()
-    else:
-        check_quantization(group_size, bits)
-        if values is None or len(keys) != 3 or len(values) != 3:
-            raise ValueError("keys and values must be (packed, scales, biases) tuples")
-        k, v = dequantize(keys, group_size, bits), dequantize(values, group_size, bits)
+    if hasattr(keys, "bits") and hasattr(keys, "keys"):  # a quantized cache
+        if decodes_in_place(queries, keys, mask):
+            return decode_heads_first(queries, keys.keys, keys.values, keys.offset, softmax_scale=scale,
+                                      causal=mask == "causal", quantization=(keys.group_size, keys.bits))
+        group_size, bits = keys.group_size, keys.bits
+        keys, values = keys.state
+    check_quantization(group_size, bits)
+    if values is None or len(keys) != 3 or len(values) != 3:
+        raise ValueError("keys and values must be (packed, scales, biases) tuples")
+    k, v = dequantize(keys, group_size, bits), dequantize(values, group_size, bits)
     return flash_attention(queries, k.astype(queries.dtype), v.astype(queries.dtype), layout="BHSD", scale=scale,
                            mask=mask)
+
+
+def decodes_in_place(queries: mx.array, cache, mask: Mask) -> bool:
+    """Whether the decode kernel can read quantized ``cache``'s buffers for attention of ``queries``
+    ``(batch, num_heads, q_len, head_dim)`` under ``mask`` (see :func:`quantized_attention`)."""
+    return (device_profile().is_gpu and cache.keys is not None and queries.shape[2] <= MAX_Q_LEN
+            and (mask is None or (isinstance(mask, str) and mask == "causal")) and cache.bits in KERNEL_BITS
+            and cache.keys[1].dtype == queries.dtype)

@@ -1,6 +1,7 @@
 """The kernel layer: the portable Metal/CUDA dialect, one launcher, and the fused kernels.
 
-Functions: ``decode_attention`` (split-KV attention over a contiguous or paged KV cache), ``rms_norm``,
+Functions: ``decode_attention`` (split-KV attention over a contiguous or paged KV cache; ``decode_heads_first``
+for mlx-lm's cache layout), ``rms_norm``,
 ``layer_norm`` (optionally fused with a residual add), ``rope`` (q and k in
 one launch), ``swiglu``, ``geglu`` and ``tiled_matmul`` (the matrix-unit primitive's proof).
 Layers: ``RMSNorm``, ``LayerNorm``, ``SwiGLU``, ``GeGLU``. Quantization: ``quantize_int8`` / ``quantize_int4``
@@ -10,6 +11,7 @@ and their inverses, ``w8a8_linear`` (INT8 activations x INT8 weights), ``Int8Lin
 """
 
 from .decode import decode_attention
+from .decode_heads_first import decode_heads_first
 from .glu import geglu, swiglu
 from .launcher import Kernel, Launch, launch
 from .layers import GeGLU, LayerNorm, RMSNorm, SwiGLU
@@ -29,6 +31,7 @@ from .w8a8 import w8a8_linear, w8a8_matmul
 from .rotary import rope
 
 __all__ = [
+    "decode_heads_first",
     "Int4Linear",
     "Int8Linear",
     "QuantizedTensor",
