@@ -1,17 +1,23 @@
 """Sparse mixture-of-experts: top-k routing, dispatch sorted by expert with a capacity, expert matmuls
-through ``mx.gather_mm`` (``mx.gather_qmm`` once quantized), and the load-balancing loss.
+through ``mx.gather_mm`` (``mx.gather_qmm`` once quantized) or dense per-expert matmuls, and the
+load-balancing loss.
 
 A layer call routes each token to ``top_k`` experts, sorts the ``tokens * top_k`` assignments by expert
-(:func:`build_expert_dispatch`), runs each expert's SwiGLU MLP on its rows with one gathered matmul per
-projection (no per-expert Python loop, no host synchronisation), and sums each token's weighted expert
-outputs back in token order.
+(:func:`build_expert_dispatch`), runs each expert's SwiGLU MLP on its rows and sums each token's weighted
+expert outputs back in token order. The expert matmuls take one of two routes:
+
+* ``"gather"``: one gathered matmul per projection over all rows; no host synchronisation, so it also
+  runs under ``mx.compile`` / ``mx.vmap``.
+* ``"per_expert"``: the per-expert row counts are read on the host (one small device-to-host read per
+  call); expert ``e``'s kept rows are then one contiguous slice of the sorted rows and each projection is
+  a dense matmul on it (``mx.quantized_matmul`` once quantized). Large shapes run at dense-GEMM speed.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,6 +27,10 @@ from .kernels import swiglu
 from .validation import check_array
 
 INDEX_DTYPES = (mx.int32, mx.uint32, mx.int64, mx.uint64, mx.int16, mx.uint16, mx.int8, mx.uint8)
+MATMUL_ROUTES = ("auto", "gather", "per_expert")
+# "auto" takes the per-expert route on CUDA from this many assignments per expert on average: there the
+# dense matmuls outrun mx.gather_mm by far more than the host read of the counts costs.
+PER_EXPERT_MIN_ROWS = 256
 
 
 @dataclass
@@ -159,6 +169,13 @@ class ExpertLinear(nn.Module):
         """``x (S, 1, input_dims)``, ``expert_indices (S,)`` -> ``(S, 1, output_dims)``."""
         return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=expert_indices, sorted_indices=sorted_indices)
 
+    def per_expert(self, xs: Sequence[mx.array], experts: Sequence[int]) -> List[mx.array]:
+        """``xs[i] (rows_i, input_dims)`` -> expert ``experts[i]``'s ``(rows_i, output_dims)``: one dense
+        matmul each, on ``mx.split`` views of the weight (their gradient is one concatenation, not a
+        scatter per expert)."""
+        weights = mx.split(self.weight, self.weight.shape[0], axis=0)
+        return [x @ weights[e].squeeze(0).T for x, e in zip(xs, experts)]
+
     def to_quantized(self, group_size: int = None, bits: int = None, mode: str = "affine", **_) -> "QuantizedExpertLinear":
         """The quantized layer ``nn.quantize`` swaps in."""
         return QuantizedExpertLinear(self.weight, group_size, bits, mode)
@@ -184,6 +201,16 @@ class QuantizedExpertLinear(nn.Module):
                              group_size=self.group_size, bits=self.bits, mode=self.mode,
                              sorted_indices=sorted_indices)
 
+    def per_expert(self, xs: Sequence[mx.array], experts: Sequence[int]) -> List[mx.array]:
+        """:meth:`ExpertLinear.per_expert` through ``mx.quantized_matmul``."""
+        num_experts = self.weight.shape[0]
+        weights, scales = mx.split(self.weight, num_experts, axis=0), mx.split(self.scales, num_experts, axis=0)
+        biases = [None] * num_experts if self.biases is None else mx.split(self.biases, num_experts, axis=0)
+        return [mx.quantized_matmul(x, weights[e].squeeze(0), scales[e].squeeze(0),
+                                    None if biases[e] is None else biases[e].squeeze(0), transpose=True,
+                                    group_size=self.group_size, bits=self.bits, mode=self.mode)
+                for x, e in zip(xs, experts)]
+
     def _extra_repr(self) -> str:
         return f"num_experts={self.weight.shape[0]}, group_size={self.group_size}, bits={self.bits}, mode={self.mode}"
 
@@ -201,15 +228,21 @@ class SparseMoELayer(nn.Module):
         num_experts (int): number of experts. top_k (int): experts per token. Default: ``2``.
         capacity_factor (float, optional): see :func:`build_expert_dispatch`. Default: no limit.
         normalize_weights (bool): softmax over the chosen logits only. Default: ``True``.
+        matmuls (str): the expert matmuls' route (module docstring): ``"gather"``, ``"per_expert"`` or
+            ``"auto"``: per-expert on CUDA from ``PER_EXPERT_MIN_ROWS`` assignments per expert on average,
+            gather otherwise. Under ``mx.compile`` / ``mx.vmap`` (no host reads there) every call gathers.
+            Default: ``"auto"``.
     """
 
     def __init__(self, dims: int, hidden: int, num_experts: int, top_k: int = 2,
-                 capacity_factor: Optional[float] = None, normalize_weights: bool = True):
+                 capacity_factor: Optional[float] = None, normalize_weights: bool = True, matmuls: str = "auto"):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}]; got {top_k}")
+        if matmuls not in MATMUL_ROUTES:
+            raise ValueError(f"matmuls must be one of {MATMUL_ROUTES}; got {matmuls!r}")
         self.dims, self.hidden, self.num_experts, self.top_k = dims, hidden, num_experts, top_k
-        self.capacity_factor, self.normalize_weights = capacity_factor, normalize_weights
+        self.capacity_factor, self.normalize_weights, self.matmuls = capacity_factor, normalize_weights, matmuls
         self.router = nn.Linear(dims, num_experts, bias=False)
         self.gate_proj = ExpertLinear(num_experts, dims, hidden)
         self.up_proj = ExpertLinear(num_experts, dims, hidden)
@@ -237,16 +270,60 @@ class SparseMoELayer(nn.Module):
         tokens = x.reshape(-1, x.shape[-1])
         experts, weights, probs = self.route(tokens)
         plan = build_expert_dispatch(experts, weights.astype(x.dtype), self.num_experts, self.capacity_factor)
-        rows = tokens[plan.token_indices][:, None, :]
-        index = plan.expert_indices
+        rows = tokens[plan.token_indices]
+        counts = self._counts_on_host(plan)
+        out = self._gathered_mlp(rows, plan) if counts is None else self._per_expert_mlp(rows, counts, plan.capacity)
+        out = out * plan.weights[:, None]
+        y = out[plan.inverse].reshape(-1, self.top_k, x.shape[-1]).sum(axis=1).reshape(x.shape)
+        return (y, compute_load_balancing_loss(probs, experts)) if return_aux_loss else y
+
+    def _counts_on_host(self, plan: ExpertDispatch) -> Optional[List[int]]:
+        """Assignments per expert read on the host where the per-expert route is taken, else ``None``."""
+        assignments = plan.order.size
+        if self.matmuls == "gather" or assignments == 0:
+            return None
+        if self.matmuls == "auto" and not (device_profile().backend == "cuda"
+                                           and assignments >= PER_EXPERT_MIN_ROWS * self.num_experts):
+            return None
+        try:
+            return plan.expert_counts.tolist()
+        except ValueError as error:
+            if "transformation" in str(error):  # under mx.compile / vmap: no host reads, so gather
+                return None
+            raise
+
+    def _gathered_mlp(self, rows: mx.array, plan: ExpertDispatch) -> mx.array:
+        """The experts' MLPs on the sorted ``rows (S, dims)`` with one gathered matmul per projection."""
+        rows, index = rows[:, None, :], plan.expert_indices
         # MLX 0.32.4's CUDA gather_mm gives wrong rows with sorted_indices=True on these gathered rows
         # (H100: max error 0.5 against float64; the unsorted kernel is exact), so CUDA takes the unsorted one.
         grouped = device_profile().backend != "cuda"
         hidden = swiglu(self.gate_proj(rows, index, grouped), self.up_proj(rows, index, grouped))
-        out = self.down_proj(hidden, index, grouped)[:, 0, :] * plan.weights[:, None]
-        y = out[plan.inverse].reshape(-1, self.top_k, x.shape[-1]).sum(axis=1).reshape(x.shape)
-        return (y, compute_load_balancing_loss(probs, experts)) if return_aux_loss else y
+        return self.down_proj(hidden, index, grouped)[:, 0, :]
+
+    def _per_expert_mlp(self, rows: mx.array, counts: List[int], capacity: Optional[int]) -> mx.array:
+        """The experts' MLPs on the sorted ``rows (S, dims)`` (expert ``e``'s rows: the ``counts[e]`` after
+        the ``sum(counts[:e])`` before them): dense matmuls on each expert's kept rows, zeros for its dropped
+        rows (``S > 0``, so ``capacity >= 1`` and some expert keeps rows)."""
+        cuts, position = [], 0
+        for count in counts:
+            cuts += [position + (count if capacity is None else min(count, capacity)), position + count]
+            position += count
+        pieces = mx.split(rows, cuts[:-1], axis=0)  # expert e: kept rows pieces[2e], dropped pieces[2e + 1]
+        experts = [e for e in range(self.num_experts) if pieces[2 * e].shape[0]]
+        kept = [pieces[2 * e] for e in experts]
+        gate, up = self.gate_proj.per_expert(kept, experts), self.up_proj.per_expert(kept, experts)
+        hidden = [swiglu(g, u) for g, u in zip(gate, up)]
+        down = dict(zip(experts, self.down_proj.per_expert(hidden, experts)))
+        dtype = down[experts[0]].dtype
+        outputs = []
+        for e in range(self.num_experts):
+            if e in down:
+                outputs.append(down[e])
+            if pieces[2 * e + 1].shape[0]:
+                outputs.append(mx.zeros((pieces[2 * e + 1].shape[0], self.dims), dtype))
+        return mx.concatenate(outputs)
 
     def _extra_repr(self) -> str:
         return (f"dims={self.dims}, hidden={self.hidden}, num_experts={self.num_experts}, top_k={self.top_k}, "
-                f"capacity_factor={self.capacity_factor}")
+                f"capacity_factor={self.capacity_factor}, matmuls={self.matmuls!r}")

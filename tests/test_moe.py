@@ -66,17 +66,22 @@ def dense_moe(layer, x, kept=None):
     return (out * per_expert[..., None]).sum(1)
 
 
+ROUTES = ["gather", "per_expert"]
+
+
+@pytest.mark.parametrize("matmuls", ROUTES)
 @pytest.mark.parametrize("top_k", [1, 2, 3])
-def test_moe_layer_matches_float64(top_k):
-    layer = SparseMoELayer(32, 48, num_experts=6, top_k=top_k)
+def test_moe_layer_matches_float64(top_k, matmuls):
+    layer = SparseMoELayer(32, 48, num_experts=6, top_k=top_k, matmuls=matmuls)
     x = mx.random.normal((3, 7, 32))
     y = layer(x)
     assert y.shape == x.shape
     assert_within_rule(y.reshape(21, 32), moe64(layer, x), dense_moe(layer, x.reshape(21, 32)), mx.float32)
 
 
-def test_moe_layer_with_capacity_drops_late_tokens():
-    layer = SparseMoELayer(16, 24, num_experts=4, top_k=2, capacity_factor=0.5)
+@pytest.mark.parametrize("matmuls", ROUTES)
+def test_moe_layer_with_capacity_drops_late_tokens(matmuls):
+    layer = SparseMoELayer(16, 24, num_experts=4, top_k=2, capacity_factor=0.5, matmuls=matmuls)
     x = mx.random.normal((40, 16))
     plan = layer.dispatch(x)
     assert plan.capacity == math.ceil(0.5 * 40 * 2 / 4)
@@ -89,8 +94,9 @@ def test_moe_layer_with_capacity_drops_late_tokens():
     assert_within_rule(layer(x), moe64(layer, x, kept), dense_moe(layer, x, kept), mx.float32)
 
 
-def test_moe_layer_quantized_uses_gather_qmm_weights():
-    layer = SparseMoELayer(64, 64, num_experts=4, top_k=2)
+@pytest.mark.parametrize("matmuls", ROUTES)
+def test_moe_layer_quantized_uses_quantized_weights(matmuls):
+    layer = SparseMoELayer(64, 64, num_experts=4, top_k=2, matmuls=matmuls)
     x = mx.random.normal((9, 64))
     nn.quantize(layer, group_size=32, bits=8, class_predicate=lambda _, m: hasattr(m, "to_quantized")
                 and not isinstance(m, nn.Linear))
@@ -98,9 +104,12 @@ def test_moe_layer_quantized_uses_gather_qmm_weights():
     assert_within_rule(layer(x), moe64(layer, x), dense_moe(layer, x), mx.float32)
 
 
-def test_moe_layer_gradients_match_dense_reference():
-    layer = SparseMoELayer(16, 24, num_experts=4, top_k=2)
+@pytest.mark.parametrize("matmuls,capacity_factor", [("gather", None), ("per_expert", None), ("per_expert", 0.75)])
+def test_moe_layer_gradients_match_dense_reference(matmuls, capacity_factor):
+    layer = SparseMoELayer(16, 24, num_experts=4, top_k=2, capacity_factor=capacity_factor, matmuls=matmuls)
     x = mx.random.normal((11, 16))
+    plan = layer.dispatch(x)
+    kept = np.array(plan.kept[plan.inverse]).reshape(11, 2)
     cot = mx.random.normal((11, 16))
     # Both sides use float32 matmuls, TF32-like on CUDA: a looser bound there.
     tolerance = 2e-3 if device_profile().backend == "cuda" else 1e-5
@@ -108,10 +117,27 @@ def test_moe_layer_gradients_match_dense_reference():
     def grads(fn):
         return nn.value_and_grad(layer, lambda x: (fn(x) * cot).sum())(x)[1]
 
-    ours, ref = tree_flatten(grads(layer)), tree_flatten(grads(lambda x: dense_moe(layer, x)))
+    ours, ref = tree_flatten(grads(layer)), tree_flatten(grads(lambda x: dense_moe(layer, x, kept)))
     assert [k for k, _ in ours] == [k for k, _ in ref]
     for (name, g), (_, r) in zip(ours, ref):
         assert max_error(g, f64(r)) < tolerance * max(1.0, float(mx.abs(r).max())), name
+
+
+def test_moe_per_expert_route_with_an_expert_nobody_picks():
+    layer = SparseMoELayer(16, 24, num_experts=5, top_k=2, matmuls="per_expert")
+    x = mx.random.uniform(0.1, 1.0, (13, 16))
+    # Positive inputs: expert 3's all-negative router row gives it the lowest logit for every token.
+    layer.router.weight = mx.concatenate([mx.random.uniform(0.0, 1.0, (3, 16)), -mx.ones((1, 16)),
+                                          mx.random.uniform(0.0, 1.0, (1, 16))])
+    assert layer.dispatch(x).expert_counts.tolist()[3] == 0
+    assert_within_rule(layer(x), moe64(layer, x), dense_moe(layer, x), mx.float32)
+
+
+def test_moe_per_expert_route_gathers_under_compile():
+    layer = SparseMoELayer(16, 24, num_experts=4, top_k=2, matmuls="per_expert")
+    x = mx.random.normal((10, 16))
+    compiled = mx.compile(lambda x: layer(x))  # no host read inside compile: the gather route runs
+    assert_within_rule(compiled(x), moe64(layer, x), dense_moe(layer, x), mx.float32)
 
 
 def test_moe_layer_aux_loss():
@@ -171,6 +197,7 @@ def test_load_balancing_loss_matches_float64_and_is_one_when_uniform():
     (lambda: compute_load_balancing_loss([0.5], mx.zeros((1, 1), mx.int32)), "router_probs"),
     (lambda: SparseMoELayer(8, 8, 4, 2)(mx.zeros((3, 7))), "x"),
     (lambda: SparseMoELayer(8, 8, 4, 5), "top_k"),
+    (lambda: SparseMoELayer(8, 8, 4, 2, matmuls="loop"), "matmuls"),
 ])
 def test_moe_bad_arguments_name_the_argument(call, name):
     with pytest.raises((TypeError, ValueError), match=rf"^{name}\b"):
