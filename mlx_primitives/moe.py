@@ -277,13 +277,17 @@ class SparseMoELayer(nn.Module):
         y = out[plan.inverse].reshape(-1, self.top_k, x.shape[-1]).sum(axis=1).reshape(x.shape)
         return (y, compute_load_balancing_loss(probs, experts)) if return_aux_loss else y
 
+    def matmul_route(self, tokens: int) -> str:
+        """The route of the expert matmuls for a call on ``tokens`` tokens outside ``mx.compile`` / ``mx.vmap``:
+        ``"gather"`` or ``"per_expert"``."""
+        if self.matmuls != "auto":
+            return self.matmuls
+        large = tokens * self.top_k >= PER_EXPERT_MIN_ROWS * self.num_experts
+        return "per_expert" if large and device_profile().backend == "cuda" else "gather"
+
     def _counts_on_host(self, plan: ExpertDispatch) -> Optional[List[int]]:
         """Assignments per expert read on the host where the per-expert route is taken, else ``None``."""
-        assignments = plan.order.size
-        if self.matmuls == "gather" or assignments == 0:
-            return None
-        if self.matmuls == "auto" and not (device_profile().backend == "cuda"
-                                           and assignments >= PER_EXPERT_MIN_ROWS * self.num_experts):
+        if plan.order.size == 0 or self.matmul_route(plan.order.size // self.top_k) == "gather":
             return None
         try:
             return plan.expert_counts.tolist()
