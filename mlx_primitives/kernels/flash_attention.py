@@ -47,7 +47,7 @@ def unsupported(spec: AttentionSpec) -> Optional[str]:
         return f"dtype {spec.dtype} is not float16 or bfloat16"
     if spec.head_dim not in HEAD_DIMS or spec.v_head_dim != spec.head_dim:
         return f"head dims ({spec.head_dim}, {spec.v_head_dim}) are not one of {HEAD_DIMS} for q, k and v"
-    if shared_memory_bytes(spec.head_dim, tuning.SPACES[FLASH_FWD.name].default) > shared_memory_limit():
+    if not _fitting_configs(spec.head_dim):
         return f"head_dim {spec.head_dim} needs more shared memory than this backend's {shared_memory_limit()} bytes"
     if spec.mask is not None:
         return "a mask array is given"
@@ -61,10 +61,18 @@ def tuning_problem(spec: AttentionSpec) -> Dict[str, int]:
     return {"D": spec.head_dim, "L": spec.k_len}
 
 
+def _fitting_configs(head_dim: int) -> List[Dict[str, int]]:
+    return [c for c in FLASH_FWD.configs() if shared_memory_bytes(head_dim, c) <= shared_memory_limit()]
+
+
 def config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> Dict[str, int]:
     """Tile sizes of a launch: the tuned (or default) ones for the call's bucket, overridden by ``config``;
-    checked against shared memory."""
+    checked against shared memory. Where the tuned or default tiles don't fit this head dim and no
+    ``config`` is given, the largest tiles that fit."""
     tuned = tuning.config_for(FLASH_FWD, spec.dtype, tuning_problem(spec), exact=("D",))
+    fitting = _fitting_configs(spec.head_dim)
+    if not config and tuned not in fitting and fitting:
+        tuned = max(fitting, key=lambda c: c["BK"] * c["WARPS"])
     chosen = {**tuned, **(config or {})}
     if chosen["BK"] % 16 or chosen["WARPS"] < 1:
         raise ValueError(f"BK must be a multiple of 16 and WARPS positive; got {chosen}")
@@ -127,7 +135,11 @@ def flash_attention(
         ``-inf`` for rows that see no key.
     """
     chosen = config_for(spec, config)
-    grad_configs = flash_backward.configs_for(spec, shared_memory_limit(), *(backward_configs or (None, None)))
+    # The backward's tiles are looked up when a gradient is taken (explicit ones are checked now).
+    grad_configs = _memo(lambda: flash_backward.configs_for(spec, shared_memory_limit(),
+                                                            *(backward_configs or (None, None))))
+    if backward_configs is not None:
+        grad_configs()
     window = mx.array(spec.window, dtype=mx.int32)
     rng = flash_backward.dropout_rng(spec, dropout_seed, batch_offset)
     # ALiBi slopes and sinks are primals, so gradients reach them too.
@@ -158,13 +170,13 @@ def flash_attention(
     def backward(primals, cotangents, outputs):
         primals, cotangents = list(primals), list(cotangents)
         reference_grads = _memo(lambda: mx.vjp(reference, primals, cotangents)[1])
-        if grad_configs is None:
+        if grad_configs() is None:
             return tuple(reference_grads())
         q, k, v, *extra_arrays = primals
         call_spec, slopes, _ = kernel_inputs(extra_arrays)
         out, lse = outputs
         return tuple(flash_backward.flash_backward(
-            q, k, v, out, lse, cotangents[0], cotangents[1], call_spec, grad_configs, window, slopes, rng,
+            q, k, v, out, lse, cotangents[0], cotangents[1], call_spec, grad_configs(), window, slopes, rng,
             reference_grads,
         ))
 
