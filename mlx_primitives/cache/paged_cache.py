@@ -58,6 +58,7 @@ class PagedKVCache:
         self._lengths: Dict[int, int] = {}
         self._offsets: Dict[int, int] = {}
         self._next_id = 0
+        self._tables: Dict[Tuple[int, ...], mx.array] = {}  # device block tables of the current page lists
 
     # Sequences -----------------------------------------------------------------------------------
 
@@ -70,6 +71,7 @@ class PagedKVCache:
         seq = self._next_id
         self._next_id += 1
         self._pages[seq], self._lengths[seq], self._offsets[seq] = [], 0, 0
+        self._tables.clear()
         return seq
 
     def fork(self, seq: int) -> int:
@@ -86,6 +88,7 @@ class PagedKVCache:
         self._check(seq)
         self.allocator.release(self._pages.pop(seq))
         del self._lengths[seq], self._offsets[seq]
+        self._tables.clear()
 
     def length(self, seq: int) -> int:
         """Keys cached for ``seq``."""
@@ -119,6 +122,11 @@ class PagedKVCache:
             sequence's pages) and int32 ``(batch,)`` lengths *before* the new keys: what
             :func:`update_paged_kv_cache` and ``flash_attn_with_kvcache`` take.
         """
+        before = self.reserve_host(seqs, num_new)
+        return self.block_table(seqs), mx.array(before, mx.int32)
+
+    def reserve_host(self, seqs: Sequence[int], num_new: int) -> List[int]:
+        """:meth:`reserve` without building arrays: the lengths before the new keys, as Python ints."""
         for seq in seqs:
             self._check(seq)
         if len(set(seqs)) != len(seqs):
@@ -132,13 +140,16 @@ class PagedKVCache:
                                   f"{self.allocator.free_pages} of {self.allocator.num_pages} are free")
         for seq in copies:
             self._copy_last_page(seq)
-        before = self.cache_seqlens(seqs)
+        before = [self._lengths[s] for s in seqs]
         for seq in seqs:
             length = self._lengths[seq] + num_new
-            self._pages[seq] += self.allocator.allocate(_pages_for(length, size) - len(self._pages[seq]))
+            added = _pages_for(length, size) - len(self._pages[seq])
+            if added:
+                self._pages[seq] += self.allocator.allocate(added)
+                self._tables.clear()
             self._lengths[seq] = length
             self._offsets[seq] += num_new
-        return self.block_table(seqs), before
+        return before
 
     def _copy_last_page(self, seq: int) -> None:
         old = self._pages[seq][-1]
@@ -148,6 +159,7 @@ class PagedKVCache:
                 pool[new] = pool[old]
         self.allocator.release([old])
         self._pages[seq][-1] = new
+        self._tables.clear()
 
     def append(self, seqs: Sequence[int], keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
         """One-layer cache: reserve room and write ``keys``/``values`` ``(batch, new, kv_heads, head_dim)``.
@@ -170,6 +182,26 @@ class PagedKVCache:
         for row, seq in enumerate(seqs):
             table[row, : len(self._pages[seq])] = self._pages[seq]
         return mx.array(table)
+
+    def device_block_table(self, seqs: Sequence[int]) -> mx.array:
+        """:meth:`block_table`, built once and reused until a page list changes (a new page, a copy,
+        an eviction): the array a decode step reads every layer. Read it; never write into it."""
+        key = tuple(seqs)
+        table = self._tables.get(key)
+        if table is None:
+            table = self._tables[key] = self.block_table(seqs)
+        return table
+
+    def write_slots(self, seqs: Sequence[int], before: Sequence[int], count: int) -> Tuple[List[int], List[int]]:
+        """(pages, rows), each ``len(seqs) * count`` Python ints: where keys ``before[b] ..
+        before[b] + count - 1`` of ``seqs[b]`` go (pages reserved already)."""
+        size, pages, rows = self.page_size, [], []
+        for seq, start in zip(seqs, before):
+            held = self._pages[seq]
+            for position in range(start, start + count):
+                pages.append(held[position // size])
+                rows.append(position % size)
+        return pages, rows
 
     def cache_seqlens(self, seqs: Sequence[int]) -> mx.array:
         """int32 ``(len(seqs),)`` keys cached per sequence."""
@@ -214,6 +246,7 @@ class PagedKVCache:
             self.allocator.release([p for i, p in enumerate(pages) if i not in staying])
             self._pages[seq] = [pages[i] for i in kept_pages]
             self._lengths[seq] = int(whole.size)
+            self._tables.clear()
             return whole
         source = mx.array(np.asarray(pages, np.int64)[kept // size], mx.int32), mx.array(kept % size, mx.int32)
         needed = _pages_for(kept.size, size)
@@ -229,6 +262,7 @@ class PagedKVCache:
         for pool, rows in zip(self.k_pools + self.v_pools, moved):
             pool[target] = rows
         self._pages[seq], self._lengths[seq] = fresh, int(kept.size)
+        self._tables.clear()
         return kept
 
     # Persistence (the state / meta_state pair save_cache reads) ---------------------------------

@@ -328,8 +328,15 @@ def decode_attention(
             k_cache, v_cache = _dequantized(k_cache, *k_affine, quantization), _dequantized(v_cache, *v_affine,
                                                                                             quantization)
             quantization = None
-    args = (q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window_size, softcap,
-            alibi_slopes, sinks, path, config, quantization, affine)
+    run = _memoized(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window_size, softcap,
+                    alibi_slopes, sinks, path, config, quantization, affine)
+    table = no_block_table() if block_table is None else block_table
+    out, lse = run(q, k_cache, v_cache, cache_seqlens, table, *affine)
+    return (out, lse) if return_lse else out
+
+
+def _memoized(*args) -> Callable:
+    """The prepared call of ``args`` (:func:`_prepare`'s), from the memo where its key is there."""
     key = _call_key(*args)
     run = _CALLS.get(key) if key is not None else None
     if run is None:
@@ -338,8 +345,41 @@ def decode_attention(
             if len(_CALLS) >= _MAX_CALLS:
                 _CALLS.clear()
             _CALLS[key] = run
+    return run
+
+
+def bind_decode(
+    q: mx.array,
+    k_cache: mx.array,
+    v_cache: mx.array,
+    cache_seqlens: mx.array,
+    *,
+    block_table: Optional[mx.array] = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = True,
+    softcap: float = 0.0,
+) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+    """:func:`decode_attention` with the lengths, block table and options of one model step fixed.
+
+    Every layer of a decode step attends with the same lengths and table and arrays of the same
+    shapes: the call is validated and prepared once, here (from ``q``, ``k_cache`` and ``v_cache``
+    of one layer), and ``call(q, k_cache, v_cache)`` runs it for each layer without doing so again.
+    Arrays of other shapes or dtypes than the bound ones go through :func:`decode_attention`.
+
+    Returns:
+        ``call(q, k_cache, v_cache) -> out`` ``(batch, seqlen_q, num_heads, head_dim)``.
+    """
+    run = _memoized(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, (-1, -1), softcap,
+                    None, None, "auto", None, None, ())
     table = no_block_table() if block_table is None else block_table
-    out, lse = run(q, k_cache, v_cache, cache_seqlens, table, *affine)
-    return (out, lse) if return_lse else out
+    bound = (q.shape, q.dtype, k_cache.shape, k_cache.dtype, v_cache.shape, v_cache.dtype)
+
+    def call(q: mx.array, k_cache: mx.array, v_cache: mx.array) -> mx.array:
+        if (q.shape, q.dtype, k_cache.shape, k_cache.dtype, v_cache.shape, v_cache.dtype) != bound:
+            return decode_attention(q, k_cache, v_cache, cache_seqlens, block_table=block_table,
+                                    softmax_scale=softmax_scale, causal=causal, softcap=softcap)
+        return run(q, k_cache, v_cache, cache_seqlens, table)[0]
+
+    return call
 
 

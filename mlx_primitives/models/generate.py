@@ -8,8 +8,10 @@ The model is an mlx-lm model run through :func:`~mlx_primitives.models.swap_atte
 gets a :class:`PagedLayerCache`, whose ``attend`` writes the new keys into the layer's pages and
 attends over them: decode steps with :func:`~mlx_primitives.kernels.decode_attention` (the split-KV
 kernel reading pages in place on a GPU, the reference path on the CPU), prefill chunks with
-:func:`~mlx_primitives.attention.flash_attn_with_kvcache`. Host work (page reservation, write slots)
-happens once per model call, not once per layer.
+:func:`~mlx_primitives.attention.flash_attn_with_kvcache`. Host work happens once per model call,
+not once per layer, and reads no array: lengths and write slots are Python ints kept by the cache,
+the device block table is rebuilt only when a sequence's page list changes, and the decode call is
+validated and prepared once per step (:func:`~mlx_primitives.kernels.decode.bind_decode`).
 """
 
 from __future__ import annotations
@@ -20,12 +22,10 @@ from typing import Any, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from ..attention.kvcache import flash_attn_with_kvcache
 from ..cache import PagedKVCache
-from ..cache.paged import page_slots
-from ..kernels.decode import MAX_Q_LEN, decode_attention
+from ..kernels.decode import MAX_Q_LEN, bind_decode
 from .swap import model_attention
 
 
@@ -41,12 +41,36 @@ class PagedStep:
     def __init__(self, cache: PagedKVCache, seqs: Sequence[int], new: int):
         offsets = [cache.offset(s) for s in seqs]
         self.offset = offsets[0] if len(seqs) == 1 else mx.array(offsets, mx.int32)
-        self.cache = cache
-        self.block_table, self.cache_seqlens = cache.reserve(seqs, new)
-        self.lengths = self.cache_seqlens + new
-        pages, rows = page_slots(np.array(self.block_table, np.int64), np.array(self.cache_seqlens, np.int64), new,
-                                 cache.page_size)
-        self.slots = (mx.array(pages, mx.int32), mx.array(rows, mx.int32))
+        self.cache, self.new = cache, new
+        before = cache.reserve_host(seqs, new)
+        self.block_table = cache.device_block_table(seqs)
+        self.cache_seqlens = mx.array(before, mx.int32)
+        self.lengths = mx.array([n + new for n in before], mx.int32)
+        self.slots = None
+        self._decode: dict = {}  # (scale, softcap) -> bind_decode's call
+        if new <= MAX_Q_LEN:
+            pages, rows = cache.write_slots(seqs, before, new)
+            if len(seqs) == 1 and rows[0] + new <= cache.page_size:  # one page: a slice update, no index arrays
+                self.slots = (slice(pages[0], pages[0] + 1), slice(rows[0], rows[0] + new))
+            else:
+                self.slots = (mx.array(pages, mx.int32), mx.array(rows, mx.int32))
+
+    def write(self, pool: mx.array, new: mx.array) -> None:
+        """Write ``new`` ``(batch, self.new, kv_heads, head_dim)`` into ``pool`` in place at the step's slots."""
+        if isinstance(self.slots[0], slice):
+            pool[self.slots] = new
+        else:
+            pool[self.slots] = new.reshape(-1, *new.shape[2:])
+
+    def decode(self, queries: mx.array, k_pool: mx.array, v_pool: mx.array, scale: float,
+               softcap: float) -> mx.array:
+        """The decode kernel over the pages: validated and prepared on the first layer, then reused."""
+        call = self._decode.get((scale, softcap))
+        if call is None:
+            call = self._decode[(scale, softcap)] = bind_decode(
+                queries, k_pool, v_pool, self.lengths, block_table=self.block_table, softmax_scale=scale,
+                causal=True, softcap=softcap)
+        return call(queries, k_pool, v_pool)
 
 
 class PagedLayerCache:
@@ -83,10 +107,9 @@ class PagedLayerCache:
                                           block_table=step.block_table, softmax_scale=scale, causal=True,
                                           softcap=softcap)
         else:
-            k_pool[step.slots] = k_new.reshape(-1, *k_new.shape[2:])
-            v_pool[step.slots] = v_new.reshape(-1, *v_new.shape[2:])
-            out = decode_attention(queries, k_pool, v_pool, step.lengths, block_table=step.block_table,
-                                   softmax_scale=scale, causal=True, softcap=softcap)
+            step.write(k_pool, k_new)
+            step.write(v_pool, v_new)
+            out = step.decode(queries, k_pool, v_pool, scale, softcap)
         return out.swapaxes(1, 2)
 
 

@@ -114,6 +114,31 @@ def test_batch_of_different_lengths_gives_table_and_lengths_for_the_kernel():
     assert cache.nbytes == 4 * 16 * 4 * HK * D * 2
 
 
+def test_host_reservation_slots_and_device_table_follow_the_page_lists():
+    """reserve_host / write_slots keep lengths and slots as ints; device_block_table is rebuilt only on page changes."""
+    cache = PagedKVCache(16, 4, HK, D)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    assert cache.reserve_host([a, b], 3) == [0, 0]
+    table = cache.device_block_table([a, b])
+    assert cache.reserve_host([a, b], 1) == [3, 3]  # fills page 0 of each: no new page
+    assert cache.device_block_table([a, b]) is table
+    np.testing.assert_array_equal(np.array(table), np.array(cache.block_table([a, b])))
+    before = cache.reserve_host([a, b], 2)  # keys 4, 5: a second page each
+    assert before == [4, 4]
+    fresh = cache.device_block_table([a, b])
+    assert fresh is not table and fresh.shape == (2, 2)
+    np.testing.assert_array_equal(np.array(fresh), np.array(cache.block_table([a, b])))
+    pages, rows = cache.write_slots([a, b], before, 2)
+    assert pages == [cache.pages(a)[1]] * 2 + [cache.pages(b)[1]] * 2 and rows == [0, 1, 0, 1]
+    child = cache.fork(a)  # shares a's half-full last page: the next write copies it
+    cache.reserve_host([child], 1)
+    assert cache.pages(child)[1] != cache.pages(a)[1]
+    np.testing.assert_array_equal(np.array(cache.device_block_table([a, child])),
+                                  np.array(cache.block_table([a, child])))
+    cache.evict(a, SlidingWindow(1))
+    np.testing.assert_array_equal(np.array(cache.device_block_table([a, b])), np.array(cache.block_table([a, b])))
+
+
 @pytest.mark.parametrize("policy,expected", [
     (SlidingWindow(5), list(range(8, 14))),  # page-granular: positions 8..13 of 14 (page 2 and 3)
     (AttentionSinks(2, 5), [0, 1, 2, 3] + list(range(8, 14))),

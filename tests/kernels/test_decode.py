@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mlx_primitives.kernels import catalog, decode_attention, launcher
-from mlx_primitives.kernels.decode import _CALLS, unsupported
+from mlx_primitives.kernels.decode import _CALLS, bind_decode, unsupported
 from mlx_primitives.kernels.decode_launch import _resident, num_splits, staging
 from mlx_primitives.kernels.flash_attention import shared_memory_limit
 from mlx_primitives.attention.spec import describe_attention
@@ -287,6 +287,25 @@ def test_quantized_cache_arguments_are_checked(change, words):
         vq = v
     with pytest.raises(ValueError, match=words):
         decode_attention(q, kq, vq, seqlens, quantization=change.get("quantization", (64, 8)))
+
+
+def test_bound_call_equals_decode_attention_for_every_layer_and_other_shapes():
+    """bind_decode: validated once, then each layer's arrays; other shapes go through decode_attention."""
+    lengths = [5, 33]
+    q, k, v, seqlens = cache_for(lengths, 1, 4, 2, 64, mx.float32, capacity=64)
+    pool_k, pool_v, table = paged_from(k, v, lengths, 16, np.random.default_rng(0))
+    call = bind_decode(q, pool_k, pool_v, seqlens, block_table=table, softmax_scale=0.3, softcap=2.0)
+    for layer in range(2):  # another layer: fresh queries and pools of the bound shapes
+        q2, pool_k2, pool_v2 = q * (layer + 1), pool_k - layer, pool_v + layer
+        expected = decode_attention(q2, pool_k2, pool_v2, seqlens, block_table=table, softmax_scale=0.3, softcap=2.0)
+        np.testing.assert_array_equal(np.array(call(q2, pool_k2, pool_v2)), np.array(expected))
+    wider = mx.concatenate([q, q], axis=2)  # 8 heads: not the bound shape
+    expected = decode_attention(wider, pool_k, pool_v, seqlens, block_table=table, softmax_scale=0.3, softcap=2.0)
+    np.testing.assert_array_equal(np.array(call(wider, pool_k, pool_v)), np.array(expected))
+    exact, _ = decode64(q, k, v, lengths, scale=0.3, softcap=2.0)
+    np.testing.assert_allclose(np.array(call(q, pool_k, pool_v)), exact, atol=1e-5)
+    with pytest.raises(ValueError, match="softcap"):
+        bind_decode(q, pool_k, pool_v, seqlens, block_table=table, softcap=-1.0)
 
 
 def test_calls_are_memoized_per_signature_and_still_validated():

@@ -94,3 +94,24 @@ def test_batched_paged_decode_logits_equal_mlx_lm_per_sequence(dtype):
     # Floor: float32 matmuls (and so the reference path) run in TF32 on CUDA.
     floor = 5e-3 * np.abs(expected).max() if mx.default_device() == mx.gpu else 1e-4
     assert np.abs(got - expected).max() <= 2 * np.abs(baseline - expected).max() + floor
+
+
+def test_single_sequence_chunks_within_and_across_pages_equal_mlx_lm():
+    """One sequence, 3-token chunks over 4-key pages: writes within one page (a slice update) and
+    across two (a scatter) both give mlx-lm's logits."""
+    from mlx_primitives.models import paged_cache_for, paged_forward
+
+    config = TINY_CONFIGS["llama"]
+    model = random_model(config, std=0.1)
+    rng = np.random.default_rng(5)
+    prompt, chunks = rng.integers(0, 256, 5).tolist(), rng.integers(0, 256, (4, 3))
+    cache = make_prompt_cache(model)
+    model(mx.array(prompt)[None], cache=cache)
+    expected = [np.array(model(mx.array(c)[None], cache=cache)[0]) for c in chunks.tolist()]
+    swap_attention(model)
+    pages = paged_cache_for(model, num_pages=8, page_size=4)
+    seq = pages.add_sequence()
+    paged_forward(model, pages, [seq], mx.array(prompt)[None])
+    for chunk, want in zip(chunks.tolist(), expected):  # keys 5-7 (one page), 8-10, 11-13 (two), 14-16
+        got = np.array(paged_forward(model, pages, [seq], mx.array(chunk)[None])[0])
+        np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
