@@ -176,13 +176,18 @@ class BoundLaunch:
         self.arguments = dict(template=list(plan.template), grid=plan.grid, threadgroup=plan.threadgroup,
                               output_shapes=[tuple(s) for s in plan.output_shapes],
                               output_dtypes=list(plan.output_dtypes))
+        self.verified = False  # the key's first launch compiled and ran
 
     def __call__(self, inputs: Sequence[mx.array], reference: Callable[[], List[mx.array]]) -> List[mx.array]:
         if self.backend not in PRELUDES:
             _fallback_warning(self.kernel.name, f"MLX runs on the {self.backend}")
             return reference()
-        return run_checked(self.key, self.kernel.name,
-                           lambda: self.compiled(inputs=list(inputs), verbose=False, **self.arguments), reference)
+        if self.verified:  # a decode step launches this every layer: no key lookups once it ran
+            return self.compiled(inputs=list(inputs), verbose=False, **self.arguments)
+        outputs = run_checked(self.key, self.kernel.name,
+                              lambda: self.compiled(inputs=list(inputs), verbose=False, **self.arguments), reference)
+        self.verified = _verified.get(self.key) is True
+        return outputs
 
 
 def run_checked(

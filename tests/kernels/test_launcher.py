@@ -69,3 +69,25 @@ def test_vjp_comes_from_the_reference():
     x = mx.array([1.0, 2.0])
     assert mx.array_equal(forward(x), x * 2)
     assert mx.array_equal(mx.grad(lambda x: forward(x).sum())(x), mx.full((2,), 3.0))
+
+
+def test_bound_launch_checks_its_first_launch_only(tmp_path, monkeypatch):
+    """BoundLaunch: the first call is evaluated and recorded; later calls launch with no key lookup."""
+    from mlx_primitives.hardware import profile_from_info
+
+    calls = []
+
+    def fake_kernel(inputs, **arguments):
+        calls.append(arguments["template"])
+        return [inputs[0] * 3]
+
+    monkeypatch.setattr(launcher, "device_profile", lambda: profile_from_info("cuda", {"device_name": "NVIDIA H100"}))
+    monkeypatch.setattr(launcher, "compiled", lambda kernel, backend: fake_kernel)
+    monkeypatch.setattr(launcher, "_verified", {})
+    x = mx.random.normal((8,))
+    bound = launcher.BoundLaunch(_plan(_doubling(tmp_path), x))
+    assert mx.array_equal(bound([x], lambda: [x * 2])[0], x * 3)
+    assert list(launcher._verified.values()) == [True]
+    monkeypatch.setattr(launcher, "_verified", {})  # a lookup would record the key again
+    assert mx.array_equal(bound([x + 1], lambda: [x * 2])[0], (x + 1) * 3)
+    assert launcher._verified == {} and len(calls) == 2
