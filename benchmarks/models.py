@@ -8,7 +8,8 @@ mlx-lm's tokens/s (decode kernel), logits equal within fp16 tolerance.
 * Decode: after an untimed prefill of ``context`` tokens and one untimed step, teacher-forced steps
   of one token, each queued with ``mx.async_eval`` as mlx-lm's ``generate_step`` does (``time / steps``): mlx-lm with its ``KVCache``; the flash swap on the same ``KVCache`` (the
   dispatcher's decode route); the flash swap over a ``PagedKVCache`` (split-KV decode kernel reading
-  pages in place).
+  pages in place). 'build us/layer': Python time building one step's graph (the model call, up to
+  ``mx.async_eval``) per layer: host time the GPU cannot hide on a host-bound backend.
 * Logits: last-position prefill logits and every decode step's, fp16, against a float32 copy of the
   same weights; ours must stay within 2x mlx-lm's own fp16 error + 1e-2.
 """
@@ -41,7 +42,8 @@ def _prefill_fn(model, tokens):
 
 
 def _decode(model, tokens: mx.array, steps: int, paged: bool):
-    """(ms per token, logits (1 + steps, vocab) float32): prefill ``tokens[:, :-steps]``, then decode the rest."""
+    """(ms per token, us building each step's graph, logits (1 + steps, vocab) float32): prefill
+    ``tokens[:, :-steps]``, then decode the rest."""
     from mlx_lm.models.cache import make_prompt_cache
 
     context = tokens.shape[1] - steps
@@ -59,13 +61,16 @@ def _decode(model, tokens: mx.array, steps: int, paged: bool):
 
     logits = [step(tokens[:, :context]), step(tokens[:, context : context + 1])]  # the first step compiles
     mx.eval(logits)
+    build = 0.0
     start = time.perf_counter()
     for i in range(context + 1, tokens.shape[1]):
+        begin = time.perf_counter()
         logits.append(step(tokens[:, i : i + 1]))
+        build += time.perf_counter() - begin
         mx.async_eval(logits[-1])  # as mlx-lm's generate_step: build step i + 1 while step i runs
     mx.eval(logits)
     ms = (time.perf_counter() - start) * 1e3 / (steps - 1)
-    return ms, np.array(mx.concatenate(logits).astype(mx.float32))
+    return ms, build * 1e6 / (steps - 1), np.array(mx.concatenate(logits).astype(mx.float32))
 
 
 def run(quick: bool = False) -> List[Table]:
@@ -93,7 +98,7 @@ def run(quick: bool = False) -> List[Table]:
 
     decode = Table(title=f"Decode: {shape}, {steps} steps after the context",
                    columns=("context", "mlx-lm tokens/s", "flash (mlx-lm cache) tokens/s", "flash paged tokens/s",
-                            "flash paged / mlx-lm"),
+                            "flash paged / mlx-lm", "mlx-lm build us/layer", "flash paged build us/layer"),
                    note="Target at 8192 context: flash paged / mlx-lm >= 1.5.", x="context",
                    series=("mlx-lm tokens/s", "flash (mlx-lm cache) tokens/s", "flash paged tokens/s"),
                    ylabel="tokens/s")
@@ -104,13 +109,15 @@ def run(quick: bool = False) -> List[Table]:
     for context in contexts:
         window = tokens[:, : context + steps]
         restore_attention(model)
-        base_ms, base_logits = _decode(model, window, steps, paged=False)
+        base_ms, base_build, base_logits = _decode(model, window, steps, paged=False)
         swap_attention(model, kernel="flash")
-        flash_ms, flash_logits = _decode(model, window, steps, paged=False)
-        paged_ms, paged_logits = _decode(model, window, steps, paged=True)
+        flash_ms, _, flash_logits = _decode(model, window, steps, paged=False)
+        paged_ms, paged_build, paged_logits = _decode(model, window, steps, paged=True)
         restore_attention(model)
-        decode.add(context, 1e3 / base_ms, 1e3 / flash_ms, 1e3 / paged_ms, base_ms / paged_ms)
-        _, exact_logits = _decode(exact, window, steps, paged=False)
+        layers = config["num_hidden_layers"]
+        decode.add(context, 1e3 / base_ms, 1e3 / flash_ms, 1e3 / paged_ms, base_ms / paged_ms, base_build / layers,
+                   paged_build / layers)
+        _, _, exact_logits = _decode(exact, window, steps, paged=False)
         errors = [float(np.abs(x - exact_logits).max()) for x in (base_logits, flash_logits, paged_logits)]
         bound = 2 * errors[0] + 1e-2
         logits.add(context, *errors, bound, "yes" if max(errors[1:]) <= bound else "NO")
