@@ -61,15 +61,25 @@ def tuning_problem(spec: AttentionSpec) -> Dict[str, int]:
     return {"D": spec.head_dim, "L": spec.k_len}
 
 
+# Untuned tiles of sliding-window calls (a left window): each query block walks only about
+# (window + rows) / BK key tiles, and 64-row blocks measured faster than the 128-row default there
+# (H100, fp16, D=128, L=16k, W=1k, causal: 1.39-1.41 against 1.42-1.87 ms for B=2, 0.74-0.75 against
+# 0.84-0.88 ms for B=1, 8 calls queued).
+SLIDING_WINDOW_TILES = {"BK": 64, "WARPS": 4}
+
+
 def _fitting_configs(head_dim: int) -> List[Dict[str, int]]:
     return [c for c in FLASH_FWD.configs() if shared_memory_bytes(head_dim, c) <= shared_memory_limit()]
 
 
 def config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> Dict[str, int]:
     """Tile sizes of a launch: the tuned (or default) ones for the call's bucket, overridden by ``config``;
-    checked against shared memory. Where the tuned or default tiles don't fit this head dim and no
-    ``config`` is given, the largest tiles that fit."""
+    checked against shared memory. Sliding-window calls take :data:`SLIDING_WINDOW_TILES` in place of
+    the default. Where the tuned or default tiles don't fit this head dim and no ``config`` is given,
+    the largest tiles that fit."""
     tuned = tuning.config_for(FLASH_FWD, spec.dtype, tuning_problem(spec), exact=("D",))
+    if spec.window[0] >= 0 and tuned == tuning.SPACES[FLASH_FWD.name].default_for(device_profile()):
+        tuned = SLIDING_WINDOW_TILES
     fitting = _fitting_configs(spec.head_dim)
     if not config and tuned not in fitting and fitting:
         tuned = max(fitting, key=lambda c: c["BK"] * c["WARPS"])

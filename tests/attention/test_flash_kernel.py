@@ -274,7 +274,8 @@ def test_cpu_never_routes_to_the_kernel(monkeypatch):
         dispatch.choose_route(_spec(), path="kernel")
 
 
-def test_config_of_every_head_dim_fits_shared_memory():
+def test_config_of_every_head_dim_fits_shared_memory(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLX_PRIMITIVES_CACHE_DIR", str(tmp_path))  # no tuned entries
     default = catalog.DEFAULTS[catalog.FLASH_FWD.name]
     for head_dim in fa.HEAD_DIMS:
         chosen = fa.config_for(_spec(head_dim=head_dim))
@@ -283,6 +284,13 @@ def test_config_of_every_head_dim_fits_shared_memory():
             assert chosen == {"BK": 32, "WARPS": 4}  # the largest tiles that fit
     with pytest.raises(ValueError, match="shared memory"):
         fa.config_for(_spec(head_dim=256), {"BK": 64})
+
+
+def test_sliding_windows_take_their_own_untuned_tiles(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLX_PRIMITIVES_CACHE_DIR", str(tmp_path))  # no tuned entries
+    assert fa.config_for(_spec(causal=True, window_size=(16, 0))) == fa.SLIDING_WINDOW_TILES
+    assert fa.config_for(_spec(causal=True)) == catalog.DEFAULTS[catalog.FLASH_FWD.name]
+    assert fa.config_for(_spec(head_dim=256, window_size=(16, 0))) == {"BK": 32, "WARPS": 4}
 
 
 def test_head_dim_256_stays_off_the_kernel_where_threadgroup_memory_is_32_kib(monkeypatch):
