@@ -9,7 +9,7 @@ import pytest
 
 from mlx_primitives.kernels import catalog, decode_attention, launcher
 from mlx_primitives.kernels.decode import _CALLS, bind_decode, unsupported
-from mlx_primitives.kernels.decode_launch import _resident, num_splits, staging
+from mlx_primitives.kernels.decode_launch import MMA_CONFIG, _resident, num_splits, staging
 from mlx_primitives.kernels.flash_attention import shared_memory_limit
 from mlx_primitives.attention.spec import describe_attention
 
@@ -401,6 +401,32 @@ def test_kernel_configs_agree(kernel_runs, config):
     q, k, v, seqlens = cache_for(GPU_LENGTHS, 1, 8, 2, 128, mx.float16)
     out = decode_attention(q, k, v, seqlens, path="kernel", config=config)
     assert_accurate(out, naive(q, k, v, GPU_LENGTHS), decode64(q, k, v, GPU_LENGTHS)[0], mx.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_kernel_matrix_unit_path_features_match_float64(kernel_runs, feature):
+    q, k, v, seqlens = cache_for(GPU_LENGTHS, 4, 8, 2, 128, mx.float16)
+    _check_kernel(q, k, v, seqlens, GPU_LENGTHS, mx.float16, config=MMA_CONFIG, **_options(feature, 4, 8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("threads", [32, 128])
+@pytest.mark.parametrize("dtype, head_dim, q_len, groups", [(mx.float16, 128, 1, 4), (mx.bfloat16, 80, 1, 4),
+                                                            (mx.float16, 64, 16, 2), (mx.bfloat16, 96, 3, 8)])
+def test_kernel_matrix_unit_path_matches_float64(kernel_runs, threads, dtype, head_dim, q_len, groups):
+    q, k, v, seqlens = cache_for(GPU_LENGTHS, q_len, 2 * groups, 2, head_dim, dtype)
+    _check_kernel(q, k, v, seqlens, GPU_LENGTHS, dtype, config=dict(MMA_CONFIG, THREADS=threads))
+
+
+@pytest.mark.gpu
+def test_kernel_matrix_unit_path_paged_equals_contiguous(kernel_runs):
+    lengths = [1, 17, 1000, 4097]
+    q, k, v, seqlens = cache_for(lengths, 2, 8, 2, 128, mx.float16, capacity=4112)
+    pool_k, pool_v, table = paged_from(k, v, lengths, 16, np.random.default_rng(3))
+    contiguous = decode_attention(q, k, v, seqlens, path="kernel", config=MMA_CONFIG)
+    paged = decode_attention(q, pool_k, pool_v, seqlens, block_table=table, path="kernel", config=MMA_CONFIG)
+    np.testing.assert_array_equal(np.array(paged), np.array(contiguous))
 
 
 @pytest.mark.gpu
