@@ -14,7 +14,7 @@ from typing import Optional, Tuple, Union
 
 import mlx.core as mx
 
-from ..validation import check_array
+from ..validation import FLOAT_DTYPES, check_array
 from .decode import Cache, Output, decode_attention
 
 
@@ -58,8 +58,10 @@ def decode_heads_first(
         float32 ``(batch, num_heads, seqlen_q)``.
     """
     check_array("q", q, "(batch, num_heads, seqlen_q, head_dim)", ndim=4)
-    first = k_cache[0] if isinstance(k_cache, (tuple, list)) else k_cache
-    check_array("k_cache", first, "(batch, num_kv_heads, capacity, ...)", ndim=4)
+    quantized = isinstance(k_cache, (tuple, list))
+    first = k_cache[0] if quantized else k_cache
+    check_array("k_cache[0]" if quantized else "k_cache", first, "(batch, num_kv_heads, capacity, ...)", ndim=4,
+                dtypes=(mx.uint32,) if quantized else FLOAT_DTYPES)
     batch, num_heads, q_len, head_dim = q.shape
     kv_heads = first.shape[1]
     if first.shape[0] != batch or num_heads % kv_heads:

@@ -39,6 +39,17 @@ def test_reference_matches_float64(q_len, groups, alibi):
     _check(q, k, v, lengths, mx.float32, "reference", alibi_slopes=slopes, softcap=3.0)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_reference_reads_quantized_tuples(bits):
+    cache, kd, vd = _quantized_cache(2, 2, 19, 64, mx.float32, bits)
+    q = random((2, 4, 2, 64), mx.float32)
+    out = decode_heads_first(q, cache.keys, cache.values, mx.array([19, 7], mx.int32), quantization=(64, bits),
+                             path="reference")
+    lengths = [19, 7]
+    exact = decode64(_bshd(q), _bshd(kd), _bshd(vd), lengths)[0]
+    assert_accurate(_bshd(out), naive(_bshd(q), _bshd(kd), _bshd(vd), lengths), exact, mx.float32)
+
+
 def test_one_length_for_every_sequence_and_bad_shapes():
     q = random((2, 4, 1, 32), mx.float32)
     k, v = (random((2, 2, 16, 32), mx.float32) for _ in range(2))
@@ -91,7 +102,7 @@ def test_attention_layer_decodes_over_a_quantized_cache_in_place(kernel_runs):
     keys, values = cache.dequantized()  # what the decode step must attend, plus the step's own key
     out = layer(step, cache=cache)
     k_new, v_new = cache.dequantized()
-    q = layer.q_proj(step).reshape(1, 1, 8, 32).transpose(0, 2, 1, 3)
+    q = layer.rope(layer.q_proj(step).reshape(1, 1, 8, 32).transpose(0, 2, 1, 3), offset=40)
     want = mx.fast.scaled_dot_product_attention(q.astype(mx.float32), mx.repeat(k_new, 4, axis=1).astype(mx.float32),
                                                 mx.repeat(v_new, 4, axis=1).astype(mx.float32), scale=layer.scale)
     want = layer.o_proj(want.astype(mx.float16).transpose(0, 2, 1, 3).reshape(1, 1, -1))
