@@ -14,10 +14,11 @@ which one a call would take.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import mlx.core as mx
 
+from ..memo import CallMemo
 from .dispatch import Route, choose_route, run_attention
 from .dropout import draw_seed
 from .reference import attention_probabilities
@@ -28,8 +29,7 @@ Output = Union[mx.array, Tuple[mx.array, mx.array, Optional[mx.array]]]
 
 # Validated specs of array-free calls, keyed by everything they depend on: the hot path of a model
 # repeats the same few shapes, and re-validating each call costs more than a small attention on a GPU.
-_SPECS: Dict[tuple, AttentionSpec] = {}
-_MAX_SPECS = 512
+_SPECS = CallMemo(512)
 
 
 def _describe(q, k, v, layout, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
@@ -39,20 +39,13 @@ def _describe(q, k, v, layout, dropout_p, softmax_scale, causal, window_size, so
         try:
             key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, type(q), type(k), type(v), layout,
                    dropout_p, softmax_scale, causal, window_size, softcap, mask, chunk_size)
-            spec = _SPECS.get(key)
+            hash(key)
         except (AttributeError, TypeError):  # not arrays, or unhashable options: let validation say why
-            key, spec = None, None
-        if spec is not None:
-            return spec
-    spec = describe_attention(
+            key = None
+    return _SPECS.get(key, lambda: describe_attention(
         q, k, v, layout=layout, scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
         alibi_slopes=alibi_slopes, sinks=sinks, mask=mask, dropout_p=dropout_p, chunk_size=chunk_size,
-    )
-    if key is not None:
-        if len(_SPECS) >= _MAX_SPECS:
-            _SPECS.clear()
-        _SPECS[key] = spec
-    return spec
+    ))
 
 
 def _attend(

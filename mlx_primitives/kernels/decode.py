@@ -10,13 +10,14 @@ reference path) computes the same on every backend and is the fallback.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import mlx.core as mx
 
 from ..attention.reference import reference_attention
 from ..attention.spec import AttentionSpec, describe_attention, to_bhsd
 from ..hardware import device_profile
+from ..memo import CallMemo
 from ..validation import check_array, check_same_dtype
 from . import catalog
 from .decode_launch import (DTYPES, HEAD_DIMS, KERNEL_BITS, combine_plan, geometry, no_affine, no_block_table,
@@ -177,8 +178,7 @@ def _kernel_config(spec: AttentionSpec, capacity: int, config: Optional[dict]) -
 
 # A decode step of a model repeats one call shape per layer: the validated spec, the launch
 # geometry and the differentiable kernel function are kept per array-free call signature.
-_CALLS: Dict[tuple, Callable] = {}
-_MAX_CALLS = 256
+_CALLS = CallMemo(256)
 
 
 def _call_key(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window_size, softcap,
@@ -337,15 +337,7 @@ def decode_attention(
 
 def _memoized(*args) -> Callable:
     """The prepared call of ``args`` (:func:`_prepare`'s), from the memo where its key is there."""
-    key = _call_key(*args)
-    run = _CALLS.get(key) if key is not None else None
-    if run is None:
-        run = _prepare(*args)
-        if key is not None:
-            if len(_CALLS) >= _MAX_CALLS:
-                _CALLS.clear()
-            _CALLS[key] = run
-    return run
+    return _CALLS.get(_call_key(*args), lambda: _prepare(*args))
 
 
 def bind_decode(

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 
 import mlx.core as mx
 
 from ...hardware import device_profile
+from ...memo import CallMemo
 from ...kernels import flash_attention
 from ..spec import AttentionSpec, describe_attention
 from .block_mask import BlockMask
@@ -90,8 +91,7 @@ class _Prepared(NamedTuple):
 # backend, the BlockMask's sizes and the mods' fingerprints (trace.fingerprint: their code and the
 # values they read, captured arrays by identity). A model repeats a few of them; preparing one
 # (validation, tracing, tuning lookup, launch geometry) costs more than a small attention on a GPU.
-_PREPARED: Dict[tuple, _Prepared] = {}
-_MAX_PREPARED = 256
+_PREPARED = CallMemo(256)
 _ARRAYS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
 
 
@@ -119,9 +119,11 @@ def _call_key(query, key, value, score_mod, block_mask, scale, enable_gqa) -> Op
 
 def _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa) -> _Prepared:
     call = _call_key(query, key, value, score_mod, block_mask, scale, enable_gqa)
-    prepared = _PREPARED.get(call) if call is not None else None
-    if prepared is not None:
-        return prepared
+    return _PREPARED.get(call, lambda: _prepared(query, key, value, score_mod, block_mask, scale, enable_gqa))
+
+
+def _prepared(query, key, value, score_mod, block_mask, scale, enable_gqa) -> _Prepared:
+    """Validate, trace and route a call; on the kernel, build its launch."""
     spec = _describe(query, key, value, score_mod, block_mask, scale, enable_gqa)
     route, traced = _kernel_plan(spec, score_mod, block_mask)
     run, captures = None, []
@@ -131,12 +133,7 @@ def _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa) -> _Pr
         score, mask, captures, config = traced
         kernel = flex_kernel(score, mask, len(captures), None if block_mask is None else block_mask.block_size)
         run = prepare_kernel(query, key, value, spec, kernel, config, block_mask, captures)
-    prepared = _Prepared(spec, route, run, captures)
-    if call is not None:
-        if len(_PREPARED) >= _MAX_PREPARED:
-            _PREPARED.clear()
-        _PREPARED[call] = prepared
-    return prepared
+    return _Prepared(spec, route, run, captures)
 
 
 def flex_route(query: mx.array, key: mx.array, value: mx.array, score_mod: Optional[Callable] = None,
