@@ -7,9 +7,10 @@ Tables:
    once (B and C are small).
 2. associative_scan "ssm" (h = a h + b along L) -- the kernel vs the doubling MLX reference and vs
    ``mx.cumsum`` of the same array (one read, one write: what a scan can cost).
-3. SparseMoELayer, 8 experts, top-2 -- its two expert-matmul routes (mx.gather_mm; dense matmuls per
-   expert slice after a host read of the counts), fp16 and 4-bit, vs a per-expert Python loop (host-side
-   token lists, one dense MLP per expert; target at 4096 tokens: >= 2x).
+3. SparseMoELayer, 8 experts, top-2 -- its three expert-matmul routes (mx.gather_mm; after a host read
+   of the counts, dense matmuls per expert block or one padded batched matmul per projection), fp16 and
+   4-bit, vs a per-expert Python loop (host-side token lists, one dense MLP per expert; target at 4096
+   tokens: >= 2x).
 Times are medians of synchronised calls.
 """
 
@@ -106,10 +107,13 @@ def moe_table(quick: bool) -> Table:
     dtype = _dtype()
     table = Table(f"SparseMoELayer, 8 experts, top-2: expert-matmul routes vs per-expert loop "
                   f"({str(dtype).replace('mlx.core.', '')})",
-                  ["tokens", "dims", "hidden", "gather ms", "per-expert ms", "auto takes", "loop ms", "loop / ours",
-                   "TFLOP/s ours", "4-bit gather ms", "4-bit per-expert ms"],
-                  note="ours: the route matmuls='auto' takes (per-expert: expert counts read on the host, "
-                       "dense matmuls per expert slice; gather: mx.gather_mm). 4-bit: group 64, 3 timed calls.")
+                  ["tokens", "dims", "hidden", "gather ms", "per-expert ms", "batched ms", "auto takes", "loop ms",
+                   "loop / ours", "TFLOP/s ours", "4-bit gather ms", "4-bit per-expert ms"],
+                  note="ours: the route matmuls='auto' takes (gather: mx.gather_mm, unsorted on CUDA; per-expert: "
+                       "expert counts read on the host, one gather into per-expert blocks, dense matmuls per "
+                       "block; batched: the same blocks padded to the largest, one batched matmul per "
+                       "projection). Gather routes (fp16 and 4-bit): 1 warm-up and 3 timed calls; 4-bit: "
+                       "group 64 (its batched route takes the per-expert blocks).")
     sizes = [(256, 256, 512)] if quick else [(512, 1024, 2816), (2048, 1024, 2816), (4096, 1024, 2816),
                                                (4096, 4096, 14336)]
     for tokens, dims, hidden in sizes:
@@ -119,20 +123,21 @@ def moe_table(quick: bool) -> Table:
         mx.eval(layer.parameters(), x)
         auto = layer.matmul_route(tokens)
 
-        def timed(route: str, **repeats) -> float:
+        def timed(route: str) -> float:
             layer.matmuls = route
+            repeats = {"warmup": 1, "repeats": 3} if route == "gather" else {"repeats": 10}
             return time_ms(lambda: layer(x), **repeats)
 
-        routes = {route: timed(route, repeats=10) for route in ("gather", "per_expert")}
+        routes = {route: timed(route) for route in ("gather", "per_expert", "batched")}
         loop = time_ms(lambda: loop_moe(layer, x), repeats=10)
         nn.quantize(layer, group_size=64, bits=4, class_predicate=lambda _, m: hasattr(m, "to_quantized")
                     and not isinstance(m, nn.Linear))
         mx.eval(layer.parameters())
-        quantized = {route: timed(route, warmup=1, repeats=3) for route in ("gather", "per_expert")}
+        quantized = {route: timed(route) for route in ("gather", "per_expert")}
         ours = routes[auto]
         flops = 2 * tokens * 2 * 3 * dims * hidden
-        table.add(tokens, dims, hidden, routes["gather"], routes["per_expert"], auto, loop, loop / ours,
-                  flops / ours / 1e9, quantized["gather"], quantized["per_expert"])
+        table.add(tokens, dims, hidden, routes["gather"], routes["per_expert"], routes["batched"], auto, loop,
+                  loop / ours, flops / ours / 1e9, quantized["gather"], quantized["per_expert"])
     return table
 
 

@@ -1,16 +1,23 @@
 """Sparse mixture-of-experts: top-k routing, dispatch sorted by expert with a capacity, expert matmuls
-through ``mx.gather_mm`` (``mx.gather_qmm`` once quantized) or dense per-expert matmuls, and the
-load-balancing loss.
+through ``mx.gather_mm`` (``mx.gather_qmm`` once quantized), dense per-expert matmuls or one padded
+batched matmul, and the load-balancing loss.
 
-A layer call routes each token to ``top_k`` experts, sorts the ``tokens * top_k`` assignments by expert
-(:func:`build_expert_dispatch`), runs each expert's SwiGLU MLP on its rows and sums each token's weighted
-expert outputs back in token order. The expert matmuls take one of two routes:
+A layer call routes each token to ``top_k`` experts, gives each of the ``tokens * top_k`` assignments its
+rank among the assignments of its expert (token order, no sort: a cumulative sum over a one-hot
+``(num_experts, tokens * top_k)`` int32 array), runs each expert's SwiGLU MLP on its rows and sums each
+token's weighted expert outputs. The expert matmuls take one of three routes:
 
-* ``"gather"``: one gathered matmul per projection over all rows; no host synchronisation, so it also
-  runs under ``mx.compile`` / ``mx.vmap``.
+* ``"gather"``: rows sorted by expert (:func:`build_expert_dispatch`), one gathered matmul per projection
+  over all rows; no host synchronisation, so it also runs under ``mx.compile`` / ``mx.vmap``.
 * ``"per_expert"``: the per-expert row counts are read on the host (one small device-to-host read per
-  call); expert ``e``'s kept rows are then one contiguous slice of the sorted rows and each projection is
-  a dense matmul on it (``mx.quantized_matmul`` once quantized). Large shapes run at dense-GEMM speed.
+  call); one gather puts expert ``e``'s kept rows in one contiguous block and each projection is a dense
+  matmul on it (``mx.quantized_matmul`` once quantized).
+* ``"batched"``: as ``"per_expert"``, but every expert's block is padded to the largest one, ``(E, width,
+  dims)``, and each projection is one batched matmul: 3 matmuls and one SwiGLU launch in all instead of
+  ``3 E`` and ``E``. Where padding would add more than ``PAD_LIMIT - 1`` of the rows (unbalanced routing)
+  or the weights are quantized, it takes the ``"per_expert"`` blocks.
+
+Both host-read routes combine with one gather of each assignment's output row (no scatter).
 """
 
 from __future__ import annotations
@@ -27,10 +34,13 @@ from .kernels import swiglu
 from .validation import check_array
 
 INDEX_DTYPES = (mx.int32, mx.uint32, mx.int64, mx.uint64, mx.int16, mx.uint16, mx.int8, mx.uint8)
-MATMUL_ROUTES = ("auto", "gather", "per_expert")
-# "auto" takes the per-expert route on CUDA from this many assignments per expert on average: there the
-# dense matmuls outrun mx.gather_mm by far more than the host read of the counts costs.
-PER_EXPERT_MIN_ROWS = 256
+MATMUL_ROUTES = ("auto", "gather", "per_expert", "batched")
+# "auto" takes the batched route on CUDA from this many assignments per expert on average: MLX 0.32.4's
+# CUDA mx.gather_mm must run unsorted (see _gathered_moe), which is slower than the host read of the
+# counts plus dense matmuls from ~100 rows per expert on the H100 (benchmarks/results/h100/zoo.md).
+BATCHED_MIN_ROWS = 64
+# The batched route pads every expert to the largest one while that adds at most a quarter of the rows.
+PAD_LIMIT = 1.25
 
 
 @dataclass
@@ -101,29 +111,40 @@ def build_expert_dispatch(
     tokens, top_k = expert_indices.shape
     count = tokens * top_k
     flat = expert_indices.reshape(-1).astype(mx.int32)
-    # Unique keys (expert, then position) make the order stable whatever sort MLX uses.
-    key_dtype = mx.int32 if num_experts * max(count, 1) < 2**31 else mx.int64
-    order = mx.argsort(flat.astype(key_dtype) * count + mx.arange(count, dtype=key_dtype)).astype(mx.uint32)
-    sorted_experts = flat[order]
-    counts = mx.zeros((num_experts,), mx.int32).at[flat].add(mx.ones((count,), mx.int32))
-    starts = mx.cumsum(counts) - counts
-    capacity = None if capacity_factor is None else math.ceil(capacity_factor * count / num_experts)
-    if capacity is None:
-        kept = mx.ones((count,), mx.bool_)
-    else:
-        kept = (mx.arange(count, dtype=mx.int32) - starts[sorted_experts]) < capacity
+    ranks, counts = _expert_ranks(flat, num_experts)
+    # An assignment's sorted position: the assignments of earlier experts, then those before it in its own.
+    inverse = (mx.cumsum(counts) - counts)[flat] + ranks
+    order = mx.zeros((count,), mx.int32).at[inverse].add(mx.arange(count, dtype=mx.int32)).astype(mx.uint32)
+    capacity = _capacity(capacity_factor, count, num_experts)
+    kept = mx.ones((count,), mx.bool_) if capacity is None else (ranks < capacity)[order]
     weights = mx.where(kept, expert_weights.reshape(-1)[order], 0)
     return ExpertDispatch(
         order=order,
-        inverse=mx.argsort(order).astype(mx.uint32),
+        inverse=inverse.astype(mx.uint32),
         token_indices=order // top_k,
-        expert_indices=sorted_experts.astype(mx.uint32),
+        expert_indices=flat[order].astype(mx.uint32),
         weights=weights,
         kept=kept,
         expert_counts=counts,
         capacity=capacity,
         top_k=top_k,
     )
+
+
+def _capacity(capacity_factor: Optional[float], count: int, num_experts: int) -> Optional[int]:
+    """Assignments each expert keeps out of ``count``; ``None`` for no limit."""
+    return None if capacity_factor is None else math.ceil(capacity_factor * count / num_experts)
+
+
+def _expert_ranks(flat: mx.array, num_experts: int) -> Tuple[mx.array, mx.array]:
+    """``flat (S,)`` int32 experts -> each assignment's rank among its expert's assignments in flat order
+    ``(S,)`` and the assignments per expert ``(num_experts,)``, both int32 (one-hot cumulative sum:
+    ``num_experts * S`` int32 of memory, no sort)."""
+    onehot = (mx.arange(num_experts, dtype=mx.int32)[:, None] == flat[None, :]).astype(mx.int32)
+    seen = mx.cumsum(onehot, axis=1)
+    ranks = mx.take_along_axis(seen, flat[None, :], axis=0)[0] - 1
+    counts = seen[:, -1] if flat.size else mx.zeros((num_experts,), mx.int32)
+    return ranks, counts
 
 
 def compute_load_balancing_loss(router_probs: mx.array, expert_indices: mx.array) -> mx.array:
@@ -175,6 +196,11 @@ class ExpertLinear(nn.Module):
         scatter per expert)."""
         weights = mx.split(self.weight, self.weight.shape[0], axis=0)
         return [x @ weights[e].squeeze(0).T for x, e in zip(xs, experts)]
+
+    def batched(self, x: mx.array) -> mx.array:
+        """``x (num_experts, rows, input_dims)`` -> ``(num_experts, rows, output_dims)``, row block ``e``
+        through expert ``e``: one batched matmul."""
+        return x @ self.weight.swapaxes(-1, -2)
 
     def to_quantized(self, group_size: int = None, bits: int = None, mode: str = "affine", **_) -> "QuantizedExpertLinear":
         """The quantized layer ``nn.quantize`` swaps in."""
@@ -228,9 +254,9 @@ class SparseMoELayer(nn.Module):
         num_experts (int): number of experts. top_k (int): experts per token. Default: ``2``.
         capacity_factor (float, optional): see :func:`build_expert_dispatch`. Default: no limit.
         normalize_weights (bool): softmax over the chosen logits only. Default: ``True``.
-        matmuls (str): the expert matmuls' route (module docstring): ``"gather"``, ``"per_expert"`` or
-            ``"auto"``: per-expert on CUDA from ``PER_EXPERT_MIN_ROWS`` assignments per expert on average,
-            gather otherwise. Under ``mx.compile`` / ``mx.vmap`` (no host reads there) every call gathers.
+        matmuls (str): the expert matmuls' route (module docstring): ``"gather"``, ``"per_expert"``,
+            ``"batched"`` or ``"auto"``: batched on CUDA from ``BATCHED_MIN_ROWS`` assignments per expert on
+            average, gather otherwise. Under ``mx.compile`` / ``mx.vmap`` (no host reads there) every call gathers.
             Default: ``"auto"``.
     """
 
@@ -269,64 +295,91 @@ class SparseMoELayer(nn.Module):
             raise ValueError(f"x must have shape (..., {self.dims}); got {tuple(x.shape)}")
         tokens = x.reshape(-1, x.shape[-1])
         experts, weights, probs = self.route(tokens)
-        plan = build_expert_dispatch(experts, weights.astype(x.dtype), self.num_experts, self.capacity_factor)
-        rows = tokens[plan.token_indices]
-        counts = self._counts_on_host(plan)
-        out = self._gathered_mlp(rows, plan) if counts is None else self._per_expert_mlp(rows, counts, plan.capacity)
-        out = out * plan.weights[:, None]
-        y = out[plan.inverse].reshape(-1, self.top_k, x.shape[-1]).sum(axis=1).reshape(x.shape)
+        weights = weights.astype(x.dtype)
+        route = self.matmul_route(tokens.shape[0])
+        y = None if route == "gather" or tokens.shape[0] == 0 else self._blocked_moe(tokens, experts, weights, route)
+        if y is None:
+            y = self._gathered_moe(tokens, experts, weights)
+        y = y.reshape(x.shape)
         return (y, compute_load_balancing_loss(probs, experts)) if return_aux_loss else y
 
     def matmul_route(self, tokens: int) -> str:
         """The route of the expert matmuls for a call on ``tokens`` tokens outside ``mx.compile`` / ``mx.vmap``:
-        ``"gather"`` or ``"per_expert"``."""
+        ``"gather"``, ``"per_expert"`` or ``"batched"`` (which takes per-expert blocks where padding is costly)."""
         if self.matmuls != "auto":
             return self.matmuls
-        large = tokens * self.top_k >= PER_EXPERT_MIN_ROWS * self.num_experts
-        return "per_expert" if large and device_profile().backend == "cuda" else "gather"
+        large = tokens * self.top_k >= BATCHED_MIN_ROWS * self.num_experts
+        return "batched" if large and device_profile().backend == "cuda" else "gather"
 
-    def _counts_on_host(self, plan: ExpertDispatch) -> Optional[List[int]]:
-        """Assignments per expert read on the host where the per-expert route is taken, else ``None``."""
-        if plan.order.size == 0 or self.matmul_route(plan.order.size // self.top_k) == "gather":
-            return None
-        try:
-            return plan.expert_counts.tolist()
-        except ValueError as error:
-            if "transformation" in str(error):  # under mx.compile / vmap: no host reads, so gather
-                return None
-            raise
-
-    def _gathered_mlp(self, rows: mx.array, plan: ExpertDispatch) -> mx.array:
-        """The experts' MLPs on the sorted ``rows (S, dims)`` with one gathered matmul per projection."""
-        rows, index = rows[:, None, :], plan.expert_indices
+    def _gathered_moe(self, tokens: mx.array, experts: mx.array, weights: mx.array) -> mx.array:
+        """The layer on ``tokens (T, dims)`` through rows sorted by expert and gathered matmuls."""
+        plan = build_expert_dispatch(experts, weights, self.num_experts, self.capacity_factor)
+        rows = tokens[plan.token_indices][:, None, :]
+        index = plan.expert_indices
         # MLX 0.32.4's CUDA gather_mm gives wrong rows with sorted_indices=True on these gathered rows
         # (H100: max error 0.5 against float64; the unsorted kernel is exact), so CUDA takes the unsorted one.
         grouped = device_profile().backend != "cuda"
         hidden = swiglu(self.gate_proj(rows, index, grouped), self.up_proj(rows, index, grouped))
-        return self.down_proj(hidden, index, grouped)[:, 0, :]
+        out = self.down_proj(hidden, index, grouped)[:, 0, :] * plan.weights[:, None]
+        return out[plan.inverse].reshape(-1, self.top_k, self.dims).sum(axis=1)
 
-    def _per_expert_mlp(self, rows: mx.array, counts: List[int], capacity: Optional[int]) -> mx.array:
-        """The experts' MLPs on the sorted ``rows (S, dims)`` (expert ``e``'s rows: the ``counts[e]`` after
-        the ``sum(counts[:e])`` before them): dense matmuls on each expert's kept rows, zeros for its dropped
-        rows (``S > 0``, so ``capacity >= 1`` and some expert keeps rows)."""
-        cuts, position = [], 0
-        for count in counts:
-            cuts += [position + (count if capacity is None else min(count, capacity)), position + count]
-            position += count
-        pieces = mx.split(rows, cuts[:-1], axis=0)  # expert e: kept rows pieces[2e], dropped pieces[2e + 1]
-        experts = [e for e in range(self.num_experts) if pieces[2 * e].shape[0]]
-        kept = [pieces[2 * e] for e in experts]
+    def _blocked_moe(self, tokens: mx.array, experts: mx.array, weights: mx.array, route: str) -> Optional[mx.array]:
+        """The layer on ``tokens (T, dims)`` with each expert's kept rows in one block (the per-expert and
+        batched routes); ``None`` under ``mx.compile`` / ``mx.vmap``, where the counts cannot be read."""
+        count = experts.size
+        flat = experts.reshape(-1).astype(mx.int32)
+        ranks, counts = _expert_ranks(flat, self.num_experts)
+        try:
+            counts = counts.tolist()
+        except ValueError as error:
+            if "transformation" in str(error):
+                return None
+            raise
+        capacity = _capacity(self.capacity_factor, count, self.num_experts)
+        offsets, sizes, width = self._blocks(counts, capacity, route)
+        total = sum(sizes) if width is None else self.num_experts * width
+        # Row of each assignment in the blocks; dropped assignments point past them (at `total`).
+        slots = mx.array(offsets, mx.int32)[flat] + ranks
+        if capacity is not None:
+            kept = ranks < capacity
+            slots = mx.where(kept, slots, total)
+            weights = mx.where(kept.reshape(weights.shape), weights, 0)
+        # Token of each block row (padding rows: token 0, never read back): one scatter of unique slots.
+        sources = mx.zeros((total + 1,), mx.int32).at[slots].add(mx.arange(count, dtype=mx.int32) // self.top_k)
+        rows = tokens[sources[:total]]
+        if width is None:
+            out = self._per_expert_mlp(rows, sizes)
+        else:
+            out = self._batched_mlp(rows.reshape(self.num_experts, width, self.dims)).reshape(total, self.dims)
+        picked = out[mx.minimum(slots, total - 1)].reshape(weights.shape + (self.dims,))
+        return (picked * weights[..., None]).sum(axis=1)
+
+    def _blocks(self, counts: List[int], capacity: Optional[int], route: str) -> Tuple[List[int], List[int], Optional[int]]:
+        """First row of each expert's block, the kept rows of each, and the padded block width (``None``:
+        unpadded blocks, one after the other). ``count > 0``, so ``capacity >= 1`` and some block is not empty."""
+        sizes = [c if capacity is None else min(c, capacity) for c in counts]
+        width = max(sizes)
+        dense = isinstance(self.gate_proj, ExpertLinear)
+        if route == "batched" and dense and self.num_experts * width <= PAD_LIMIT * sum(sizes):
+            return [e * width for e in range(self.num_experts)], sizes, width
+        offsets = [0]
+        for size in sizes[:-1]:
+            offsets.append(offsets[-1] + size)
+        return offsets, sizes, None
+
+    def _batched_mlp(self, rows: mx.array) -> mx.array:
+        """The experts' MLPs on padded blocks ``rows (E, width, dims)``: one batched matmul per projection."""
+        return self.down_proj.batched(swiglu(self.gate_proj.batched(rows), self.up_proj.batched(rows)))
+
+    def _per_expert_mlp(self, rows: mx.array, sizes: List[int]) -> mx.array:
+        """The experts' MLPs on unpadded blocks ``rows (sum(sizes), dims)`` (expert ``e``: ``sizes[e]`` rows):
+        dense matmuls per non-empty block."""
+        pieces = mx.split(rows, [sum(sizes[: e + 1]) for e in range(self.num_experts - 1)], axis=0)
+        experts = [e for e in range(self.num_experts) if sizes[e]]
+        kept = [pieces[e] for e in experts]
         gate, up = self.gate_proj.per_expert(kept, experts), self.up_proj.per_expert(kept, experts)
         hidden = [swiglu(g, u) for g, u in zip(gate, up)]
-        down = dict(zip(experts, self.down_proj.per_expert(hidden, experts)))
-        dtype = down[experts[0]].dtype
-        outputs = []
-        for e in range(self.num_experts):
-            if e in down:
-                outputs.append(down[e])
-            if pieces[2 * e + 1].shape[0]:
-                outputs.append(mx.zeros((pieces[2 * e + 1].shape[0], self.dims), dtype))
-        return mx.concatenate(outputs)
+        return mx.concatenate(self.down_proj.per_expert(hidden, experts))
 
     def _extra_repr(self) -> str:
         return (f"dims={self.dims}, hidden={self.hidden}, num_experts={self.num_experts}, top_k={self.top_k}, "

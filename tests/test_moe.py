@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_primitives import SparseMoELayer, build_expert_dispatch, compute_load_balancing_loss
+from mlx_primitives import SparseMoELayer, build_expert_dispatch, compute_load_balancing_loss, moe
 from mlx_primitives.hardware import device_profile
 
 from .reference import assert_within_rule, f64, max_error
@@ -66,7 +66,14 @@ def dense_moe(layer, x, kept=None):
     return (out * per_expert[..., None]).sum(1)
 
 
-ROUTES = ["gather", "per_expert"]
+ROUTES = ["gather", "per_expert", "batched"]
+DEFAULT_PAD_LIMIT = moe.PAD_LIMIT
+
+
+@pytest.fixture(autouse=True)
+def pad_every_batch(monkeypatch):
+    """The batched route pads its blocks however unbalanced the routing (small test shapes are)."""
+    monkeypatch.setattr(moe, "PAD_LIMIT", math.inf)
 
 
 @pytest.mark.parametrize("matmuls", ROUTES)
@@ -104,7 +111,8 @@ def test_moe_layer_quantized_uses_quantized_weights(matmuls):
     assert_within_rule(layer(x), moe64(layer, x), dense_moe(layer, x), mx.float32)
 
 
-@pytest.mark.parametrize("matmuls,capacity_factor", [("gather", None), ("per_expert", None), ("per_expert", 0.75)])
+@pytest.mark.parametrize("matmuls,capacity_factor", [("gather", None), ("per_expert", None), ("per_expert", 0.75),
+                                                     ("batched", None), ("batched", 0.75)])
 def test_moe_layer_gradients_match_dense_reference(matmuls, capacity_factor):
     layer = SparseMoELayer(16, 24, num_experts=4, top_k=2, capacity_factor=capacity_factor, matmuls=matmuls)
     x = mx.random.normal((11, 16))
@@ -123,8 +131,9 @@ def test_moe_layer_gradients_match_dense_reference(matmuls, capacity_factor):
         assert max_error(g, f64(r)) < tolerance * max(1.0, float(mx.abs(r).max())), name
 
 
-def test_moe_per_expert_route_with_an_expert_nobody_picks():
-    layer = SparseMoELayer(16, 24, num_experts=5, top_k=2, matmuls="per_expert")
+@pytest.mark.parametrize("matmuls", ["per_expert", "batched"])
+def test_moe_blocked_routes_with_an_expert_nobody_picks(matmuls):
+    layer = SparseMoELayer(16, 24, num_experts=5, top_k=2, matmuls=matmuls)
     x = mx.random.uniform(0.1, 1.0, (13, 16))
     # Positive inputs: expert 3's all-negative router row gives it the lowest logit for every token.
     layer.router.weight = mx.concatenate([mx.random.uniform(0.0, 1.0, (3, 16)), -mx.ones((1, 16)),
@@ -133,11 +142,30 @@ def test_moe_per_expert_route_with_an_expert_nobody_picks():
     assert_within_rule(layer(x), moe64(layer, x), dense_moe(layer, x), mx.float32)
 
 
-def test_moe_per_expert_route_gathers_under_compile():
-    layer = SparseMoELayer(16, 24, num_experts=4, top_k=2, matmuls="per_expert")
+@pytest.mark.parametrize("matmuls", ["per_expert", "batched"])
+def test_moe_blocked_routes_gather_under_compile(matmuls):
+    layer = SparseMoELayer(16, 24, num_experts=4, top_k=2, matmuls=matmuls)
     x = mx.random.normal((10, 16))
     compiled = mx.compile(lambda x: layer(x))  # no host read inside compile: the gather route runs
     assert_within_rule(compiled(x), moe64(layer, x), dense_moe(layer, x), mx.float32)
+
+
+def test_moe_batched_route_pads_only_balanced_dense_blocks(monkeypatch):
+    monkeypatch.setattr(moe, "PAD_LIMIT", DEFAULT_PAD_LIMIT)
+    layer = SparseMoELayer(32, 64, num_experts=4, top_k=2, matmuls="batched")
+    assert layer._blocks([5, 4, 5, 4], None, "batched") == ([0, 5, 10, 15], [5, 4, 5, 4], 5)
+    assert layer._blocks([5, 4, 5, 4], 3, "batched") == ([0, 3, 6, 9], [3, 3, 3, 3], 3)
+    assert layer._blocks([9, 1, 5, 3], None, "batched") == ([0, 9, 10, 15], [9, 1, 5, 3], None)
+    assert layer._blocks([5, 4, 5, 4], None, "per_expert")[2] is None
+    x = mx.random.uniform(0.1, 1.0, (9, 16))
+    unbalanced = SparseMoELayer(16, 24, num_experts=4, top_k=2, matmuls="batched")
+    unbalanced.router.weight = mx.zeros((4, 16)).at[0].add(10.0)  # positive x: every token to expert 0
+    counts = unbalanced.dispatch(x).expert_counts.tolist()
+    assert counts[0] == 9 and unbalanced._blocks(counts, None, "batched")[2] is None
+    assert_within_rule(unbalanced(x), moe64(unbalanced, x), dense_moe(unbalanced, x), mx.float32)
+    nn.quantize(layer, group_size=32, bits=8, class_predicate=lambda _, m: hasattr(m, "to_quantized")
+                and not isinstance(m, nn.Linear))
+    assert layer._blocks([5, 4, 5, 4], None, "batched")[2] is None  # quantized: one quantized_matmul per block
 
 
 def test_moe_layer_aux_loss():
