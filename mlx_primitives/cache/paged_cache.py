@@ -175,21 +175,26 @@ class PagedKVCache:
 
     # Reading -------------------------------------------------------------------------------------
 
-    def block_table(self, seqs: Sequence[int]) -> mx.array:
-        """int32 ``(len(seqs), max_pages)`` page ids, -1 past each sequence's pages."""
-        width = max([1] + [len(self._pages[s]) for s in seqs])
+    def block_table(self, seqs: Sequence[int], width: Optional[int] = None) -> mx.array:
+        """int32 ``(len(seqs), width)`` page ids, -1 past each sequence's pages; ``width`` defaults to
+        the most pages a sequence of ``seqs`` holds (a fixed width keeps a compiled step's shapes)."""
+        held = max([1] + [len(self._pages[s]) for s in seqs])
+        if width is None:
+            width = held
+        elif width < held:
+            raise ValueError(f"width {width} is less than the {held} pages a sequence holds")
         table = np.full((len(seqs), width), UNUSED, np.int32)
         for row, seq in enumerate(seqs):
             table[row, : len(self._pages[seq])] = self._pages[seq]
         return mx.array(table)
 
-    def device_block_table(self, seqs: Sequence[int]) -> mx.array:
+    def device_block_table(self, seqs: Sequence[int], width: Optional[int] = None) -> mx.array:
         """:meth:`block_table`, built once and reused until a page list changes (a new page, a copy,
         an eviction): the array a decode step reads every layer. Read it; never write into it."""
-        key = tuple(seqs)
+        key = (tuple(seqs), width)
         table = self._tables.get(key)
         if table is None:
-            table = self._tables[key] = self.block_table(seqs)
+            table = self._tables[key] = self.block_table(seqs, width)
         return table
 
     def write_slots(self, seqs: Sequence[int], before: Sequence[int], count: int) -> Tuple[List[int], List[int]]:

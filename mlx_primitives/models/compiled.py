@@ -1,0 +1,162 @@
+"""A decode step of a swapped mlx-lm model over a :class:`~mlx_primitives.cache.PagedKVCache` as one
+``mx.compile``'d call.
+
+Decoding one token is host-bound on a GPU: Python builds each layer's graph (~120 us a layer for
+a 1B Llama) and MLX launches every op on its own. :class:`CompiledDecode` traces the step once per
+batch size and replays it: no Python runs per layer, and MLX fuses the elementwise ops. The trace
+is shape-fixed, so everything that changes from step to step is an array: RoPE offsets, lengths,
+write slots (one int32 ``(4, batch)`` array) and a block table of a fixed width. New keys and
+values are scattered into the layers' page pools; the step returns the updated pools, which
+replace the cache's, so MLX writes them in place where the old pool has no other holder when the
+step runs (it copies the pool where a previous step still using it is in flight on the GPU).
+
+Attention runs in the split-KV decode kernel (:func:`~mlx_primitives.kernels.decode.bind_decode`)
+where it supports the call on a GPU, otherwise in :func:`masked_decode` (MLX ops of fixed shape
+that read no array on the host, as tracing requires).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..attention.spec import describe_attention
+from ..cache import PagedKVCache
+from ..hardware import device_profile
+from ..kernels.decode import bind_decode, unsupported
+from .paged_step import PagedLayerCache
+from .swap import model_attention
+
+
+def masked_decode(q: mx.array, k_pool: mx.array, v_pool: mx.array, lengths: mx.array, block_table: mx.array,
+                  scale: float, softcap: float = 0.0) -> mx.array:
+    """Causal attention of ``q`` over each sequence's pages, in MLX ops of fixed shape (float32 math).
+
+    Args:
+        q: ``(batch, seqlen_q, num_heads, head_dim)``; query row ``i`` of sequence ``b`` sits at key
+            position ``lengths[b] - seqlen_q + i`` and sees the keys up to it.
+        k_pool, v_pool: page pools ``(num_pages, page_size, num_kv_heads, head_dim)``.
+        lengths: int32 ``(batch,)`` keys per sequence, at least ``seqlen_q``.
+        block_table: int32 ``(batch, width)`` page ids (slots past a sequence's pages: any value,
+            read as page 0 and masked).
+        scale: softmax scale; softcap: ``c`` of ``c * tanh(s / c)``, 0 disables.
+
+    Returns:
+        ``(batch, seqlen_q, num_heads, head_dim)`` in q's dtype.
+    """
+    batch, q_len, num_heads, head_dim = q.shape
+    kv_heads = k_pool.shape[2]
+    groups = num_heads // kv_heads
+    pages = mx.maximum(block_table, 0)
+    k, v = (pool[pages].reshape(batch, -1, kv_heads, head_dim).transpose(0, 2, 3, 1).astype(mx.float32)
+            for pool in (k_pool, v_pool))  # (batch, kv_heads, head_dim, keys)
+    rows = q.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    rows = rows.reshape(batch, kv_heads, groups * q_len, head_dim).astype(mx.float32)
+    scores = (rows * scale) @ k
+    if softcap:
+        scores = softcap * mx.tanh(scores / softcap)
+    last = lengths[:, None, None, None] - q_len + mx.arange(groups * q_len)[None, None, :, None] % q_len
+    scores = mx.where(mx.arange(scores.shape[-1]) <= last, scores, -mx.inf)
+    out = mx.softmax(scores, axis=-1) @ v.swapaxes(-1, -2)  # (batch, kv_heads, groups * q_len, head_dim)
+    out = out.reshape(batch, kv_heads, groups, q_len, head_dim).transpose(0, 3, 1, 2, 4)
+    return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
+
+
+def kernel_decodes(q: mx.array, pool: mx.array, scale: float, softcap: float) -> bool:
+    """Whether :func:`~mlx_primitives.kernels.decode.bind_decode` runs the decode kernel for ``q``
+    ``(batch, seqlen_q, num_heads, head_dim)`` over page pools like ``pool`` (else its reference
+    path, which reads lengths on the host and so cannot be traced)."""
+    if not device_profile().is_gpu:
+        return False
+    view = mx.broadcast_to(pool[:1, :1], (q.shape[0], 1) + tuple(pool.shape[2:]))
+    spec = describe_attention(q, view, view, layout="BSHD", scale=scale, causal=True, softcap=softcap)
+    return unsupported(spec, pool.shape[1]) is None
+
+
+class TracedStep:
+    """A decode step's shared state inside the trace, with :class:`~mlx_primitives.models.PagedStep`'s
+    interface for :class:`~mlx_primitives.models.PagedLayerCache`: one new token per sequence.
+
+    Args:
+        positions: int32 ``(4, batch)``: RoPE offsets, lengths after the new key, write pages, write rows.
+        block_table: int32 ``(batch, width)``.
+        k_pools, v_pools: the layers' pools; :meth:`write` replaces them with their updated arrays.
+    """
+
+    new = 1
+
+    def __init__(self, positions: mx.array, block_table: mx.array, k_pools: List[mx.array],
+                 v_pools: List[mx.array]):
+        self.offset, self.lengths = positions[0], positions[1]
+        self.slots = (positions[2], positions[3])
+        self.block_table, self.k_pools, self.v_pools = block_table, k_pools, v_pools
+        self._decode: Dict[Tuple[float, float], Callable] = {}
+
+    def write(self, pool: mx.array, new: mx.array) -> None:
+        """Scatter ``new`` ``(batch, 1, kv_heads, head_dim)`` into ``pool`` at the step's slots."""
+        pool[self.slots] = new.reshape(-1, *new.shape[2:])
+
+    def decode(self, queries: mx.array, k_pool: mx.array, v_pool: mx.array, scale: float,
+               softcap: float) -> mx.array:
+        """Attention of ``queries`` ``(batch, 1, heads, head_dim)`` over the pages: the decode kernel
+        where it runs the call, else :func:`masked_decode`; chosen on the first layer."""
+        call = self._decode.get((scale, softcap))
+        if call is None:
+            if kernel_decodes(queries, k_pool, scale, softcap):
+                call = bind_decode(queries, k_pool, v_pool, self.lengths, block_table=self.block_table,
+                                   softmax_scale=scale, causal=True, softcap=softcap)
+            else:
+                def call(q, k, v):
+                    return masked_decode(q, k, v, self.lengths, self.block_table, scale, softcap)
+            self._decode[(scale, softcap)] = call
+        return call(queries, k_pool, v_pool)
+
+
+class CompiledDecode:
+    """Decode steps of a swapped mlx-lm ``model`` over ``cache``, each one compiled call.
+
+    ``step(seqs, tokens)`` appends one token to each sequence of ``seqs`` (ids of ``cache``) and
+    returns the logits of the next ``(batch, vocab)``, as ``paged_forward(model, cache, seqs,
+    tokens[:, None])[:, -1]`` does. Each batch size is traced once, on its first step. The model's
+    parameters are inputs of the trace (later weight updates are seen); a change of the model's
+    structure (``swap_attention`` again, another kernel) needs a new ``CompiledDecode``.
+
+    Args:
+        model: an mlx-lm model after :func:`~mlx_primitives.models.swap_attention`.
+        cache: its :class:`~mlx_primitives.cache.PagedKVCache` (e.g. ``paged_cache_for(model, ...)``).
+        max_pages: the block table's width, the most pages a sequence may hold; default the pool's.
+            The decode kernel's split count follows the width: keep it near the longest sequence.
+    """
+
+    def __init__(self, model: nn.Module, cache: PagedKVCache, max_pages: Optional[int] = None):
+        if model_attention(model) is None:
+            raise ValueError("CompiledDecode runs the model's attention over pages: call swap_attention(model) first")
+        self.model, self.cache = model, cache
+        self.width = cache.allocator.num_pages if max_pages is None else max_pages
+        if not isinstance(self.width, int) or self.width < 1:
+            raise ValueError(f"max_pages must be a positive int; got {max_pages!r}")
+        self._compiled = mx.compile(self._step, inputs=[model.state])
+
+    def __call__(self, seqs: Sequence[int], tokens: mx.array) -> mx.array:
+        """Logits ``(len(seqs), vocab)`` after appending ``tokens`` ``(len(seqs),)`` to ``seqs``."""
+        cache = self.cache
+        if any(cache.length(s) >= self.width * cache.page_size for s in seqs):
+            raise ValueError(f"a sequence of {list(seqs)} would pass max_pages={self.width} pages of "
+                             f"{cache.page_size} keys")
+        offsets = [cache.offset(s) for s in seqs]
+        before = cache.reserve_host(seqs, 1)
+        pages, rows = cache.write_slots(seqs, before, 1)
+        positions = mx.array([offsets, [n + 1 for n in before], pages, rows], mx.int32)
+        table = cache.device_block_table(seqs, self.width)
+        logits, k_pools, v_pools = self._compiled(tokens.reshape(len(seqs), 1), positions, table, cache.k_pools,
+                                                  cache.v_pools)
+        cache.k_pools[:], cache.v_pools[:] = k_pools, v_pools  # the old pools' last holders go
+        return logits
+
+    def _step(self, tokens: mx.array, positions: mx.array, table: mx.array, k_pools: List[mx.array],
+              v_pools: List[mx.array]):
+        step = TracedStep(positions, table, list(k_pools), list(v_pools))
+        logits = self.model(tokens, cache=[PagedLayerCache(step, layer) for layer in range(len(k_pools))])
+        return logits[:, -1], step.k_pools, step.v_pools
