@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..attention.flash import flash_attention
+from ..attention.flash import explain, flash_attention
 from ..attention.flex import create_block_mask, flex_attention
 from ..attention.flex import mods
 from ..attention.sage import sageattn
@@ -62,6 +62,7 @@ class SwappedAttention:
         self.original = original
         self.routes: collections.Counter = collections.Counter()
         self._block_masks: Dict[tuple, Any] = {}
+        self._sdpa_shapes: Dict[tuple, bool] = {}  # plain call shapes -> the dispatcher routes them to sdpa
 
     def __repr__(self) -> str:
         return f"SwappedAttention(kernel={self.kernel!r}, options={self.options})"
@@ -95,6 +96,15 @@ class SwappedAttention:
     def _flash(self, queries, keys, values, scale, mask, sinks, softcap, route: str) -> mx.array:
         self.routes[route] += 1
         path = {"sdpa": "sdpa", "reference": "reference"}.get(self.kernel, self.options.get("path", "auto"))
+        key = None
+        if sinks is None and not softcap and (mask is None or isinstance(mask, str)):
+            key = (queries.shape, keys.shape, values.shape, queries.dtype, keys.dtype, scale, mask, path)
+            direct = self._sdpa_shapes.get(key)
+            if direct is None:
+                direct = self._sdpa_shapes[key] = path in ("auto", "sdpa") and explain(
+                    queries, keys, values, layout="BHSD", scale=scale, mask=mask).path == "sdpa"
+            if direct:  # what the dispatcher would call, without its per-call Python
+                return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
         return flash_attention(queries, keys, values, layout="BHSD", scale=scale, mask=mask, sinks=sinks,
                                softcap=softcap, path=path)
 
