@@ -119,9 +119,10 @@ class CompiledDecode:
 
     ``step(seqs, tokens)`` appends one token to each sequence of ``seqs`` (ids of ``cache``) and
     returns the logits of the next ``(batch, vocab)``, as ``paged_forward(model, cache, seqs,
-    tokens[:, None])[:, -1]`` does. Each batch size is traced once, on its first step. The model's
-    parameters are inputs of the trace (later weight updates are seen); a change of the model's
-    structure (``swap_attention`` again, another kernel) needs a new ``CompiledDecode``.
+    tokens[:, None])[:, -1]`` does. Each batch size is traced once, on its first step, and the
+    trace holds the model's weights as constants (passing them as inputs costs ~8 us a layer per
+    step): after changing weights (``load_weights``, ``update``) or the model's attention
+    (``swap_attention`` again), make a new ``CompiledDecode``.
 
     Args:
         model: an mlx-lm model after :func:`~mlx_primitives.models.swap_attention`.
@@ -137,7 +138,7 @@ class CompiledDecode:
         self.width = cache.allocator.num_pages if max_pages is None else max_pages
         if not isinstance(self.width, int) or self.width < 1:
             raise ValueError(f"max_pages must be a positive int; got {max_pages!r}")
-        self._compiled = mx.compile(self._step, inputs=[model.state])
+        self._compiled = mx.compile(self._step)
 
     def __call__(self, seqs: Sequence[int], tokens: mx.array) -> mx.array:
         """Logits ``(len(seqs), vocab)`` after appending ``tokens`` ``(len(seqs),)`` to ``seqs``."""
