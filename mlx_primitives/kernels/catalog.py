@@ -126,7 +126,8 @@ FLEX_FWD = FlexKernel(
 )
 
 # Its backward (flash_backward.py): dq walks key tiles of BK keys per query block of 16 * WARPS rows;
-# dk/dv walk query tiles of BQ rows per key block of 16 * WARPS keys.
+# dk/dv walk query tiles of BQ rows per key block of 16 * WARPS keys; STAGES 2 copies the next tile
+# while one is computed (dynamic shared memory on CUDA).
 _FLASH_BWD_INPUTS = ("q", "k", "v", "dout", "lse", "delta", "window", "slopes", "rng")
 FLASH_BWD_DQ = _AttentionKernel(
     name="flash_attention_bwd_dq",
@@ -134,7 +135,7 @@ FLASH_BWD_DQ = _AttentionKernel(
     inputs=_FLASH_BWD_INPUTS,
     outputs=("dq", "dslope"),
     mma=True,
-    tunables=(("BK", (16, 32)), ("WARPS", (1, 2, 4))),
+    tunables=(("BK", (16, 32, 64)), ("WARPS", (2, 4, 8)), ("STAGES", (1, 2))),
 )
 
 FLASH_BWD_DKDV = _AttentionKernel(
@@ -143,7 +144,7 @@ FLASH_BWD_DKDV = _AttentionKernel(
     inputs=_FLASH_BWD_INPUTS,
     outputs=("dk", "dv"),
     mma=True,
-    tunables=(("BQ", (16, 32)), ("WARPS", (1, 2, 4))),
+    tunables=(("BQ", (16, 32)), ("WARPS", (2, 4, 8)), ("STAGES", (1, 2))),
 )
 
 # Decode attention (decode.py): the split-KV pass (asynchronous K/V copies from flash_<backend>.inc),
@@ -209,8 +210,8 @@ DEFAULTS = {
     # exceeds shared memory (head dim 256, Apple GPUs) the kernel takes the largest tiles that fit
     # (flash_attention.config_for).
     "flash_attention_fwd": {"BK": 64, "WARPS": 8},
-    "flash_attention_bwd_dq": {"BK": 32, "WARPS": 2},
-    "flash_attention_bwd_dkdv": {"BQ": 32, "WARPS": 2},
+    "flash_attention_bwd_dq": {"BK": 32, "WARPS": 2, "STAGES": 1},
+    "flash_attention_bwd_dkdv": {"BQ": 32, "WARPS": 2, "STAGES": 1},
     "w8a8_linear": {"BM": 128, "BN": 128, "WM": 2, "WN": 4},
     "selective_scan": {"WARPS": 4, "ITEMS": 8},
     "linear_scan": {"WARPS": 4, "ITEMS": 8},

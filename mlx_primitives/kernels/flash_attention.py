@@ -20,9 +20,10 @@ import mlx.core as mx
 from ..attention.reference import reference_attention
 from ..attention.spec import AttentionSpec
 from ..hardware import device_profile
+from ..memo import CallMemo
 from . import flash_backward, tuning
 from .catalog import FLASH_FWD
-from .launcher import Launch, launch
+from .launcher import BoundLaunch, Launch
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
 DTYPES = (mx.float16, mx.bfloat16)
@@ -117,6 +118,32 @@ def _placeholder() -> mx.array:
     return mx.zeros((1,), mx.float32)
 
 
+# Prepared calls (tiles, constant inputs, the differentiable kernel function) by everything a call's
+# meaning depends on besides array values: a model repeats a few call shapes, and preparing one costs
+# about 100 us of Python, as much as the kernel of a short prefill.
+_CALLS = CallMemo(256)
+
+
+def _frozen(config: Optional[Dict[str, int]]):
+    return None if config is None else tuple(sorted(config.items()))
+
+
+def _call_key(spec: AttentionSpec, config, dropout_seed, batch_offset: int, backward_configs) -> Optional[tuple]:
+    """The memo key of a call, or None where it can't be keyed (dropout: its seed is an array)."""
+    if spec.dropout_p > 0 or spec.mask is not None or dropout_seed is not None:
+        return None
+    try:
+        extras = tuple(None if x is None else (x.shape, x.dtype) for x in (spec.alibi_slopes, spec.sinks))
+        key = (spec.batch, spec.num_heads, spec.num_kv_heads, spec.q_len, spec.k_len, spec.head_dim,
+               spec.v_head_dim, spec.dtype, spec.scale, spec.causal, spec.window, spec.softcap, extras,
+               _frozen(config), backward_configs and tuple(_frozen(c) for c in backward_configs), batch_offset,
+               device_profile().backend)
+        hash(key)
+    except (AttributeError, TypeError):  # unhashable options: prepare every time
+        return None
+    return key
+
+
 def flash_attention(
     q: mx.array,
     k: mx.array,
@@ -144,16 +171,28 @@ def flash_attention(
         ``(out, lse)``: ``out`` like ``q``; ``lse`` float32 ``(batch, num_heads, q_len)``,
         ``-inf`` for rows that see no key.
     """
+    function = _CALLS.get(_call_key(spec, config, dropout_seed, batch_offset, backward_configs),
+                          lambda: _prepare(spec, config, dropout_seed, batch_offset, backward_configs))
+    # ALiBi slopes and sinks are primals, so gradients reach them too.
+    extras = [x.astype(mx.float32).reshape(-1) for x in (spec.alibi_slopes, spec.sinks) if x is not None]
+    out, lse = function(q, k, v, *extras)
+    return out, lse
+
+
+def _prepare(spec: AttentionSpec, config, dropout_seed, batch_offset: int, backward_configs):
+    """The differentiable kernel function of a call: ``function(q, k, v, *extras) -> [out, lse]`` where
+    ``extras`` are the flat float32 ALiBi slopes and sinks the spec has (their values may change
+    between calls of one prepared function; their shapes may not)."""
     chosen = config_for(spec, config)
     # The backward's tiles are looked up when a gradient is taken (explicit ones are checked now).
-    grad_configs = _memo(lambda: flash_backward.configs_for(spec, shared_memory_limit(),
+    grad_configs = _memo(lambda: flash_backward.configs_for(spec, flash_backward.shared_memory_limit(),
                                                             *(backward_configs or (None, None))))
     if backward_configs is not None:
         grad_configs()
     window = mx.array(spec.window, dtype=mx.int32)
     rng = flash_backward.dropout_rng(spec, dropout_seed, batch_offset)
-    # ALiBi slopes and sinks are primals, so gradients reach them too.
-    extras = [x.astype(mx.float32).reshape(-1) for x in (spec.alibi_slopes, spec.sinks) if x is not None]
+    absent = _placeholder()  # the slopes or sinks input of a call without them
+    bound = []  # the forward's BoundLaunch, made at the first call
 
     def with_extras(extra_arrays) -> Tuple[AttentionSpec, mx.array, mx.array]:
         it = iter(extra_arrays)
@@ -166,13 +205,14 @@ def flash_attention(
 
     def kernel_inputs(extra_arrays) -> Tuple[AttentionSpec, mx.array, mx.array]:
         call_spec, slopes, sinks = with_extras(extra_arrays)
-        slopes = _placeholder() if slopes is None else slopes.reshape(-1)
-        return call_spec, slopes, _placeholder() if sinks is None else sinks
+        return call_spec, absent if slopes is None else slopes.reshape(-1), absent if sinks is None else sinks
 
     def forward(q, k, v, *extra_arrays) -> List[mx.array]:
         call_spec, slopes, sinks = kernel_inputs(extra_arrays)
-        launch_plan = plan(q, k, v, window, slopes, sinks, rng, call_spec, chosen)
-        return launch(launch_plan, lambda: reference(q, k, v, *extra_arrays))
+        inputs = [q, k, v, window, slopes, sinks, rng]
+        if not bound:
+            bound.append(BoundLaunch(plan(*inputs, call_spec, chosen)))
+        return bound[0](inputs, lambda: reference(q, k, v, *extra_arrays))
 
     function = mx.custom_function(forward)
 
@@ -190,8 +230,7 @@ def flash_attention(
             reference_grads,
         ))
 
-    out, lse = function(q, k, v, *extras)
-    return out, lse
+    return function
 
 
 def _memo(compute):

@@ -17,6 +17,7 @@ import mlx.core as mx
 
 from ..attention.dropout import keep_threshold
 from ..attention.spec import AttentionSpec
+from ..hardware import device_profile
 from . import tuning
 from .catalog import FLASH_BWD_DKDV, FLASH_BWD_DQ
 from .launcher import Kernel, Launch, float_bits, launch
@@ -24,17 +25,49 @@ from .launcher import Kernel, Launch, float_bits, launch
 Configs = Tuple[Dict[str, int], Dict[str, int]]
 
 
+# Shared memory one group of the backward kernels may take: their tile buffer is dynamic shared memory on
+# CUDA, up to the opt-in maximum per block of the compute capability (CUDA programming guide; 64 KiB, that
+# of sm_75, for one not listed); on Metal a static threadgroup array of at most 32 KiB.
+_CUDA_SHARED_MEMORY = {"sm_80": 163, "sm_86": 99, "sm_87": 163, "sm_89": 99, "sm_90": 227, "sm_100": 227,
+                       "sm_120": 99}
+
+
+def shared_memory_limit(backend: Optional[str] = None) -> int:
+    """The backward kernels' shared-memory budget on ``backend`` (default: the current device)."""
+    profile = device_profile()
+    backend = backend or profile.backend
+    if backend == "metal":
+        return 32 * 1024
+    family = profile.family.rstrip("af") if profile.backend == "cuda" else ""
+    return _CUDA_SHARED_MEMORY.get(family, 64) * 1024
+
+
+def dq_buffer_bytes(head_dim: int, config: Dict[str, int], itemsize: int = 2) -> int:
+    """The dq kernel's tile buffer: q and dout blocks, then per stage a k and a v tile."""
+    return (32 * config["WARPS"] + 2 * config["STAGES"] * config["BK"]) * (head_dim + 8) * itemsize
+
+
+def dkdv_buffer_bytes(head_dim: int, config: Dict[str, int], itemsize: int = 2) -> int:
+    """The dk/dv kernel's tile buffer: k and v blocks, then per stage a q and a dout tile."""
+    return (32 * config["WARPS"] + 2 * config["STAGES"] * config["BQ"]) * (head_dim + 8) * itemsize
+
+
 def dq_shared_memory_bytes(head_dim: int, config: Dict[str, int], itemsize: int = 2) -> int:
-    """Shared memory of the dq kernel: q and dout blocks, k and v tiles, per-warp partials."""
-    return (32 * config["WARPS"] + 2 * config["BK"]) * (head_dim + 8) * itemsize + 4 * config["WARPS"]
+    """Shared memory of the dq kernel: its tile buffer and per-warp partials."""
+    return dq_buffer_bytes(head_dim, config, itemsize) + 4 * config["WARPS"]
 
 
 def dkdv_shared_memory_bytes(head_dim: int, config: Dict[str, int], itemsize: int = 2) -> int:
-    """Shared memory of the dk/dv kernel: k and v blocks, q and dout tiles, the tile's lse and delta."""
-    return (32 * config["WARPS"] + 2 * config["BQ"]) * (head_dim + 8) * itemsize + 8 * config["BQ"]
+    """Shared memory of the dk/dv kernel: its tile buffer and the stages' lse and delta."""
+    return dkdv_buffer_bytes(head_dim, config, itemsize) + 8 * config["STAGES"] * config["BQ"]
 
 
 SHARED_MEMORY = {FLASH_BWD_DQ.name: dq_shared_memory_bytes, FLASH_BWD_DKDV.name: dkdv_shared_memory_bytes}
+
+
+def _dynamic_bytes(buffer_bytes: int) -> int:
+    """``Launch.shared_memory`` of a tile buffer: dynamic on CUDA, a static array elsewhere."""
+    return buffer_bytes if device_profile().backend == "cuda" else 0
 
 
 def column_chunk(head_dim: int) -> int:
@@ -94,12 +127,13 @@ def plan_dq(inputs: Sequence[mx.array], spec: AttentionSpec, config: Dict[str, i
     return Launch(
         kernel=FLASH_BWD_DQ,
         inputs=list(inputs),
-        template=[("T", inputs[0].dtype), ("D", spec.head_dim), ("BK", config["BK"]), ("WARPS", config["WARPS"])]
-        + feature_template(spec),
+        template=[("T", inputs[0].dtype), ("D", spec.head_dim), ("BK", config["BK"]), ("WARPS", config["WARPS"]),
+                  ("STAGES", config["STAGES"])] + feature_template(spec),
         grid=(blocks * threads, spec.num_heads, spec.batch),
         threadgroup=(threads, 1, 1),
         output_shapes=[(spec.batch, spec.num_heads, spec.q_len, spec.head_dim), slope_sums],
         output_dtypes=[inputs[0].dtype, mx.float32],
+        shared_memory=_dynamic_bytes(dq_buffer_bytes(spec.head_dim, config, inputs[0].dtype.size)),
     )
 
 
@@ -113,11 +147,12 @@ def plan_dkdv(inputs: Sequence[mx.array], spec: AttentionSpec, config: Dict[str,
         kernel=FLASH_BWD_DKDV,
         inputs=list(inputs),
         template=[("T", inputs[0].dtype), ("D", spec.head_dim), ("DC", chunk), ("BQ", config["BQ"]),
-                  ("WARPS", config["WARPS"])] + feature_template(spec),
+                  ("WARPS", config["WARPS"]), ("STAGES", config["STAGES"])] + feature_template(spec),
         grid=(blocks * threads, spec.num_kv_heads, spec.batch),
         threadgroup=(threads, 1, 1),
         output_shapes=[kv_shape, kv_shape],
         output_dtypes=[inputs[0].dtype, inputs[0].dtype],
+        shared_memory=_dynamic_bytes(dkdv_buffer_bytes(spec.head_dim, config, inputs[0].dtype.size)),
     )
 
 
@@ -183,7 +218,7 @@ def compile_examples():
     """Launches of both kernels for both dtypes, every head dim, feature flag and fitting config
     (the Metal compile check)."""
     from ..attention.spec import describe_attention
-    from .flash_attention import DTYPES, HEAD_DIMS, shared_memory_limit
+    from .flash_attention import DTYPES, HEAD_DIMS
 
     limit = shared_memory_limit("metal")
     for dtype in DTYPES:

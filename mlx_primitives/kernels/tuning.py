@@ -38,8 +38,18 @@ def _sage_invalid(config: Config, profile, problem) -> Optional[str]:
     return f"needs {needed} bytes of shared memory, the limit is {limit}" if needed > limit else None
 
 
+def _flash_backward_invalid(config: Config, profile, problem) -> Optional[str]:
+    from .flash_backward import SHARED_MEMORY, shared_memory_limit
+
+    needed = SHARED_MEMORY[catalog.FLASH_BWD_DQ.name if "BK" in config else catalog.FLASH_BWD_DKDV.name](
+        problem["D"], config)
+    limit = shared_memory_limit(profile.backend)
+    return f"needs {needed} bytes of shared memory, the limit is {limit}" if needed > limit else None
+
+
 _INVALID = {catalog.MATMUL.name: _matmul_invalid, catalog.FLASH_FWD.name: _flash_invalid,
-            catalog.SAGE_ATTN.name: _sage_invalid}
+            catalog.SAGE_ATTN.name: _sage_invalid, catalog.FLASH_BWD_DQ.name: _flash_backward_invalid,
+            catalog.FLASH_BWD_DKDV.name: _flash_backward_invalid}
 
 SPACES: Dict[str, TuningSpace] = {
     kernel.name: TuningSpace(
@@ -79,6 +89,36 @@ def _sage_tasks(q: mx.array, k: mx.array, dtype) -> List[TuningTask]:
                                           quant.k_block, lambda: quantized_reference(quant, hk, spec), config)[0]
 
         tasks.append(_task(catalog.SAGE_ATTN, dtype, {"D": head_dim, "L": spec.k_len}, ("D",), make_call))
+    return tasks
+
+
+def flash_backward_tasks(dtype, length: int = 4096, heads: int = 16, head_dims: Sequence[int] = (64, 128)
+                         ) -> List[TuningTask]:
+    """Both backward kernels of attention with softcap, B=1, on their own (the delta and the forward's
+    lse computed once, outside the timing)."""
+    from ..attention.spec import describe_attention
+    from .flash_attention import flash_attention
+    from .flash_backward import dropout_rng, plan_dkdv, plan_dq
+    from .launcher import launch
+
+    tasks = []
+    for head_dim in head_dims:
+        q, k, v, dout = (mx.random.normal((1, heads, length, head_dim)).astype(dtype) for _ in range(4))
+        spec = describe_attention(q, k, v, layout="BHSD", softcap=30.0)
+        out, lse = flash_attention(q, k, v, spec)
+        delta = (dout.astype(mx.float32) * out.astype(mx.float32)).sum(axis=-1)
+        inputs = [q, k, v, dout, lse, delta, mx.array(spec.window, dtype=mx.int32), mx.zeros((1,), mx.float32),
+                  dropout_rng(spec, None, 0)]
+        mx.eval(inputs)
+        problem = {"D": head_dim, "L": length}
+        for kernel, make in ((catalog.FLASH_BWD_DQ, plan_dq), (catalog.FLASH_BWD_DKDV, plan_dkdv)):
+            def make_call(config, make=make, spec=spec, inputs=inputs, name=kernel.name):
+                def failed():
+                    raise RuntimeError(f"{name} did not run with {config}")
+
+                return lambda: launch(make(inputs, spec, config), failed)[0]
+
+            tasks.append(_task(kernel, dtype, problem, ("D",), make_call))
     return tasks
 
 
@@ -133,6 +173,8 @@ def tuning_tasks(quick: bool = False, kernels: Optional[Sequence[str]] = None) -
         tasks.append(_task(catalog.FLASH_FWD, dtype, tuning_problem(spec), ("D",),
                            lambda c, hq=hq, hk=hk, spec=spec: lambda: flash_attention(hq, hk, hk, spec, c)[0]))
     tasks += _sage_tasks(q, k, dtype)
+    if not kernels or {catalog.FLASH_BWD_DQ.name, catalog.FLASH_BWD_DKDV.name} & set(kernels):
+        tasks += flash_backward_tasks(dtype, length=2048 if quick else 4096)
     if kernels:
         unknown = set(kernels) - set(SPACES)
         if unknown:
