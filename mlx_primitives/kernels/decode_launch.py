@@ -39,20 +39,33 @@ QUANT_VEC = 16  # values per staged chunk of a quantized cache
 MMA_ROWS = 16  # rows of a block on the matrix unit (the M of m16n8k16)
 MMA_CONFIG = {"THREADS": 128, "SPLIT": 256, "CHUNKS": 2, "MMA": 1}  # the matrix-unit path, opted into
 MMA_REGISTERS = 160  # a lane's registers on the matrix-unit path at D = 128 (ptxas), for the split count
+MMA_BITS = (4, 8)  # quantized caches the matrix-unit path reads (by default)
+MMA_QUANT_HEAD_DIMS = (64, 128)  # ... at head dims whose half rows hold whole groups
+QUANT_MMA_THREADS = 64  # ... with at most two warps a group
+SM_SHARED_MEMORY = 227 * 1024  # H100: the shared memory an SM shares among its resident groups
+GROUP_SHARED_RESERVE = 1024  # ... of which the system takes this much per group
 
 
 def uses_mma(spec: AttentionSpec, config: Dict[str, int], backend: str, bits: int = 0) -> bool:
     """Whether the split pass runs QK^T and PV on the matrix unit: config MMA = 1, a CUDA backend,
-    fp16/bf16 float caches (float32 has no m16n8k16; quantized caches take the scalar path), head dims
-    up to 128 (the output accumulators of D = 256 would spill).
+    fp16/bf16 float caches (float32 has no m16n8k16), head dims up to 128 (the output accumulators of
+    D = 256 would spill). Quantized caches of ``MMA_BITS`` with float16 queries at head dims
+    ``MMA_QUANT_HEAD_DIMS`` take it unless config MMA = 0: each warp dequantizes its staged packed rows
+    into a half tile (the scalar path's per-value unpacking made int8 decode slower than fp16).
 
     Opt-in, since it measured slower where it matters (H100, MLX 0.32.4, fp16 q_len 1 Hq 32 Hk 8 D 128,
     ms, matrix unit at THREADS 64 / 32 against the scalar default): B=1 L=4k 0.092 / 0.091 vs 0.101,
     B=8 L=32k 0.461 / 0.469 vs 0.420, B=32 L=4k 0.257 / 0.250 vs 0.256, B=32 L=32k 1.58 / 1.73 vs 1.50.
     Its padded K/V rows fit two stages of 32 keys at THREADS 64 in 48 KiB (five of 16 at THREADS 32,
-    one warp a group), against the scalar path's five stages."""
-    return bool(config.get("MMA", 0)) and backend == "cuda" and spec.dtype in (mx.float16, mx.bfloat16) \
-        and not bits and spec.head_dim <= 128
+    one warp a group), against the scalar path's five stages. Quantized (same shapes, group 64, B=8
+    L=32k): int8 0.366 ms on the matrix unit vs 0.527 scalar (fp16 cache 0.412) with four stages, 0.346
+    with three (fp16 0.414); int4 0.339 / 0.364. At B=1 L=32k both int8 paths take 0.14-0.15 ms."""
+    if backend != "cuda":
+        return False
+    if bits:
+        return bool(config.get("MMA", 1)) and bits in MMA_BITS and spec.dtype == mx.float16 \
+            and spec.head_dim in MMA_QUANT_HEAD_DIMS
+    return bool(config.get("MMA", 0)) and spec.dtype in (mx.float16, mx.bfloat16) and spec.head_dim <= 128
 
 
 def _row_blocks(spec: AttentionSpec, most: int = MAX_ROWS) -> Tuple[int, int]:
@@ -124,17 +137,36 @@ def no_affine() -> Tuple[mx.array, ...]:
     return (mx.zeros((1,), mx.float32),) * 4
 
 
-def mma_staging(threads: int, chunks: int, head_dim: int, backend: str) -> Tuple[int, int]:
+def mma_staging(threads: int, chunks: int, head_dim: int, backend: str, bits: int = 0) -> Tuple[int, int]:
     """(THREADS, STAGES) of the matrix-unit path: a stage is 16 keys per warp of K and V rows of
-    ``chunks + 1`` 16-byte chunks; the warps' merge reuses the stages (no other large buffer). THREADS
-    halves until two stages fit."""
+    ``chunks + 1`` chunks (16 bytes; a ``bits``-bit cache: 16 values, ``2 * bits`` bytes); the warps'
+    merge reuses the stages, or with a quantized cache the warps' dequantized tiles (16 rows of
+    ``head_dim + 8`` halves each), which also take q. THREADS halves until two stages fit; a quantized
+    cache takes at most ``QUANT_MMA_THREADS`` (its tiles leave no room for two stages of four warps)."""
     limit = shared_memory_limit(backend)
+    if bits:
+        return _quantized_mma_staging(min(threads, QUANT_MMA_THREADS), chunks, head_dim, limit, bits)
     while True:
         per_stage = 2 * 16 * (threads // 32) * (chunks + 1) * 16
         stages = min(MAX_STAGES, (limit - 8 * (threads // 32) * MMA_ROWS) // per_stage)
         if stages >= 2 or threads == 32:
             return threads, stages
         threads //= 2
+
+
+def _quantized_mma_staging(threads: int, chunks: int, head_dim: int, limit: int, bits: int) -> Tuple[int, int]:
+    """:func:`mma_staging` of a quantized cache: each warp also holds a dequantized tile; of the stage
+    counts that fit, the most that keep the most groups on an SM (by its shared memory and registers),
+    since a step's latency (copy wait, dequantization, two matrix products) needs resident warps more
+    than bytes in flight (H100, int8 D=128: 4 stages leave 4 groups of 2 warps an SM, 3 leave 6)."""
+    warps = threads // 32
+    per_stage = 2 * 16 * warps * (chunks + 1) * 2 * bits
+    fixed = 8 * warps * MMA_ROWS + max(warps * 16 * (head_dim + 8) * 2, 16 * head_dim * 4)
+    most = min(MAX_STAGES, (limit - fixed) // per_stage)
+    by_registers = REGISTER_FILE // (threads * MMA_REGISTERS)
+    resident = {s: min(by_registers, SM_SHARED_MEMORY // (fixed + s * per_stage + GROUP_SHARED_RESERVE))
+                for s in range(2, most + 1)}
+    return threads, max(resident, key=lambda s: (resident[s], s))
 
 
 def geometry(spec: AttentionSpec, config: Dict[str, int], backend: str, bits: int = 0) -> Dict[str, int]:
@@ -146,7 +178,7 @@ def geometry(spec: AttentionSpec, config: Dict[str, int], backend: str, bits: in
     if uses_mma(spec, config, backend, bits):
         blocks, rows = _row_blocks(spec, MMA_ROWS)
         tpk = next_pow2(chunks)
-        threads, stages = mma_staging(config["THREADS"], chunks, spec.head_dim, backend)
+        threads, stages = mma_staging(config["THREADS"], chunks, spec.head_dim, backend, bits)
         return {"VEC": vec, "TPK": tpk, "CH": 1, "ROWS": rows, "BLOCKS": blocks, "THREADS": threads,
                 "KB": tpk // 2, "STAGES": stages, "REGISTERS": MMA_REGISTERS, "MMA": 1}
     blocks, rows = _row_blocks(spec)
@@ -255,6 +287,7 @@ def compile_examples():
                 spec = describe_attention(q, pool[:2], pool[:2], layout="BSHD", causal=True)
                 yield plan(q, pool[:2], pool[:2], lengths, None, placeholder(), spec, 3, default, "metal")
     yield from _quantized_examples()
+    yield from _quantized_mma_examples()
     yield from _mma_examples()
 
 
@@ -273,6 +306,28 @@ def _mma_examples():
                     slopes = placeholder() if spec.alibi_slopes is None else spec.alibi_slopes.reshape(-1)
                     yield plan(q, pool if paged else pool[:2], pool if paged else pool[:2], lengths,
                                table if paged else None, slopes, spec, 3, MMA_CONFIG, "cuda")
+
+
+def _quantized_mma_examples():
+    """Quantized caches on the matrix unit (CUDA plans): 4 and 8 bits, every group size at head dims
+    64 and 128, paged and contiguous, few and many rows, the score mods once."""
+    lengths, table, default = mx.zeros((2,), mx.int32), mx.zeros((2, 3), mx.int32), catalog.DEFAULTS["decode_attention"]
+    for bits in MMA_BITS:
+        for head_dim in MMA_QUANT_HEAD_DIMS:
+            for group in (32, 64, 128):
+                if head_dim % group:
+                    continue
+                for q_shape, paged in (((2, 1, 4, head_dim), True), ((2, 4, 8, head_dim), False)):
+                    q = mx.zeros(q_shape, mx.float16)
+                    packed = mx.zeros((5 if paged else 2, 16, 2, head_dim * bits // 32), mx.uint32)
+                    scales = mx.zeros(packed.shape[:3] + (head_dim // group,), mx.float16)
+                    view = mx.zeros((2, 16, 2, head_dim), mx.float16)
+                    mods = {"softcap": 30.0, "alibi_slopes": mx.zeros((2, q_shape[2])), "window_size": (64, 0)}
+                    for options in ({}, mods) if (bits, head_dim, group, paged) == (8, 128, 64, True) else ({},):
+                        spec = describe_attention(q, view, view, layout="BSHD", causal=True, **options)
+                        slopes = placeholder() if spec.alibi_slopes is None else spec.alibi_slopes.reshape(-1)
+                        yield plan(q, packed, packed, lengths, table if paged else None, slopes, spec, 3, default,
+                                   "cuda", (scales,) * 4, (group, bits))
 
 
 def _quantized_examples():

@@ -9,7 +9,7 @@ import pytest
 
 from mlx_primitives.kernels import catalog, decode_attention, launcher
 from mlx_primitives.kernels.decode import _CALLS, bind_decode, unsupported
-from mlx_primitives.kernels.decode_launch import MMA_CONFIG, _resident, num_splits, staging
+from mlx_primitives.kernels.decode_launch import MMA_CONFIG, _resident, geometry, num_splits, staging
 from mlx_primitives.kernels.flash_attention import shared_memory_limit
 from mlx_primitives.attention.spec import describe_attention
 
@@ -253,6 +253,23 @@ def test_staging_fits_shared_memory(threads, head_dim, rows, backend):
     reductions = 4 * (used_threads // 32) * (head_dim + 2 * rows)
     assert stages >= 2 and stage_bytes + reductions <= shared_memory_limit(backend)
     assert used_threads == threads or backend == "metal"
+
+
+@pytest.mark.parametrize("dtype, head_dim, bits, config, mma", [
+    (mx.float16, 128, 8, {}, 1), (mx.float16, 64, 4, {}, 1), (mx.float16, 128, 8, {"MMA": 0}, 0),
+    (mx.bfloat16, 128, 8, {}, 0), (mx.float16, 96, 8, {}, 0), (mx.float16, 128, 2, {}, 0), (mx.float16, 256, 8, {}, 0),
+])
+def test_quantized_caches_take_the_matrix_unit_where_it_reads_them(dtype, head_dim, bits, config, mma):
+    q, view = mx.zeros((2, 1, 32, head_dim), dtype), mx.zeros((2, 64, 8, head_dim), dtype)
+    spec = describe_attention(q, view, view, layout="BSHD", causal=True)
+    chosen = {**catalog.DEFAULTS["decode_attention"], **config}
+    assert geometry(spec, chosen, "cuda", bits)["MMA"] == mma
+    assert geometry(spec, chosen, "metal", bits)["MMA"] == 0
+    if mma:  # two warps a group, several stages beside the dequantized tiles in 48 KiB
+        shape = geometry(spec, chosen, "cuda", bits)
+        stages = 2 * shape["STAGES"] * shape["THREADS"] // 2 * (head_dim // 16 + 1) * 2 * bits
+        tiles = max(shape["THREADS"] // 32 * 16 * (head_dim + 8) * 2, 16 * head_dim * 4)
+        assert shape["THREADS"] == 64 and shape["STAGES"] >= 3 and stages + tiles <= shared_memory_limit("cuda")
 
 
 @pytest.mark.parametrize("group_size, bits", [(32, 8), (64, 8), (128, 4), (64, 4)])
