@@ -3,10 +3,10 @@
 Rows: fp16, q_len 1, Hq=32, Hk=8, D=128. Paged pools hold the same keys as the contiguous cache
 behind a shuffled block table; both go through ``decode_attention`` (split-KV kernel). Memory is
 ``mx.get_active_memory`` growth when the cache is allocated: a contiguous cache reserves the full
-capacity per sequence, a paged pool the pages of the live tokens. The int8 rows quantize K/V with
-``mx.quantize`` (group 64) and attend through ``decode_attention``'s quantized route when it has one
-(whatever it runs: at the time of writing mx.dequantize then the fp16 kernel), else through
-``mx.dequantize`` and the fp16 kernel here; cos-sim is against the fp16 output.
+capacity per sequence, a paged pool the pages of the live tokens. The int8 and int4 rows quantize K/V
+with ``mx.quantize`` (group 64) and attend through ``decode_attention``'s quantized route: the split-KV
+kernel reads the packed words in place (on CUDA with fp16 queries on the matrix unit, each warp
+dequantizing its staged rows into a half tile); cos-sim is against the fp16 output.
 Targets (issue 6): paged within 10% of contiguous; paged memory 8x smaller at live 512 of 4096;
 int8 >= 1.5x faster than fp16 at L = 32k with cos-sim >= 0.999.
 """
