@@ -62,7 +62,8 @@ class Kernel:
         name: unique kernel name (MLX appends the template values).
         body: file name of the body under ``src_dir``.
         inputs, outputs: argument names, in order, as the body uses them.
-        helpers: extra source files placed in the header after the prelude.
+        helpers: extra source files placed in the header after the prelude; ``{backend}`` in a name
+            picks the backend's file (``"wgmma_{backend}.inc"``).
         mma: include the matrix-unit primitive (``mma_<backend>.inc``) in the header.
         defines: ``(macro, value)`` pairs defined in the header (variants of one body).
         tunables: ``(template name, candidate values)`` pairs a tuner may pick from.
@@ -82,7 +83,7 @@ class Kernel:
     def header(self, backend: str) -> str:
         parts = [f"#define {macro} {value}\n" for macro, value in self.defines]
         parts += [_read(SRC / f) for f in PRELUDES[backend] + ((MMA[backend],) if self.mma else ())]
-        parts += [_read(self.src_dir / f) for f in self.helpers]
+        parts += [_read(self.src_dir / f.format(backend=backend)) for f in self.helpers]
         return "\n".join(parts)
 
     def source(self, backend: str) -> str:
@@ -96,7 +97,8 @@ class Kernel:
 
 @dataclass
 class Launch:
-    """One call of a kernel: inputs (in ``kernel.inputs`` order), template values, sizes, outputs."""
+    """One call of a kernel: inputs (in ``kernel.inputs`` order), template values, sizes, outputs, and
+    the bytes of dynamic shared memory it asks for (CUDA only; a body declares it with ``extern``)."""
 
     kernel: Kernel
     inputs: Sequence[mx.array]
@@ -105,6 +107,7 @@ class Launch:
     threadgroup: Tuple[int, int, int]
     output_shapes: Sequence[Sequence[int]]
     output_dtypes: Sequence[mx.Dtype]
+    shared_memory: int = 0
 
     def call(self, compiled, verbose: bool = False) -> List[mx.array]:
         return compiled(
@@ -123,8 +126,10 @@ def _read(path: Path) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def compiled(kernel: Kernel, backend: str):
-    """The ``mx.fast`` kernel object of ``kernel`` on ``backend`` (built once per process)."""
+def compiled(kernel: Kernel, backend: str, shared_memory: int = 0):
+    """The ``mx.fast`` kernel object of ``kernel`` on ``backend`` (built once per process and size of
+    dynamic shared memory, which MLX fixes per object)."""
+    extra = {"shared_memory": shared_memory} if shared_memory else {}
     make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
     return make(
         name=kernel.name,
@@ -132,6 +137,7 @@ def compiled(kernel: Kernel, backend: str):
         output_names=list(kernel.outputs),
         source=kernel.source(backend),
         header=kernel.header(backend),
+        **extra,
     )
 
 
@@ -171,7 +177,7 @@ class BoundLaunch:
     def __init__(self, plan: Launch):
         self.kernel = plan.kernel
         self.backend = device_profile().backend
-        self.compiled = compiled(plan.kernel, self.backend) if self.backend in PRELUDES else None
+        self.compiled = compiled(plan.kernel, self.backend, plan.shared_memory) if self.backend in PRELUDES else None
         self.key = (self.backend, plan.kernel, tuple(plan.template), tuple(a.dtype for a in plan.inputs))
         self.arguments = dict(template=list(plan.template), grid=plan.grid, threadgroup=plan.threadgroup,
                               output_shapes=[tuple(s) for s in plan.output_shapes],
@@ -211,6 +217,11 @@ def run_checked(
             return fallback()
         _verified[key] = True
     return outputs
+
+
+def verified(key: tuple) -> bool:
+    """Whether the first run of ``key`` (:func:`run_checked`) was evaluated and succeeded."""
+    return _verified.get(key) is True
 
 
 def float_bits(value: float) -> int:

@@ -1,12 +1,13 @@
 """W8A8 linear: the exact integer product, the fp32 epilogue, the kernel against the reference."""
 
 import math
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_primitives.kernels import catalog, launcher, quantize_int8, w8a8_linear, w8a8_matmul
+from mlx_primitives.kernels import catalog, launcher, quantize_int8, w8a8, w8a8_linear, w8a8_matmul
 from mlx_primitives.kernels.w8a8 import quantize_per_token
 
 from .helpers import f64
@@ -94,8 +95,8 @@ def test_validation_names_argument_and_shape():
         w8a8_linear(mx.ones((4, 32)), w_q, s, activation="tanh")
 
 
-def _kernel_ran() -> bool:
-    keys = [key for key in launcher._verified if key[1].name == catalog.W8A8.name]
+def _kernel_ran(kernel=catalog.W8A8) -> bool:
+    keys = [key for key in launcher._verified if key[1].name == kernel.name]
     return bool(keys) and all(launcher._verified[key] for key in keys)
 
 
@@ -132,3 +133,54 @@ def test_kernel_fuses_bias_and_activation(activation):
     ref = w8a8_linear(x, wq.values, wq.scales, bias, activation=activation, path="reference")
     assert _kernel_ran()
     np.testing.assert_allclose(f64(out), f64(ref), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("family, rows, expected", [("sm_90", w8a8.WG_MIN_ROWS, "warpgroup"),
+                                                    ("sm_90", w8a8.WG_MIN_ROWS - 1, "kernel"),
+                                                    ("sm_80", 4096, "kernel"), ("apple-m3-max", 4096, "kernel")])
+def test_auto_route_takes_the_warpgroup_kernel_on_hopper_from_enough_rows(monkeypatch, family, rows, expected):
+    monkeypatch.setattr(w8a8, "device_profile", lambda: SimpleNamespace(family=family))
+    assert w8a8._route("auto", rows) == expected
+    assert w8a8._route("kernel", rows) == "kernel"
+
+
+def test_warpgroup_launch_fits_hopper_shared_memory():
+    x_q, w_q = int8((300, 4112)), int8((520, 4112))
+    for config in catalog.W8A8_WG.configs():
+        plan = w8a8.plan_warpgroup(x_q, mx.ones((300,)), w_q, mx.ones((520,)), None, None, mx.float16, config)
+        assert plan.shared_memory <= 227 * 1024
+        assert plan.grid == (-(-520 // config["BN"]) * 256, 3, 1) and plan.threadgroup == (256, 1, 1)
+
+
+def _exact_on_warpgroup(m, n, k, config=None):
+    x_q, w_q = int8((m, k), extremes=True), int8((n, k), extremes=True)
+    out = w8a8_matmul(x_q, mx.ones((m,)), w_q, mx.ones((n,)), dtype=mx.float32, path="warpgroup", config=config)
+    assert _kernel_ran(catalog.W8A8_WG)
+    exact = np.array(x_q).astype(np.int64) @ np.array(w_q).astype(np.int64).T
+    np.testing.assert_array_equal(np.array(out).astype(np.int64), exact)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(300, 520, 4112), (129, 257, 80), (1, 64, 4096), (5, 7, 20), (256, 256, 1024)])
+def test_warpgroup_kernel_is_exact_whatever_the_tiles(shape):
+    """M, N not multiples of the 128 x BN tile, K not a multiple of the 128-k stage (K = 20 padded to 32),
+    extreme int8 values."""
+    _exact_on_warpgroup(*shape)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", catalog.W8A8_WG.configs())
+def test_every_warpgroup_config_is_exact(config):
+    _exact_on_warpgroup(200, 300, 784, config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_warpgroup_epilogue_matches_oracle(dtype, activation):
+    m, n, k = 133, 270, 208
+    x_q, w_q, x_s, w_s = int8((m, k), extremes=True), int8((n, k), extremes=True), scales(m), scales(n)
+    bias = mx.random.normal((n,)).astype(dtype)
+    out = w8a8_matmul(x_q, x_s, w_q, w_s, bias, activation=activation, dtype=dtype, path="warpgroup")
+    assert _kernel_ran(catalog.W8A8_WG) and out.dtype == dtype
+    assert_close_to_oracle(out, oracle(x_q, x_s, w_q, w_s, bias, activation), dtype)
