@@ -92,3 +92,25 @@ def test_int4_layer_on_gpu_whatever_route(rows, dtype):
     x = mx.random.normal((rows, 512)).astype(dtype)
     exact = f64(x) @ f64(dequantized_weight(layer)).T + f64(layer.bias)
     assert relative_error(layer(x), exact) < 1e-2
+
+
+def test_layer_calls_mlx_directly_once_its_kind_of_call_ran(monkeypatch):
+    """The second call of the same rows and dtype skips the checked call; another kind checks again."""
+    monkeypatch.setattr(launcher, "_verified", {})
+    layer = Int4Linear.from_linear(linear())
+    checked = []
+    real = launcher.run_checked
+
+    def counting(key, *args):
+        checked.append(key)
+        return real(key, *args)
+
+    monkeypatch.setattr("mlx_primitives.kernels.quantized_linear.run_checked", counting)
+    x = mx.random.normal((1, 128))
+    first, second = layer(x), layer(x)
+    assert len(checked) == 1 and mx.array_equal(first, second).item()
+    layer(mx.random.normal((3, 128)))
+    layer(x.astype(mx.float16))
+    assert len(checked) == 3
+    expected = f64(x) @ f64(dequantized_weight(layer)).T + f64(layer.bias)
+    assert relative_error(second, expected) < 1e-4
