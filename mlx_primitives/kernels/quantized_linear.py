@@ -63,28 +63,32 @@ def quantized_matmul(
     return run_checked(key, name, run, fallback)[0]
 
 
-class _AffineLinear(nn.QuantizedLinear):
-    """``nn.QuantizedLinear`` (affine mode) whose product goes through :func:`quantized_matmul`.
+def _layer_matmul(layer: nn.Module, x: mx.array, group_size: int, bits: int) -> mx.array:
+    """:func:`quantized_matmul` of a layer's affine weight (``weight``, ``scales``, ``biases``).
 
     A decode step calls each layer with the same kind of input every time: once MLX's kernel ran for
-    the layer's last kind of call (dtype and row count), calls of that kind go straight to
-    ``mx.quantized_matmul``, without building the checked call's key (a few microseconds of Python on
-    a 20-40 us GEMV).
+    the layer's last kind of call (row count and dtype, kept on the layer), calls of that kind go
+    straight to ``mx.quantized_matmul``, without building the checked call's key (a few microseconds
+    of Python on a 20-40 us GEMV).
     """
+    weight, scales, biases = layer["weight"], layer["scales"], layer["biases"]
+    rows = x.size // max(x.shape[-1], 1)
+    if rows == layer._ready_rows and x.dtype == layer._ready_dtype:
+        return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    out = quantized_matmul(x, weight, scales, biases, group_size=group_size, bits=bits)
+    if verified(_call_key(x, weight, group_size, bits)):
+        layer._ready_rows, layer._ready_dtype = rows, x.dtype
+    return out
 
-    _ready_rows: int = -1  # the row count and dtype of calls known to run MLX's kernel
+
+class _AffineLinear(nn.QuantizedLinear):
+    """``nn.QuantizedLinear`` (affine mode) whose product goes through :func:`_layer_matmul`."""
+
+    _ready_rows: int = -1  # the row count and dtype of calls known to run MLX's kernel (_layer_matmul)
     _ready_dtype: Optional[mx.Dtype] = None
 
     def __call__(self, x: mx.array) -> mx.array:
-        weight, scales, biases = self["weight"], self["scales"], self["biases"]
-        rows = x.size // max(x.shape[-1], 1)
-        if rows == self._ready_rows and x.dtype == self._ready_dtype:
-            out = mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=self.group_size,
-                                      bits=self.bits)
-        else:
-            out = quantized_matmul(x, weight, scales, biases, group_size=self.group_size, bits=self.bits)
-            if verified(_call_key(x, weight, self.group_size, self.bits)):
-                self._ready_rows, self._ready_dtype = rows, x.dtype
+        out = _layer_matmul(self, x, self.group_size, self.bits)
         return out + self["bias"] if "bias" in self else out
 
 
@@ -128,6 +132,9 @@ class Int8Linear(nn.Module):
         group_size (int): weights per scale when ``activations="float"``. Default: ``64``.
     """
 
+    _ready_rows: int = -1  # as in _AffineLinear (weight-only calls)
+    _ready_dtype: Optional[mx.Dtype] = None
+
     def __init__(
         self, input_dims: int, output_dims: int, bias: bool = True, activations: str = "int8", group_size: int = 64
     ):
@@ -160,7 +167,7 @@ class Int8Linear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         if self.activations == "int8":
             return w8a8_linear(x, self["weight"], self["scales"], self.get("bias"))
-        out = quantized_matmul(x, self["weight"], self["scales"], self["biases"], group_size=self.group_size, bits=8)
+        out = _layer_matmul(self, x, self.group_size, 8)
         return out + self["bias"] if "bias" in self else out
 
     @classmethod

@@ -94,10 +94,11 @@ def test_int4_layer_on_gpu_whatever_route(rows, dtype):
     assert relative_error(layer(x), exact) < 1e-2
 
 
-def test_layer_calls_mlx_directly_once_its_kind_of_call_ran(monkeypatch):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_layer_calls_mlx_directly_once_its_kind_of_call_ran(monkeypatch, bits):
     """The second call of the same rows and dtype skips the checked call; another kind checks again."""
     monkeypatch.setattr(launcher, "_verified", {})
-    layer = Int4Linear.from_linear(linear())
+    layer = Int4Linear.from_linear(linear()) if bits == 4 else Int8Linear.from_linear(linear(), "float")
     checked = []
     real = launcher.run_checked
 
@@ -114,3 +115,4 @@ def test_layer_calls_mlx_directly_once_its_kind_of_call_ran(monkeypatch):
     assert len(checked) == 3
     expected = f64(x) @ f64(dequantized_weight(layer)).T + f64(layer.bias)
     assert relative_error(second, expected) < 1e-4
+    assert "_ready_rows" not in layer.parameters() and "_ready_dtype" not in layer.parameters()
