@@ -34,6 +34,24 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10, min_se
     return statistics.median(samples)
 
 
+def time_in_turn_ms(fns: Sequence[Callable[[], object]], rounds: int = 5, repeats: int = 3,
+                    warmup: int = 2) -> List[float]:
+    """Median wall time in milliseconds of each of ``fns`` (each call evaluated to completion), timed in
+    turn: ``rounds`` rounds each time every function ``repeats`` times, so that drifts of the GPU's speed
+    during a run fall on all of them alike (a ratio of two separate timings can be off by 2x)."""
+    for fn in fns:
+        for _ in range(warmup):
+            mx.eval(fn())
+    samples: List[List[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, times in zip(fns, samples):
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                mx.eval(fn())
+                times.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(times) for times in samples]
+
+
 def time_per_call_ms(fn: Callable[[], object], calls: int = 20, repeats: int = 5) -> float:
     """Median time per call of ``fn`` when ``calls`` of them are queued and evaluated together.
 
@@ -56,6 +74,20 @@ def build_us(fn: Callable[[], object], calls: int = 50, rounds: int = 5) -> floa
         outs = [fn() for _ in range(calls)]
         samples.append((time.perf_counter() - start) / calls * 1e6)
         mx.eval(outs)
+    return statistics.median(samples)
+
+
+def eval_us(fn: Callable[[], object], calls: int = 20, rounds: int = 5) -> float:
+    """Microseconds per call of evaluating ``calls`` queued calls of ``fn`` whose graphs were built
+    beforehand (untimed): the launch cost and device time a call adds once Python is out of the way
+    (the median over ``rounds``)."""
+    mx.eval(fn())
+    samples = []
+    for _ in range(rounds):
+        outs = [fn() for _ in range(calls)]
+        start = time.perf_counter()
+        mx.eval(outs)
+        samples.append((time.perf_counter() - start) / calls * 1e6)
     return statistics.median(samples)
 
 
