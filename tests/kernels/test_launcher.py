@@ -82,7 +82,7 @@ def test_bound_launch_checks_its_first_launch_only(tmp_path, monkeypatch):
         return [inputs[0] * 3]
 
     monkeypatch.setattr(launcher, "device_profile", lambda: profile_from_info("cuda", {"device_name": "NVIDIA H100"}))
-    monkeypatch.setattr(launcher, "compiled", lambda kernel, backend: fake_kernel)
+    monkeypatch.setattr(launcher, "compiled", lambda kernel, backend, shared_memory=0: fake_kernel)
     monkeypatch.setattr(launcher, "_verified", {})
     x = mx.random.normal((8,))
     bound = launcher.BoundLaunch(_plan(_doubling(tmp_path), x))
