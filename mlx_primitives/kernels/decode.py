@@ -3,7 +3,8 @@
 :func:`decode_attention` runs split-KV ("flash-decoding") on the GPU: ``src/decode.kern`` cuts each
 sequence's visible keys into chunks, one threadgroup per (batch, kv head, chunk) reducing all the
 query rows of the kv head's GQA group to a partial output and its log-sum-exp, and
-``src/decode_combine.kern`` merges the chunks (launch plans: :mod:`.decode_launch`). Paged caches are
+``src/decode_combine.kern`` merges the chunks, or on CUDA the last chunk of a row block to finish
+merges them in the same launch (launch plans: :mod:`.decode_launch`). Paged caches are
 read through the block table in place (no gather). :func:`reference_decode` (gather, then the
 reference path) computes the same on every backend and is the fallback.
 """
@@ -20,8 +21,8 @@ from ..hardware import device_profile
 from ..memo import CallMemo
 from ..validation import check_array, check_same_dtype
 from . import catalog
-from .decode_launch import (DTYPES, HEAD_DIMS, KERNEL_BITS, combine_plan, geometry, no_affine, no_block_table,
-                            num_splits, placeholder, plan)
+from .decode_launch import (DTYPES, HEAD_DIMS, KERNEL_BITS, combine_plan, fuses, geometry, no_affine,
+                            no_block_table, num_splits, placeholder, plan)
 from .decode_launch import compile_examples  # noqa: F401 -- the Metal compile check asks this module
 from .launcher import BoundLaunch, with_reference_vjp
 from .tuning import config_for
@@ -188,11 +189,13 @@ def _call_key(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, ca
     if alibi_slopes is not None or sinks is not None:
         return None
     try:
-        arrays = tuple((type(a), a.shape, a.dtype) for a in (q, k_cache, v_cache, cache_seqlens, *affine))
+        # One flat tuple (no generator): a decode step builds this key every layer.
+        quantized = tuple((type(a), a.shape, a.dtype) for a in affine) if affine else ()
         table = None if block_table is None else (type(block_table), block_table.shape, block_table.dtype)
         options = tuple(sorted(config.items())) if config else config
-        key = (arrays, table, softmax_scale, causal, window_size, softcap, path, options, quantization,
-               device_profile().backend)
+        key = (type(q), q.shape, q.dtype, type(k_cache), k_cache.shape, k_cache.dtype, type(v_cache), v_cache.shape,
+               v_cache.dtype, type(cache_seqlens), cache_seqlens.shape, cache_seqlens.dtype, quantized, table,
+               softmax_scale, causal, window_size, softcap, path, options, quantization, device_profile().backend)
         hash(key)
     except (AttributeError, TypeError):  # not arrays or unhashable options: let validation say why
         return None
@@ -239,7 +242,15 @@ def _prepare(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, cau
     # Launch geometry once; each call only swaps in its arrays.
     split_plan = plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec, splits, chosen, backend,
                       affine or None, quantization)
-    split_pass, params = BoundLaunch(split_plan), split_plan.inputs[5]
+    split_pass, params, float_cache = BoundLaunch(split_plan), split_plan.inputs[5], no_affine()
+
+    if fuses(spec, shape, splits, backend):  # one launch: its first two outputs are the answer
+        def forward(q, k_cache, v_cache, cache_seqlens, table, *affine) -> List[mx.array]:
+            return split_pass([q, k_cache, v_cache, cache_seqlens, table, params, slopes, *(affine or float_cache)],
+                              lambda: reference(q, k_cache, v_cache, cache_seqlens, table, *affine))[:2]
+
+        return with_reference_vjp(forward, reference)
+
     merge_pass = BoundLaunch(combine_plan(placeholder(), placeholder(), sink_logits, spec))
 
     def forward(q, k_cache, v_cache, cache_seqlens, table, *affine) -> List[mx.array]:
@@ -249,11 +260,11 @@ def _prepare(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, cau
             fell_back.append(True)
             return reference(q, k_cache, v_cache, cache_seqlens, table, *affine)
 
-        parts = split_pass([q, k_cache, v_cache, cache_seqlens, table, params, slopes, *(affine or no_affine())],
+        parts = split_pass([q, k_cache, v_cache, cache_seqlens, table, params, slopes, *(affine or float_cache)],
                            fallback)
         if fell_back:  # the split pass could not run: parts already is the reference's answer
             return parts
-        return merge_pass([parts[0], parts[1], sink_logits], fallback)
+        return merge_pass([parts[2], parts[3], sink_logits], fallback)
 
     return with_reference_vjp(forward, reference)
 

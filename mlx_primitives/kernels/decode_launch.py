@@ -1,8 +1,9 @@
 """Launch plans of the split-KV decode kernels (``src/decode.kern``, ``src/decode_combine.kern``).
 
 How a call maps onto the GPU: lanes per key and their 16-byte chunks, query rows per threadgroup,
-the shared-memory stages that fit the backend, the split count that fills the SMs, and the two
-launches. :mod:`.decode` validates calls and runs these plans. A quantized cache (``mx.quantize``
+the shared-memory stages that fit the backend, the split count that fills the SMs, and the launches:
+on CUDA one (the split pass merges its own splits, :func:`fuses`), else the split pass and the
+combine pass. :mod:`.decode` validates calls and runs these plans. A quantized cache (``mx.quantize``
 words of ``KERNEL_BITS`` bits) is staged in chunks of 16 values (``2 * bits`` bytes) and
 dequantized in registers.
 """
@@ -180,7 +181,8 @@ def geometry(spec: AttentionSpec, config: Dict[str, int], backend: str, bits: in
         tpk = next_pow2(chunks)
         threads, stages = mma_staging(config["THREADS"], chunks, spec.head_dim, backend, bits)
         return {"VEC": vec, "TPK": tpk, "CH": 1, "ROWS": rows, "BLOCKS": blocks, "THREADS": threads,
-                "KB": tpk // 2, "STAGES": stages, "REGISTERS": MMA_REGISTERS, "MMA": 1}
+                "KB": tpk // 2, "STAGES": stages, "REGISTERS": MMA_REGISTERS, "MMA": 1,
+                "K_STAGE_BYTES": stages * threads // 2 * (chunks + 1) * (2 * bits if bits else 16)}
     blocks, rows = _row_blocks(spec)
     # CHUNKS chunks of a row per lane: 2 repeats less of the per-key work (shuffles, softmax)
     # across a team's lanes, 1 halves the registers of q and the output slice (more threadgroups
@@ -188,11 +190,20 @@ def geometry(spec: AttentionSpec, config: Dict[str, int], backend: str, bits: in
     per_lane = config["CHUNKS"] if rows <= (2 if bits else 4) else 1
     tpk = min(32, next_pow2(-(-chunks // per_lane)))
     ch = -(-chunks // tpk)
-    threads, kb, stages = staging(config["THREADS"], ch, spec.head_dim, rows, backend,
-                                  vec * bits // 8 if bits else 16)
+    chunk_bytes = vec * bits // 8 if bits else 16
+    threads, kb, stages = staging(config["THREADS"], ch, spec.head_dim, rows, backend, chunk_bytes)
     affine = 2 * rows * ch + 8 * kb * ch if bits else 0  # q sums, bias sums, two steps' scales and biases
     return {"VEC": vec, "TPK": tpk, "CH": ch, "ROWS": rows, "BLOCKS": blocks, "THREADS": threads, "KB": kb,
-            "STAGES": stages, "REGISTERS": 2 * rows * ch * vec + affine + ADDRESSING_REGISTERS, "MMA": 0}
+            "STAGES": stages, "REGISTERS": 2 * rows * ch * vec + affine + ADDRESSING_REGISTERS, "MMA": 0,
+            "K_STAGE_BYTES": stages * kb * ch * threads * chunk_bytes}
+
+
+def fuses(spec: AttentionSpec, shape: Dict[str, int], splits: int, backend: str) -> bool:
+    """Whether the split pass merges its splits itself (FUSE = 1: one launch, no combine pass): on
+    CUDA (the last split group to finish merges, after a device-wide fence and an atomic count),
+    without sinks (the combine pass adds them), where a row block's split weights fit the K stages
+    of ``shape`` (:func:`geometry`)."""
+    return backend == "cuda" and spec.sinks is None and 4 * shape["ROWS"] * splits <= shape["K_STAGE_BYTES"]
 
 
 def plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec: AttentionSpec, splits: int,
@@ -200,11 +211,18 @@ def plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec: Attentio
          quantization: Optional[Tuple[int, int]] = None) -> Launch:
     """The split-KV launch of ``decode.kern``; ``block_table`` None for a contiguous cache.
 
+    Outputs ``[out, lse, o_part, lse_part]``: where the launch fuses the merge (:func:`fuses`),
+    ``out`` and ``lse`` are the answer (``o_part``/``lse_part`` the partials and arrival counters of
+    several splits, the outputs then filled with 0 first); else ``o_part``/``lse_part`` are the
+    partials for :func:`combine_plan` and ``out``/``lse`` placeholders.
+
     A quantized cache: ``k_cache``/``v_cache`` the packed words, ``affine`` ``(k_scales, k_biases,
     v_scales, v_biases)`` and ``quantization`` ``(group_size, bits)`` with bits in ``KERNEL_BITS``.
     """
     group, bits = quantization or (0, 0)
-    g = geometry(spec, config, backend or device_profile().backend, bits)
+    backend = backend or device_profile().backend
+    g = geometry(spec, config, backend, bits)
+    fuse = fuses(spec, g, splits, backend)
     alibi = 0 if spec.alibi_slopes is None else spec.alibi_slopes.ndim
     template = (
         ("T", q.dtype),
@@ -225,6 +243,7 @@ def plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec: Attentio
         ("KV_BITS", bits),
         ("GROUP", group),
         ("MMA", g["MMA"]),
+        ("FUSE", int(fuse)),
     )
     shift = k_cache.shape[1].bit_length() - 1 if block_table is not None else 0
     params = _int32((spec.window[0], spec.window[1], splits, shift))
@@ -235,10 +254,23 @@ def plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec: Attentio
         template=template,
         grid=(splits * g["THREADS"], spec.num_kv_heads * g["BLOCKS"], spec.batch),
         threadgroup=(g["THREADS"], 1, 1),
-        output_shapes=[(spec.batch, spec.num_heads, spec.q_len, splits, spec.head_dim),
-                       (spec.batch, spec.num_heads, spec.q_len, splits)],
-        output_dtypes=[mx.float32, mx.float32],
+        output_shapes=_split_outputs(spec, splits, g["BLOCKS"], fuse),
+        output_dtypes=[q.dtype, mx.float32, mx.float32, mx.float32],
+        init_value=0.0 if fuse and splits > 1 else None,
     )
+
+
+def _split_outputs(spec: AttentionSpec, splits: int, blocks: int, fuse: bool):
+    """Shapes of the split pass's ``[out, lse, o_part, lse_part]`` (:func:`plan`)."""
+    rows = (spec.batch, spec.num_heads, spec.q_len)
+    answer = [(spec.batch, spec.q_len, spec.num_heads, spec.head_dim), rows]
+    if fuse and splits == 1:
+        return answer + [(1,), (1,)]
+    parts = [rows + (splits, spec.head_dim), rows + (splits,)]
+    if not fuse:
+        return [(1,), (1,)] + parts
+    counters = spec.batch * spec.num_kv_heads * blocks
+    return answer + [parts[0], (math.prod(parts[1]) + counters,)]
 
 
 def combine_plan(o_part: mx.array, lse_part: mx.array, sinks: mx.array, spec: AttentionSpec) -> Launch:
@@ -289,6 +321,28 @@ def compile_examples():
     yield from _quantized_examples()
     yield from _quantized_mma_examples()
     yield from _mma_examples()
+    yield from _fused_examples()
+
+
+def _fused_examples():
+    """CUDA plans that merge their splits (FUSE; one split or several is a launch parameter): every
+    dtype, the scalar and matrix-unit paths, a quantized cache, many rows."""
+    lengths, default = mx.zeros((2,), mx.int32), catalog.DEFAULTS["decode_attention"]
+    for dtype in DTYPES:
+        for head_dim in (64, 128, 256):
+            pool = mx.zeros((2, 16, 2, head_dim), dtype)
+            for q_shape in ((2, 1, 4, head_dim), (2, 4, 8, head_dim)):
+                q = mx.zeros(q_shape, dtype)
+                spec = describe_attention(q, pool, pool, layout="BSHD", causal=True, softcap=30.0)
+                configs = [default] + ([MMA_CONFIG] if dtype != mx.float32 and head_dim <= 128 else [])
+                for config in configs:
+                    yield plan(q, pool, pool, lengths, None, placeholder(), spec, 3, config, "cuda")
+    q = mx.zeros((2, 1, 4, 128), mx.float16)
+    packed = mx.zeros((2, 16, 2, 16), mx.uint32)
+    scales = mx.zeros((2, 16, 2, 2), mx.float16)
+    spec = describe_attention(q, mx.zeros((2, 16, 2, 128), mx.float16), mx.zeros((2, 16, 2, 128), mx.float16),
+                              layout="BSHD", causal=True)
+    yield plan(q, packed, packed, lengths, None, placeholder(), spec, 3, default, "cuda", (scales,) * 4, (64, 4))
 
 
 def _mma_examples():
