@@ -1,8 +1,10 @@
 """Quantization: W8A8 linear vs fp16 ``@``, INT4 weight-only GEMV vs ``mx.quantized_matmul``, accuracy.
 
-* W8A8 at M tokens x 4096 -> 4096: our s8 kernel from pre-quantized activations, and end to end
-  (per-token quantization of fp16 x included), against MLX's fp16 ``x @ w.T``. Target (issue 9):
-  >= 1.3x fp16 at M >= 1024.
+* W8A8 at M tokens x 4096 -> 4096: our s8 kernels from pre-quantized activations (the route "auto"
+  takes, and each of the mma.sync and sm_90 warpgroup kernels), and end to end (per-token
+  quantization of fp16 x included), against MLX's fp16 ``x @ w.T``. Target (issue 9): >= 1.3x fp16
+  at M >= 1024. The warpgroup kernel's tile configs at M = 4096, and both kernels at fewer rows
+  (where "auto" switches).
 * INT4 weight-only GEMV (M = 1, affine, group 64): ``mx.quantized_matmul``, ``Int4Linear`` (MLX's
   kernel, or dequantize + ``@`` where it fails) and fp16 GEMV. Target: within 10% of MLX's.
 * Which ``mx.quantized_matmul`` calls MLX can run here (its CUDA JIT needs ``crt/mma.h``).
@@ -17,46 +19,60 @@ import mlx.core as mx
 
 from mlx_primitives.kernels import Int4Linear, quantize_int8, quantize_model, w8a8_linear, w8a8_matmul
 from mlx_primitives.kernels.quantization_report import SmallTransformer, accuracy_report
+from mlx_primitives.kernels import catalog, w8a8
 from mlx_primitives.kernels.w8a8 import quantize_per_token
 
 from .common import Table, time_ms, time_per_call_ms
 
 DIMS = 4096
-# (BM, BN, WM, WN) timed at M = 4096: the default first, then the neighbours of catalog.W8A8's space.
-SWEEP = ((128, 128, 2, 4), (128, 128, 4, 2), (128, 128, 2, 2), (128, 128, 4, 4), (128, 64, 2, 2), (64, 128, 2, 2))
+ROUTE_ROWS = (16, 128, 256, 512)  # M of the route table (both kernels)
 
 
 def _w8a8(quick: bool) -> List[Table]:
     table = Table(
         title=f"W8A8 linear vs fp16 @ (M x {DIMS} -> {DIMS})",
-        columns=("M", "fp16 @ ms", "fp16 TFLOP/s", "w8a8 kernel ms", "w8a8 TOPS", "kernel / fp16",
-                 "w8a8 + act. quant ms", "end-to-end / fp16"),
-        note="kernel: from int8 activations and scales; end to end: fp16 x quantized per token in the same "
-             "call. Ratios are fp16 time / ours (> 1: we are faster). Target >= 1.3 at M >= 1024.",
+        columns=("M", "fp16 @ ms", "fp16 TFLOP/s", "mma.sync ms", "warpgroup ms", "w8a8 kernel ms", "w8a8 TOPS",
+                 "kernel / fp16", "w8a8 + act. quant ms", "end-to-end / fp16"),
+        note="mma.sync / warpgroup: each kernel forced; w8a8 kernel: the route 'auto' takes, from int8 activations "
+             "and scales; end to end: fp16 x quantized per token in the same call. Ratios are fp16 time / ours "
+             "(> 1: we are faster). Target >= 1.3 at M >= 1024.",
         x="M", series=("fp16 @ ms", "w8a8 kernel ms", "w8a8 + act. quant ms"),
     )
-    sweep = Table(title=f"W8A8 tile configs (M = 4096, {DIMS} x {DIMS})",
-                  columns=("BM", "BN", "WM", "WN", "ms", "TOPS", "same output as default"))
+    sweep = Table(title=f"W8A8 warpgroup tile configs (M = 4096, {DIMS} x {DIMS})",
+                  columns=("BN", "STAGES", "ms", "TOPS", "same output as default"))
+    routes = Table(title=f"W8A8 kernels at fewer rows (M x {DIMS} -> {DIMS})",
+                   columns=("M", "fp16 @ ms", "mma.sync ms", "warpgroup ms", "route 'auto' takes"))
     w = (mx.random.normal((DIMS, DIMS)) / 64).astype(mx.float16)
     wq = quantize_int8(w)
     mx.eval(w, wq.values, wq.scales)
-    for m in (1024, 4096) if quick else (1024, 2048, 4096, 8192):
+
+    def operands(m):
         x = mx.random.normal((m, DIMS)).astype(mx.float16)
         x_q, x_s = quantize_per_token(x)
         mx.eval(x, x_q, x_s)
+        return x, x_q, x_s
+
+    def kernel(x_q, x_s, path="auto", config=None):
+        return w8a8_matmul(x_q, x_s, wq.values, wq.scales, path=path, config=config)
+
+    for m in (1024, 4096) if quick else (1024, 2048, 4096, 8192):
+        x, x_q, x_s = operands(m)
         ops = 2 * m * DIMS * DIMS
         fp16 = time_ms(lambda: x @ w.T)
-        kernel = time_ms(lambda: w8a8_matmul(x_q, x_s, wq.values, wq.scales))
+        mma, warpgroup, auto = (time_ms(lambda p=p: kernel(x_q, x_s, p)) for p in ("kernel", "warpgroup", "auto"))
         full = time_ms(lambda: w8a8_linear(x, wq.values, wq.scales))
-        table.add(m, fp16, ops / fp16 / 1e9, kernel, ops / kernel / 1e9, fp16 / kernel, full, fp16 / full)
+        table.add(m, fp16, ops / fp16 / 1e9, mma, warpgroup, auto, ops / auto / 1e9, fp16 / auto, full, fp16 / full)
         if m == 4096:
-            default = w8a8_matmul(x_q, x_s, wq.values, wq.scales)
-            for values in SWEEP[:2] if quick else SWEEP:
-                config = dict(zip(("BM", "BN", "WM", "WN"), values))
-                ms = time_ms(lambda: w8a8_matmul(x_q, x_s, wq.values, wq.scales, config=config))
-                same = mx.array_equal(w8a8_matmul(x_q, x_s, wq.values, wq.scales, config=config), default).item()
-                sweep.add(*values, ms, ops / ms / 1e9, same)
-    return [table, sweep]
+            default = kernel(x_q, x_s, "warpgroup")
+            for config in catalog.W8A8_WG.configs():
+                ms = time_ms(lambda: kernel(x_q, x_s, "warpgroup", config))
+                same = mx.array_equal(kernel(x_q, x_s, "warpgroup", config), default).item()
+                sweep.add(config["BN"], config["STAGES"], ms, ops / ms / 1e9, same)
+    for m in ROUTE_ROWS:
+        x, x_q, x_s = operands(m)
+        routes.add(m, time_ms(lambda: x @ w.T), time_ms(lambda: kernel(x_q, x_s, "kernel")),
+                   time_ms(lambda: kernel(x_q, x_s, "warpgroup")), w8a8._route("auto", m))
+    return [table, sweep, routes]
 
 
 def _mlx_support() -> Table:
