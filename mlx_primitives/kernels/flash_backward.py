@@ -215,12 +215,13 @@ def flash_backward(
 
 
 def compile_examples():
-    """Launches of both kernels for both dtypes, every head dim, feature flag and fitting config
-    (the Metal compile check)."""
+    """Launches of both kernels for both dtypes, every head dim, feature flag and config that fits the
+    largest shared memory of a supported GPU (the Metal and CUDA compile checks; a launch on a given
+    device only takes configs that fit its own limit)."""
     from ..attention.spec import describe_attention
     from .flash_attention import DTYPES, HEAD_DIMS
 
-    limit = shared_memory_limit("metal")
+    limit = max(_CUDA_SHARED_MEMORY.values()) * 1024
     for dtype in DTYPES:
         for head_dim in HEAD_DIMS:
             q = mx.zeros((1, 4, 37, head_dim), dtype)
