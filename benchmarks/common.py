@@ -12,11 +12,13 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, TypeVar
 
 import mlx.core as mx
 
 from mlx_primitives.hardware import device_profile
+
+T = TypeVar("T")
 
 
 def time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10, min_seconds: float = 0.0) -> float:
@@ -34,22 +36,26 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10, min_se
     return statistics.median(samples)
 
 
+def in_turn_ms(items: Sequence[T], measure: Callable[[T], float], rounds: int = 5) -> List[float]:
+    """Median over ``rounds`` of ``measure(item)`` (milliseconds) for each of ``items`` (the calls, or
+    what selects them), measured in turn, the order reversed every other round, so that drifts of the
+    GPU's speed during a run fall on all of them alike (a ratio of two separate timings can be off by 2x)."""
+    samples: List[List[float]] = [[] for _ in items]
+    order = list(range(len(items)))
+    for r in range(rounds):
+        for i in (order if r % 2 == 0 else order[::-1]):
+            samples[i].append(measure(items[i]))
+    return [statistics.median(times) for times in samples]
+
+
 def time_in_turn_ms(fns: Sequence[Callable[[], object]], rounds: int = 5, repeats: int = 3,
                     warmup: int = 2) -> List[float]:
-    """Median wall time in milliseconds of each of ``fns`` (each call evaluated to completion), timed in
-    turn: ``rounds`` rounds each time every function ``repeats`` times, so that drifts of the GPU's speed
-    during a run fall on all of them alike (a ratio of two separate timings can be off by 2x)."""
+    """:func:`in_turn_ms` of lone calls: each round times every function ``repeats`` times (each call
+    evaluated to completion, medians) after ``warmup`` calls of each."""
     for fn in fns:
         for _ in range(warmup):
             mx.eval(fn())
-    samples: List[List[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, times in zip(fns, samples):
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                mx.eval(fn())
-                times.append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(times) for times in samples]
+    return in_turn_ms(fns, lambda fn: time_ms(fn, warmup=0, repeats=repeats), rounds)
 
 
 def time_per_call_ms(fn: Callable[[], object], calls: int = 20, repeats: int = 5) -> float:

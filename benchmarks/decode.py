@@ -19,12 +19,11 @@ import mlx.core as mx
 from mlx_primitives.hardware import device_profile
 from mlx_primitives.attention import describe_attention
 from mlx_primitives.kernels import decode_attention
-import statistics
 
 from mlx_primitives.kernels import catalog
 from mlx_primitives.kernels.decode_launch import MMA_CONFIG, geometry, num_splits, plan
 
-from .common import Table, build_us, eval_us, time_ms, time_per_call_ms
+from .common import Table, build_us, eval_us, in_turn_ms, time_ms, time_per_call_ms
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 PAGE_SIZES = (16, 64, 256)
@@ -42,11 +41,7 @@ SWEEP_CONFIGS = [catalog.DEFAULTS["decode_attention"], {"THREADS": 128, "SPLIT":
 
 def _per_call_in_turn(fns) -> List[float]:
     """Milliseconds per queued call of each of ``fns``, timed in turn over ``ROUNDS`` rounds (medians)."""
-    samples = [[] for _ in fns]
-    for _ in range(ROUNDS):
-        for fn, times in zip(fns, samples):
-            times.append(time_per_call_ms(fn, repeats=1))
-    return [statistics.median(times) for times in samples]
+    return in_turn_ms(fns, lambda fn: time_per_call_ms(fn, repeats=1), ROUNDS)
 
 
 def _split_launch(q, k, seqlens, spec, config):

@@ -14,7 +14,6 @@ int8 >= 1.5x faster than fp16 at L = 32k with cos-sim >= 0.999.
 from __future__ import annotations
 
 import gc
-import statistics
 from typing import List
 
 import mlx.core as mx
@@ -22,7 +21,7 @@ import mlx.core as mx
 from mlx_primitives.cache import PagedKVCache
 from mlx_primitives.kernels import decode_attention
 
-from .common import Table, time_per_call_ms
+from .common import Table, in_turn_ms, time_per_call_ms
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 GROUP_SIZE = 64
@@ -47,16 +46,6 @@ def _paged_copy(k: mx.array, v: mx.array, page_size: int):
     return pools[0], pools[1], table
 
 
-def _alternating_ms(fns, rounds: int = 7) -> List[float]:
-    """Median per-call ms of each of ``fns``, timed in turn over ``rounds`` rounds: drifts of the
-    machine's speed (clocks, the host) fall on every route alike."""
-    samples = [[] for _ in fns]
-    for _ in range(rounds):
-        for times, fn in zip(samples, fns):
-            times.append(time_per_call_ms(fn, repeats=3))
-    return [statistics.median(times) for times in samples]
-
-
 def _paged_vs_contiguous(quick: bool) -> Table:
     table = Table(
         title="Decode: paged (shuffled block table) vs contiguous, both through our split-KV kernel",
@@ -73,7 +62,7 @@ def _paged_vs_contiguous(quick: bool) -> Table:
         pools = [_paged_copy(k, v, page_size) for page_size in page_sizes]
         routes = [lambda: decode_attention(q, k, v, seqlens)] + [
             lambda pool=pool: decode_attention(q, pool[0], pool[1], seqlens, block_table=pool[2]) for pool in pools]
-        contiguous, *paged = _alternating_ms(routes)
+        contiguous, *paged = in_turn_ms(routes, lambda fn: time_per_call_ms(fn, repeats=3), rounds=7)
         for page_size, ms in zip(page_sizes, paged):
             table.add(batch, length, page_size, contiguous, ms, ms / contiguous)
         del q, k, v, pools, routes

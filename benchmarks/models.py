@@ -36,7 +36,7 @@ import numpy as np
 from mlx_primitives.models import CompiledDecode, paged_cache_for, paged_forward, restore_attention, swap_attention
 from mlx_primitives.models.configs import LLAMA_1B, TINY_CONFIGS, random_model
 
-from .common import Table, time_ms
+from .common import Table, in_turn_ms, time_ms
 
 DECODE_STEPS = 32
 PAGE_SIZE = 64
@@ -185,12 +185,11 @@ def run(quick: bool = False) -> List[Table]:
                          f"alternating), {rounds} rounds of 3 calls, medians.", x="tokens",
                     series=("mlx-lm ms", "flash ms"))
     for length in lengths:
-        samples = {False: [], True: []}
-        for r in range(rounds):  # the order alternates: the GPU's clock drifts within a round
-            for swapped in ((False, True) if r % 2 == 0 else (True, False)):
-                _set_attention(model, swapped)
-                samples[swapped].append(time_ms(_prefill_fn(model, tokens[:, :length]), warmup=1, repeats=3))
-        base, ours = statistics.median(samples[False]), statistics.median(samples[True])
+        def prefill_ms(swapped: bool) -> float:
+            _set_attention(model, swapped)
+            return time_ms(_prefill_fn(model, tokens[:, :length]), warmup=1, repeats=3)
+
+        base, ours = in_turn_ms((False, True), prefill_ms, rounds)
         prefill.add(length, base, ours, base / ours, length / ours * 1e3)
 
     columns = tuple(f"{v} tokens/s" for v in VARIANTS)
