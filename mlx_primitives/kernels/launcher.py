@@ -110,17 +110,14 @@ class Launch:
     shared_memory: int = 0
     init_value: Optional[float] = None  # fills every output before the kernel runs (MLX's init_value)
 
+    def arguments(self) -> Dict[str, object]:
+        """The keyword arguments of the ``mx.fast`` kernel call besides ``inputs`` and ``verbose``."""
+        return dict(template=list(self.template), grid=self.grid, threadgroup=self.threadgroup,
+                    output_shapes=[tuple(s) for s in self.output_shapes], output_dtypes=list(self.output_dtypes),
+                    init_value=self.init_value)
+
     def call(self, compiled, verbose: bool = False) -> List[mx.array]:
-        return compiled(
-            inputs=list(self.inputs),
-            template=list(self.template),
-            grid=self.grid,
-            threadgroup=self.threadgroup,
-            output_shapes=[tuple(s) for s in self.output_shapes],
-            output_dtypes=list(self.output_dtypes),
-            init_value=self.init_value,
-            verbose=verbose,
-        )
+        return compiled(inputs=list(self.inputs), verbose=verbose, **self.arguments())
 
 
 def _read(path: Path) -> str:
@@ -184,9 +181,7 @@ class BoundLaunch:
         self.backend = device_profile().backend
         self.compiled = compiled(plan.kernel, self.backend, plan.shared_memory) if self.backend in PRELUDES else None
         self.key = (self.backend, plan.kernel, tuple(plan.template), tuple(a.dtype for a in plan.inputs))
-        self.arguments = dict(template=list(plan.template), grid=plan.grid, threadgroup=plan.threadgroup,
-                              output_shapes=[tuple(s) for s in plan.output_shapes],
-                              output_dtypes=list(plan.output_dtypes), init_value=plan.init_value)
+        self.arguments = plan.arguments()
         self.verified = False  # the key's first launch compiled and ran
 
     def __call__(self, inputs: Sequence[mx.array], reference: Callable[[], List[mx.array]]) -> List[mx.array]:
