@@ -244,9 +244,12 @@ def _prepare(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, cau
                       affine or None, quantization)
     split_pass, params, float_cache = BoundLaunch(split_plan), split_plan.inputs[5], no_affine()
 
+    def split_inputs(q, k_cache, v_cache, cache_seqlens, table, affine) -> List[mx.array]:
+        return [q, k_cache, v_cache, cache_seqlens, table, params, slopes, *(affine or float_cache)]
+
     if fuses(spec, shape, splits, backend):  # one launch: its first two outputs are the answer
         def forward(q, k_cache, v_cache, cache_seqlens, table, *affine) -> List[mx.array]:
-            return split_pass([q, k_cache, v_cache, cache_seqlens, table, params, slopes, *(affine or float_cache)],
+            return split_pass(split_inputs(q, k_cache, v_cache, cache_seqlens, table, affine),
                               lambda: reference(q, k_cache, v_cache, cache_seqlens, table, *affine))[:2]
 
         return with_reference_vjp(forward, reference)
@@ -260,8 +263,7 @@ def _prepare(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, cau
             fell_back.append(True)
             return reference(q, k_cache, v_cache, cache_seqlens, table, *affine)
 
-        parts = split_pass([q, k_cache, v_cache, cache_seqlens, table, params, slopes, *(affine or float_cache)],
-                           fallback)
+        parts = split_pass(split_inputs(q, k_cache, v_cache, cache_seqlens, table, affine), fallback)
         if fell_back:  # the split pass could not run: parts already is the reference's answer
             return parts
         return merge_pass([parts[2], parts[3], sink_logits], fallback)

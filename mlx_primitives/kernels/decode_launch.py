@@ -337,12 +337,7 @@ def _fused_examples():
                 configs = [default] + ([MMA_CONFIG] if dtype != mx.float32 and head_dim <= 128 else [])
                 for config in configs:
                     yield plan(q, pool, pool, lengths, None, placeholder(), spec, 3, config, "cuda")
-    q = mx.zeros((2, 1, 4, 128), mx.float16)
-    packed = mx.zeros((2, 16, 2, 16), mx.uint32)
-    scales = mx.zeros((2, 16, 2, 2), mx.float16)
-    spec = describe_attention(q, mx.zeros((2, 16, 2, 128), mx.float16), mx.zeros((2, 16, 2, 128), mx.float16),
-                              layout="BSHD", causal=True)
-    yield plan(q, packed, packed, lengths, None, placeholder(), spec, 3, default, "cuda", (scales,) * 4, (64, 4))
+    yield _quantized_plan(mx.zeros((2, 1, 4, 128), mx.float16), 4, 64, paged=False, backend="cuda")
 
 
 def _mma_examples():
@@ -365,7 +360,6 @@ def _mma_examples():
 def _quantized_mma_examples():
     """Quantized caches on the matrix unit (CUDA plans): 4 and 8 bits, every group size at head dims
     64 and 128, paged and contiguous, few and many rows, the score mods once."""
-    lengths, table, default = mx.zeros((2,), mx.int32), mx.zeros((2, 3), mx.int32), catalog.DEFAULTS["decode_attention"]
     for bits in MMA_BITS:
         for head_dim in MMA_QUANT_HEAD_DIMS:
             for group in (32, 64, 128):
@@ -373,43 +367,40 @@ def _quantized_mma_examples():
                     continue
                 for q_shape, paged in (((2, 1, 4, head_dim), True), ((2, 4, 8, head_dim), False)):
                     q = mx.zeros(q_shape, mx.float16)
-                    packed = mx.zeros((5 if paged else 2, 16, 2, head_dim * bits // 32), mx.uint32)
-                    scales = mx.zeros(packed.shape[:3] + (head_dim // group,), mx.float16)
-                    view = mx.zeros((2, 16, 2, head_dim), mx.float16)
                     mods = {"softcap": 30.0, "alibi_slopes": mx.zeros((2, q_shape[2])), "window_size": (64, 0)}
                     for options in ({}, mods) if (bits, head_dim, group, paged) == (8, 128, 64, True) else ({},):
-                        spec = describe_attention(q, view, view, layout="BSHD", causal=True, **options)
-                        slopes = placeholder() if spec.alibi_slopes is None else spec.alibi_slopes.reshape(-1)
-                        yield plan(q, packed, packed, lengths, table if paged else None, slopes, spec, 3, default,
-                                   "cuda", (scales,) * 4, (group, bits))
+                        yield _quantized_plan(q, bits, group, paged, backend="cuda", **options)
+
+
+def _quantized_plan(q, bits: int, group: int, paged: bool, config: Optional[dict] = None, backend: str = "metal",
+                    **options) -> Launch:
+    """A compile example's split-KV plan over a ``bits``-bit cache in groups of ``group`` (paged: a
+    pool of 5 pages and a 3-page table), two sequences and two kv heads; the default config if none."""
+    head_dim = q.shape[3]
+    packed = mx.zeros((5 if paged else 2, 16, 2, head_dim * bits // 32), mx.uint32)
+    scales = mx.zeros(packed.shape[:3] + (head_dim // group,), q.dtype)
+    view = mx.zeros((2, 16, 2, head_dim), q.dtype)
+    spec = describe_attention(q, view, view, layout="BSHD", causal=True, **options)
+    slopes = placeholder() if spec.alibi_slopes is None else spec.alibi_slopes.reshape(-1)
+    table = mx.zeros((2, 3), mx.int32) if paged else None
+    return plan(q, packed, packed, mx.zeros((2,), mx.int32), table, slopes, spec, 3,
+                config or catalog.DEFAULTS["decode_attention"], backend, (scales,) * 4, (group, bits))
 
 
 def _quantized_examples():
     """Quantized caches: every bit width, dtype and row tiling at head dims 64/128/256, paged and
     contiguous; every group size and tunable config at fp16 and head dim 128 (and 96 in groups of 32);
     the score mods once."""
-    lengths, table, default = mx.zeros((2,), mx.int32), mx.zeros((2, 3), mx.int32), catalog.DEFAULTS["decode_attention"]
-
-    def quantized(q, bits, group, paged, config=default, **options):
-        head_dim = q.shape[3]
-        packed = mx.zeros((5 if paged else 2, 16, 2, head_dim * bits // 32), mx.uint32)
-        scales = mx.zeros(packed.shape[:3] + (head_dim // group,), q.dtype)
-        view = mx.zeros((2, 16, 2, head_dim), q.dtype)
-        spec = describe_attention(q, view, view, layout="BSHD", causal=True, **options)
-        slopes = placeholder() if spec.alibi_slopes is None else spec.alibi_slopes.reshape(-1)
-        return plan(q, packed, packed, lengths, table if paged else None, slopes, spec, 3, config, "metal",
-                    (scales,) * 4, (group, bits))
-
     for dtype in DTYPES:
         for bits in KERNEL_BITS:
             for head_dim in (64, 128, 256):
                 for q_shape in ((2, 1, 4, head_dim), (2, 4, 8, head_dim)):  # few, many rows
-                    yield quantized(mx.zeros(q_shape, dtype), bits, 64, paged=q_shape[1] == 1)
+                    yield _quantized_plan(mx.zeros(q_shape, dtype), bits, 64, paged=q_shape[1] == 1)
     q = mx.zeros((2, 1, 4, 128), mx.float16)
     for bits in (4, 8):
         for group in (32, 64, 128):
             for config in catalog.DECODE.configs():
-                yield quantized(q, bits, group, paged=False, config=config)
-    yield quantized(mx.zeros((2, 2, 4, 96), mx.float16), 8, 32, paged=True)
-    yield quantized(q, 8, 64, paged=True, softcap=30.0, alibi_slopes=mx.zeros((2, 4)), sinks=mx.zeros((4,)),
-                    window_size=(64, 0))
+                yield _quantized_plan(q, bits, group, paged=False, config=config)
+    yield _quantized_plan(mx.zeros((2, 2, 4, 96), mx.float16), 8, 32, paged=True)
+    yield _quantized_plan(q, 8, 64, paged=True, softcap=30.0, alibi_slopes=mx.zeros((2, 4)), sinks=mx.zeros((4,)),
+                          window_size=(64, 0))
