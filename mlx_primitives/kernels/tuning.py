@@ -8,6 +8,7 @@ has one, else the default.
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import mlx.core as mx
@@ -38,18 +39,18 @@ def _sage_invalid(config: Config, profile, problem) -> Optional[str]:
     return f"needs {needed} bytes of shared memory, the limit is {limit}" if needed > limit else None
 
 
-def _flash_backward_invalid(config: Config, profile, problem) -> Optional[str]:
+def _flash_backward_invalid(name: str, config: Config, profile, problem) -> Optional[str]:
     from .flash_backward import SHARED_MEMORY, shared_memory_limit
 
-    needed = SHARED_MEMORY[catalog.FLASH_BWD_DQ.name if "BK" in config else catalog.FLASH_BWD_DKDV.name](
-        problem["D"], config)
+    needed = SHARED_MEMORY[name](problem["D"], config)
     limit = shared_memory_limit(profile.backend)
     return f"needs {needed} bytes of shared memory, the limit is {limit}" if needed > limit else None
 
 
 _INVALID = {catalog.MATMUL.name: _matmul_invalid, catalog.FLASH_FWD.name: _flash_invalid,
-            catalog.SAGE_ATTN.name: _sage_invalid, catalog.FLASH_BWD_DQ.name: _flash_backward_invalid,
-            catalog.FLASH_BWD_DKDV.name: _flash_backward_invalid}
+            catalog.SAGE_ATTN.name: _sage_invalid}
+_INVALID.update({name: functools.partial(_flash_backward_invalid, name)
+                 for name in (catalog.FLASH_BWD_DQ.name, catalog.FLASH_BWD_DKDV.name)})
 
 SPACES: Dict[str, TuningSpace] = {
     kernel.name: TuningSpace(
