@@ -22,6 +22,7 @@ Both host-read routes combine with one gather of each assignment's output row (n
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -348,7 +349,7 @@ class SparseMoELayer(nn.Module):
         sources = mx.zeros((total + 1,), mx.int32).at[slots].add(mx.arange(count, dtype=mx.int32) // self.top_k)
         rows = tokens[sources[:total]]
         if width is None:
-            out = self._per_expert_mlp(rows, sizes)
+            out = self._per_expert_mlp(rows, offsets, sizes)
         else:
             out = self._batched_mlp(rows.reshape(self.num_experts, width, self.dims)).reshape(total, self.dims)
         picked = out[mx.minimum(slots, total - 1)].reshape(weights.shape + (self.dims,))
@@ -362,19 +363,16 @@ class SparseMoELayer(nn.Module):
         dense = isinstance(self.gate_proj, ExpertLinear)
         if route == "batched" and dense and self.num_experts * width <= PAD_LIMIT * sum(sizes):
             return [e * width for e in range(self.num_experts)], sizes, width
-        offsets = [0]
-        for size in sizes[:-1]:
-            offsets.append(offsets[-1] + size)
-        return offsets, sizes, None
+        return [0, *itertools.accumulate(sizes[:-1])], sizes, None
 
     def _batched_mlp(self, rows: mx.array) -> mx.array:
         """The experts' MLPs on padded blocks ``rows (E, width, dims)``: one batched matmul per projection."""
         return self.down_proj.batched(swiglu(self.gate_proj.batched(rows), self.up_proj.batched(rows)))
 
-    def _per_expert_mlp(self, rows: mx.array, sizes: List[int]) -> mx.array:
-        """The experts' MLPs on unpadded blocks ``rows (sum(sizes), dims)`` (expert ``e``: ``sizes[e]`` rows):
-        dense matmuls per non-empty block."""
-        pieces = mx.split(rows, [sum(sizes[: e + 1]) for e in range(self.num_experts - 1)], axis=0)
+    def _per_expert_mlp(self, rows: mx.array, offsets: List[int], sizes: List[int]) -> mx.array:
+        """The experts' MLPs on unpadded blocks ``rows (sum(sizes), dims)`` (expert ``e``: ``sizes[e]`` rows
+        from row ``offsets[e]``): dense matmuls per non-empty block."""
+        pieces = mx.split(rows, offsets[1:], axis=0)
         experts = [e for e in range(self.num_experts) if sizes[e]]
         kept = [pieces[e] for e in experts]
         gate, up = self.gate_proj.per_expert(kept, experts), self.up_proj.per_expert(kept, experts)
