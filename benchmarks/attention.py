@@ -20,7 +20,7 @@ from typing import Dict, List
 import mlx.core as mx
 
 from mlx_primitives.attention import describe_attention, explain, flash_attention, flash_attn_func
-from mlx_primitives.hardware import device_profile
+from mlx_primitives.hardware import device_profile, dynamic_shared_memory
 from mlx_primitives.kernels import flash_backward
 
 from . import decode
@@ -221,7 +221,7 @@ def backward_target_table(quick: bool) -> Table:
     spec = describe_attention(qh, kh, vh)
     flops = 2.5 * spec.flops()
     softcapped = describe_attention(qh, kh, vh, softcap=30.0)
-    tiles = flash_backward.configs_for(softcapped, flash_backward.shared_memory_limit())
+    tiles = flash_backward.configs_for(softcapped, dynamic_shared_memory())
     table = Table(
         f"Issue 5: backward with softcap (flash_attn_func gradient) vs sdpa's backward, B=1 H={heads} L={length} "
         f"D={dim} {dtype}, non-causal",

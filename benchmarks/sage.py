@@ -21,7 +21,7 @@ import numpy as np
 from mlx_primitives.attention import describe_attention, sageattn
 from mlx_primitives.attention.sage import quantized_reference
 from mlx_primitives.attention.sage_quant import quantize_bhsd
-from mlx_primitives.hardware import device_profile
+from mlx_primitives.hardware import device_profile, static_shared_memory
 from mlx_primitives.kernels import sage as sage_kernels
 
 from .common import Table, time_ms
@@ -112,7 +112,7 @@ def configs(quick: bool) -> Table:
     for causal in (False, True):
         spec = describe_attention(q, k, v, causal=causal)
         for config in sage_kernels.SAGE_ATTN.configs():
-            if sage_kernels.shared_memory_bytes(128, config) > sage_kernels.shared_memory_limit():
+            if sage_kernels.shared_memory_bytes(128, config) > static_shared_memory():
                 continue
             ms = time_ms(lambda: _kernel(qq, v, spec, config), repeats=3 if quick else 10)
             table.add(config["BK"], config["WARPS"], causal, ms, spec.flops() / 1e9 / ms)

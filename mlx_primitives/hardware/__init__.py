@@ -1,5 +1,7 @@
 """Hardware detection: which device runs the kernels and what it can do."""
 
-from .profile import DeviceProfile, detect_backend, device_profile, profile_from_info
+from .profile import (LARGEST_DYNAMIC_SHARED_MEMORY, DeviceProfile, detect_backend, device_profile, dynamic_shared_memory, profile_from_info,
+                      static_shared_memory)
 
-__all__ = ["DeviceProfile", "detect_backend", "device_profile", "profile_from_info"]
+__all__ = ["LARGEST_DYNAMIC_SHARED_MEMORY", "DeviceProfile", "detect_backend", "device_profile", "dynamic_shared_memory", "profile_from_info",
+           "static_shared_memory"]

@@ -127,6 +127,33 @@ def profile_from_info(backend: str, info: Mapping[str, Any]) -> DeviceProfile:
     )
 
 
+# Static shared (threadgroup) memory one group may declare: 48 KiB on CUDA, 32 KiB on Apple GPUs.
+_STATIC_SHARED_MEMORY = {"cuda": 48 * 1024, "metal": 32 * 1024}
+
+# Dynamic shared memory one block may opt in to, per CUDA compute capability, in KiB (CUDA programming
+# guide; 64, that of sm_75, for one not listed). Apple GPUs have no opt-in: their static 32 KiB.
+_CUDA_DYNAMIC_SHARED_MEMORY = {"sm_80": 163, "sm_86": 99, "sm_87": 163, "sm_89": 99, "sm_90": 227, "sm_100": 227,
+                               "sm_120": 99}
+LARGEST_DYNAMIC_SHARED_MEMORY = max(_CUDA_DYNAMIC_SHARED_MEMORY.values()) * 1024
+
+
+def static_shared_memory(backend: Optional[str] = None) -> int:
+    """Bytes of static shared memory a kernel may declare on ``backend`` (default: the current one;
+    CUDA's where unknown)."""
+    return _STATIC_SHARED_MEMORY.get(backend or device_profile().backend, _STATIC_SHARED_MEMORY["cuda"])
+
+
+def dynamic_shared_memory(backend: Optional[str] = None) -> int:
+    """Bytes of shared memory a kernel taking dynamic shared memory may use on ``backend`` (default: the
+    current device; a CUDA backend other than the current device's counts as an unlisted GPU)."""
+    profile = device_profile()
+    backend = backend or profile.backend
+    if backend == "metal":
+        return _STATIC_SHARED_MEMORY["metal"]
+    family = profile.family.rstrip("af") if profile.backend == "cuda" else ""
+    return _CUDA_DYNAMIC_SHARED_MEMORY.get(family, 64) * 1024
+
+
 @functools.lru_cache(maxsize=1)
 def device_profile() -> DeviceProfile:
     """The profile of the default device, computed once per process."""

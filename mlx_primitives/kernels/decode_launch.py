@@ -17,9 +17,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from ..attention.spec import AttentionSpec, describe_attention
-from ..hardware import device_profile
+from ..hardware import device_profile, static_shared_memory
 from . import catalog
-from .flash_attention import shared_memory_limit
 from .launcher import Launch, float_bits, next_pow2
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
@@ -105,7 +104,7 @@ def staging(threads: int, ch: int, head_dim: int, rows: int, backend: str,
     """(THREADS, KB, STAGES) whose shared memory fits ``backend``: the K/V stages take what the
     reductions leave; two keys per team and step where three stages fit, else one; THREADS
     halves until two stages fit (only large head dims on Metal's 32 KiB)."""
-    limit = shared_memory_limit(backend)
+    limit = static_shared_memory(backend)
     while True:
         reductions = 4 * (threads // 32) * (head_dim + 2 * rows)
         per_key_step = threads * 2 * chunk_bytes * ch  # K and V chunks of one key per team, every lane
@@ -144,7 +143,7 @@ def mma_staging(threads: int, chunks: int, head_dim: int, backend: str, bits: in
     merge reuses the stages, or with a quantized cache the warps' dequantized tiles (16 rows of
     ``head_dim + 8`` halves each), which also take q. THREADS halves until two stages fit; a quantized
     cache takes at most ``QUANT_MMA_THREADS`` (its tiles leave no room for two stages of four warps)."""
-    limit = shared_memory_limit(backend)
+    limit = static_shared_memory(backend)
     if bits:
         return _quantized_mma_staging(min(threads, QUANT_MMA_THREADS), chunks, head_dim, limit, bits)
     while True:

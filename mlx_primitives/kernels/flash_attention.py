@@ -19,7 +19,7 @@ import mlx.core as mx
 
 from ..attention.reference import reference_attention
 from ..attention.spec import AttentionSpec
-from ..hardware import device_profile
+from ..hardware import device_profile, dynamic_shared_memory, static_shared_memory
 from ..memo import CallMemo
 from . import flash_backward, tuning
 from .catalog import FLASH_FWD
@@ -27,19 +27,10 @@ from .launcher import BoundLaunch, Launch
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
 DTYPES = (mx.float16, mx.bfloat16)
-# Static shared (threadgroup) memory one group may declare: 48 KiB on CUDA, 32 KiB on Apple GPUs.
-SHARED_MEMORY_LIMITS = {"cuda": 48 * 1024, "metal": 32 * 1024}
-
-
 def shared_memory_bytes(head_dim: int, config: Dict[str, int], itemsize: int = 2) -> int:
     """Bytes of the kernel's one shared buffer (see the comment block of ``flash_fwd.kern``)."""
     rows = max(2 * config["BK"], 16 * config["WARPS"])
     return rows * (head_dim + 8) * itemsize
-
-
-def shared_memory_limit(backend: Optional[str] = None) -> int:
-    """The static shared-memory budget of ``backend`` (default: the current one; CUDA's where unknown)."""
-    return SHARED_MEMORY_LIMITS.get(backend or device_profile().backend, SHARED_MEMORY_LIMITS["cuda"])
 
 
 def unsupported(spec: AttentionSpec) -> Optional[str]:
@@ -49,7 +40,7 @@ def unsupported(spec: AttentionSpec) -> Optional[str]:
     if spec.head_dim not in HEAD_DIMS or spec.v_head_dim != spec.head_dim:
         return f"head dims ({spec.head_dim}, {spec.v_head_dim}) are not one of {HEAD_DIMS} for q, k and v"
     if not _fitting_configs(spec.head_dim):
-        return f"head_dim {spec.head_dim} needs more shared memory than this backend's {shared_memory_limit()} bytes"
+        return f"head_dim {spec.head_dim} needs more shared memory than this backend's {static_shared_memory()} bytes"
     if spec.mask is not None:
         return "a mask array is given"
     if spec.q_len == 0:
@@ -70,7 +61,7 @@ SLIDING_WINDOW_TILES = {"BK": 64, "WARPS": 4}
 
 
 def _fitting_configs(head_dim: int) -> List[Dict[str, int]]:
-    return [c for c in FLASH_FWD.configs() if shared_memory_bytes(head_dim, c) <= shared_memory_limit()]
+    return [c for c in FLASH_FWD.configs() if shared_memory_bytes(head_dim, c) <= static_shared_memory()]
 
 
 def config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> Dict[str, int]:
@@ -87,10 +78,10 @@ def config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> 
     chosen = {**tuned, **(config or {})}
     if chosen["BK"] % 16 or chosen["WARPS"] < 1:
         raise ValueError(f"BK must be a multiple of 16 and WARPS positive; got {chosen}")
-    if shared_memory_bytes(spec.head_dim, chosen) > shared_memory_limit():
+    if shared_memory_bytes(spec.head_dim, chosen) > static_shared_memory():
         raise ValueError(
             f"config {chosen} needs {shared_memory_bytes(spec.head_dim, chosen)} bytes of shared memory "
-            f"at head_dim {spec.head_dim}; the limit is {shared_memory_limit()}"
+            f"at head_dim {spec.head_dim}; the limit is {static_shared_memory()}"
         )
     return chosen
 
@@ -185,7 +176,7 @@ def _prepare(spec: AttentionSpec, config, dropout_seed, batch_offset: int, backw
     between calls of one prepared function; their shapes may not)."""
     chosen = config_for(spec, config)
     # The backward's tiles are looked up when a gradient is taken (explicit ones are checked now).
-    grad_configs = _memo(lambda: flash_backward.configs_for(spec, flash_backward.shared_memory_limit(),
+    grad_configs = _memo(lambda: flash_backward.configs_for(spec, dynamic_shared_memory(),
                                                             *(backward_configs or (None, None))))
     if backward_configs is not None:
         grad_configs()
@@ -262,7 +253,7 @@ def compile_examples():
             for options in features:
                 spec = describe_attention(q, kv, kv, **options)
                 for config in FLASH_FWD.configs():
-                    if shared_memory_bytes(head_dim, config) > shared_memory_limit("metal"):
+                    if shared_memory_bytes(head_dim, config) > static_shared_memory("metal"):
                         continue
                     yield plan(q, kv, kv, mx.array(spec.window, dtype=mx.int32), _placeholder(), _placeholder(),
                                mx.zeros((3,), mx.uint32), spec, config)

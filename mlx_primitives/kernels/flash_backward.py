@@ -17,29 +17,12 @@ import mlx.core as mx
 
 from ..attention.dropout import keep_threshold
 from ..attention.spec import AttentionSpec
-from ..hardware import device_profile
+from ..hardware import LARGEST_DYNAMIC_SHARED_MEMORY, device_profile
 from . import tuning
 from .catalog import FLASH_BWD_DKDV, FLASH_BWD_DQ
 from .launcher import Kernel, Launch, float_bits, launch
 
 Configs = Tuple[Dict[str, int], Dict[str, int]]
-
-
-# Shared memory one group of the backward kernels may take: their tile buffer is dynamic shared memory on
-# CUDA, up to the opt-in maximum per block of the compute capability (CUDA programming guide; 64 KiB, that
-# of sm_75, for one not listed); on Metal a static threadgroup array of at most 32 KiB.
-_CUDA_SHARED_MEMORY = {"sm_80": 163, "sm_86": 99, "sm_87": 163, "sm_89": 99, "sm_90": 227, "sm_100": 227,
-                       "sm_120": 99}
-
-
-def shared_memory_limit(backend: Optional[str] = None) -> int:
-    """The backward kernels' shared-memory budget on ``backend`` (default: the current device)."""
-    profile = device_profile()
-    backend = backend or profile.backend
-    if backend == "metal":
-        return 32 * 1024
-    family = profile.family.rstrip("af") if profile.backend == "cuda" else ""
-    return _CUDA_SHARED_MEMORY.get(family, 64) * 1024
 
 
 def dq_buffer_bytes(head_dim: int, config: Dict[str, int], itemsize: int = 2) -> int:
@@ -221,7 +204,7 @@ def compile_examples():
     from ..attention.spec import describe_attention
     from .flash_attention import DTYPES, HEAD_DIMS
 
-    limit = max(_CUDA_SHARED_MEMORY.values()) * 1024
+    limit = LARGEST_DYNAMIC_SHARED_MEMORY
     for dtype in DTYPES:
         for head_dim in HEAD_DIMS:
             q = mx.zeros((1, 4, 37, head_dim), dtype)

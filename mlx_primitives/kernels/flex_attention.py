@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from ..attention.spec import AttentionSpec
+from ..hardware import static_shared_memory
 from . import flash_attention, flash_backward
 from .catalog import FLASH_FWD, FLEX_FWD, FlexKernel
 from .launcher import BoundLaunch, Launch, with_reference_vjp
@@ -73,7 +74,7 @@ def block_config(spec: AttentionSpec, block_size: Optional[Tuple[int, int]],
 
     if fits(chosen):
         return chosen, None
-    limit = flash_attention.shared_memory_limit()
+    limit = static_shared_memory()
     for candidate in FLASH_FWD.configs():
         if fits(candidate) and flash_attention.shared_memory_bytes(spec.head_dim, candidate) <= limit:
             return candidate, None
@@ -175,7 +176,7 @@ def compile_examples():
                 kv = mx.zeros((1, 2, q_len, head_dim), dtype)
                 spec = describe_attention(q, kv, kv)
                 for config in FLASH_FWD.configs():
-                    if flash_attention.shared_memory_bytes(head_dim, config) > flash_attention.shared_memory_limit(
+                    if flash_attention.shared_memory_bytes(head_dim, config) > static_shared_memory(
                             "metal"):
                         continue
                     arrays = [kernel_array(c) for c in captures]

@@ -16,9 +16,9 @@ from typing import Dict, List, Optional, Tuple
 import mlx.core as mx
 
 from ..attention.spec import AttentionSpec
+from ..hardware import static_shared_memory
 from . import tuning
 from .catalog import SAGE_ATTN, SAGE_QUANT
-from .flash_attention import shared_memory_limit
 from .launcher import Launch, float_bits, launch
 
 # Head dims run on the H100 (tests/attention/test_sage_kernel.py); others take the reference path.
@@ -79,8 +79,8 @@ def unsupported(spec: AttentionSpec, pv_accum_dtype: str = "fp32") -> Optional[s
         return f"dtype {spec.dtype} is not float16 or bfloat16"
     if spec.head_dim not in HEAD_DIMS or spec.v_head_dim != spec.head_dim:
         return f"head dims ({spec.head_dim}, {spec.v_head_dim}) are not one of {HEAD_DIMS} for q, k and v"
-    if shared_memory_bytes(spec.head_dim, tuning.SPACES[SAGE_ATTN.name].default) > shared_memory_limit():
-        return f"head_dim {spec.head_dim} needs more shared memory than this backend's {shared_memory_limit()} bytes"
+    if shared_memory_bytes(spec.head_dim, tuning.SPACES[SAGE_ATTN.name].default) > static_shared_memory():
+        return f"head_dim {spec.head_dim} needs more shared memory than this backend's {static_shared_memory()} bytes"
     if pv_accum_dtype != "fp32":
         return f"pv_accum_dtype {pv_accum_dtype!r} runs on the reference path"
     if spec.q_len == 0 or spec.k_len == 0:
@@ -94,9 +94,9 @@ def config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> 
     chosen = {**tuned, **(config or {})}
     if chosen["BK"] % 16 or chosen["WARPS"] < 1:
         raise ValueError(f"BK must be a multiple of 16 and WARPS positive; got {chosen}")
-    if shared_memory_bytes(spec.head_dim, chosen) > shared_memory_limit():
+    if shared_memory_bytes(spec.head_dim, chosen) > static_shared_memory():
         raise ValueError(f"config {chosen} needs {shared_memory_bytes(spec.head_dim, chosen)} bytes of shared "
-                         f"memory at head_dim {spec.head_dim}; the limit is {shared_memory_limit()}")
+                         f"memory at head_dim {spec.head_dim}; the limit is {static_shared_memory()}")
     return chosen
 
 
@@ -170,6 +170,6 @@ def compile_examples():
                     q_scale = mx.zeros((1, 4, -(-37 // q_block)), mx.float32)
                     k_scale = mx.zeros((1, 2, -(-41 // k_block)), mx.float32)
                     for config in SAGE_ATTN.configs():
-                        if shared_memory_bytes(head_dim, config) > shared_memory_limit("metal"):
+                        if shared_memory_bytes(head_dim, config) > static_shared_memory("metal"):
                             continue
                         yield attention_plan(q8, q_scale, k8, k_scale, v, spec, q_block, k_block, config)

@@ -18,8 +18,8 @@ from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
+from ..hardware import static_shared_memory
 from . import catalog
-from .flash_attention import shared_memory_limit
 from .launcher import Launch, launch
 from .tuning import config_for
 
@@ -48,7 +48,7 @@ def selective_scan_config(dtype: mx.Dtype, length: int, dims: int, state_size: i
     """Template values for the selective scan, or None when its shared memory exceeds the backend's."""
     chosen = {**config_for(catalog.SELECTIVE_SCAN, dtype, {"L": length, "D": dims, "N": state_size}, ("N",)),
               **(config or {})}
-    return chosen if shared_memory_bytes(chosen, state_size) <= shared_memory_limit() else None
+    return chosen if shared_memory_bytes(chosen, state_size) <= static_shared_memory() else None
 
 
 def selective_scan_plan(x, delta, A, B, C, D, z, delta_bias, h_init, split_len: int, softplus: bool,

@@ -13,6 +13,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import mlx.core as mx
 
+from ..hardware import dynamic_shared_memory, static_shared_memory
 from ..hardware.tuning import Config, TuningSpace, TuningTask, choose_config, shape_bucket
 from . import catalog
 from .launcher import Kernel
@@ -25,25 +26,24 @@ def _matmul_invalid(config: Config, profile, problem) -> Optional[str]:
 
 
 def _flash_invalid(config: Config, profile, problem) -> Optional[str]:
-    from .flash_attention import shared_memory_bytes, shared_memory_limit
+    from .flash_attention import shared_memory_bytes
 
-    needed, limit = shared_memory_bytes(problem["D"], config), shared_memory_limit(profile.backend)
+    needed, limit = shared_memory_bytes(problem["D"], config), static_shared_memory(profile.backend)
     return f"needs {needed} bytes of shared memory, the limit is {limit}" if needed > limit else None
 
 
 def _sage_invalid(config: Config, profile, problem) -> Optional[str]:
-    from .flash_attention import shared_memory_limit
     from .sage import shared_memory_bytes
 
-    needed, limit = shared_memory_bytes(problem["D"], config), shared_memory_limit(profile.backend)
+    needed, limit = shared_memory_bytes(problem["D"], config), static_shared_memory(profile.backend)
     return f"needs {needed} bytes of shared memory, the limit is {limit}" if needed > limit else None
 
 
 def _flash_backward_invalid(name: str, config: Config, profile, problem) -> Optional[str]:
-    from .flash_backward import SHARED_MEMORY, shared_memory_limit
+    from .flash_backward import SHARED_MEMORY
 
     needed = SHARED_MEMORY[name](problem["D"], config)
-    limit = shared_memory_limit(profile.backend)
+    limit = dynamic_shared_memory(profile.backend)
     return f"needs {needed} bytes of shared memory, the limit is {limit}" if needed > limit else None
 
 

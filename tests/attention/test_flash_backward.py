@@ -16,6 +16,7 @@ import pytest
 from mlx_primitives.attention.dropout import draw_seed
 from mlx_primitives.attention.reference import attention_probabilities, reference_attention
 from mlx_primitives.attention.spec import describe_attention
+from mlx_primitives.hardware import dynamic_shared_memory
 from mlx_primitives.kernels import catalog
 from mlx_primitives.kernels import flash_attention as fa
 from mlx_primitives.kernels import flash_backward
@@ -97,7 +98,7 @@ _DQ_CONFIGS, _DKDV_CONFIGS = catalog.FLASH_BWD_DQ.configs(), catalog.FLASH_BWD_D
 def test_every_backward_config(no_fallback, index):
     """Every config of both kernels at least once (the shorter list cycles), where it fits this device."""
     dq, dkdv = _DQ_CONFIGS[index % len(_DQ_CONFIGS)], _DKDV_CONFIGS[index % len(_DKDV_CONFIGS)]
-    limit = flash_backward.shared_memory_limit()
+    limit = dynamic_shared_memory()
     if dq_shared_memory_bytes(64, dq) > limit or dkdv_shared_memory_bytes(64, dkdv) > limit:
         pytest.skip(f"{dq} / {dkdv} need more than the {limit} bytes of shared memory here")
     check("softcap_alibi_window", q_len=50, k_len=77, backward_configs=(dq, dkdv))

@@ -15,7 +15,7 @@ import pytest
 from mlx_primitives.attention import dispatch
 from mlx_primitives.attention.reference import reference_attention
 from mlx_primitives.attention.spec import describe_attention
-from mlx_primitives.hardware import profile_from_info
+from mlx_primitives.hardware import profile, profile_from_info, static_shared_memory
 from mlx_primitives.kernels import catalog
 from mlx_primitives.kernels import flash_attention as fa
 
@@ -160,7 +160,7 @@ def test_rows_without_keys_are_zero_with_lse_minus_inf(no_fallback):
     assert np.all(np.array(out[:, :, :20].astype(mx.float32)) == 0) and np.all(np.isneginf(lse[:, :, :20]))
 
 
-FITTING_CONFIGS = [c for c in fa.FLASH_FWD.configs() if fa.shared_memory_bytes(128, c) <= fa.shared_memory_limit()]
+FITTING_CONFIGS = [c for c in fa.FLASH_FWD.configs() if fa.shared_memory_bytes(128, c) <= static_shared_memory()]
 
 
 @pytest.mark.gpu
@@ -279,8 +279,8 @@ def test_config_of_every_head_dim_fits_shared_memory(monkeypatch, tmp_path):
     default = catalog.DEFAULTS[catalog.FLASH_FWD.name]
     for head_dim in fa.HEAD_DIMS:
         chosen = fa.config_for(_spec(head_dim=head_dim))
-        assert fa.shared_memory_bytes(head_dim, chosen) <= fa.shared_memory_limit("cuda")
-        if fa.shared_memory_bytes(head_dim, default) > fa.shared_memory_limit("cuda"):
+        assert fa.shared_memory_bytes(head_dim, chosen) <= static_shared_memory("cuda")
+        if fa.shared_memory_bytes(head_dim, default) > static_shared_memory("cuda"):
             assert chosen == {"BK": 32, "WARPS": 4}  # the largest tiles that fit
     with pytest.raises(ValueError, match="shared memory"):
         fa.config_for(_spec(head_dim=256), {"BK": 64})
@@ -295,6 +295,6 @@ def test_sliding_windows_take_their_own_untuned_tiles(monkeypatch, tmp_path):
 
 def test_head_dim_256_stays_off_the_kernel_where_threadgroup_memory_is_32_kib(monkeypatch):
     metal = profile_from_info("metal", {"device_name": "Apple M3 Max"})
-    monkeypatch.setattr(fa, "device_profile", lambda: metal)
+    monkeypatch.setattr(profile, "device_profile", lambda: metal)
     assert "shared memory" in fa.unsupported(_spec(head_dim=256))
     assert fa.unsupported(_spec(head_dim=128)) is None

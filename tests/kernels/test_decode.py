@@ -10,7 +10,7 @@ import pytest
 from mlx_primitives.kernels import catalog, decode_attention, launcher
 from mlx_primitives.kernels.decode import _CALLS, bind_decode, unsupported
 from mlx_primitives.kernels.decode_launch import MMA_CONFIG, _resident, geometry, num_splits, staging
-from mlx_primitives.kernels.flash_attention import shared_memory_limit
+from mlx_primitives.hardware import static_shared_memory
 from mlx_primitives.attention.spec import describe_attention
 
 from .helpers import assert_accurate, f64, random
@@ -251,7 +251,7 @@ def test_staging_fits_shared_memory(threads, head_dim, rows, backend):
     used_threads, kb, stages = staging(threads, ch, head_dim, rows, backend)
     stage_bytes = 2 * stages * kb * ch * used_threads * 16
     reductions = 4 * (used_threads // 32) * (head_dim + 2 * rows)
-    assert stages >= 2 and stage_bytes + reductions <= shared_memory_limit(backend)
+    assert stages >= 2 and stage_bytes + reductions <= static_shared_memory(backend)
     assert used_threads == threads or backend == "metal"
 
 
@@ -269,7 +269,7 @@ def test_quantized_caches_take_the_matrix_unit_where_it_reads_them(dtype, head_d
         shape = geometry(spec, chosen, "cuda", bits)
         stages = 2 * shape["STAGES"] * shape["THREADS"] // 2 * (head_dim // 16 + 1) * 2 * bits
         tiles = max(shape["THREADS"] // 32 * 16 * (head_dim + 8) * 2, 16 * head_dim * 4)
-        assert shape["THREADS"] == 64 and shape["STAGES"] >= 3 and stages + tiles <= shared_memory_limit("cuda")
+        assert shape["THREADS"] == 64 and shape["STAGES"] >= 3 and stages + tiles <= static_shared_memory("cuda")
 
 
 @pytest.mark.parametrize("group_size, bits", [(32, 8), (64, 8), (128, 4), (64, 4)])
