@@ -27,7 +27,7 @@ from ..attention.spec import describe_attention
 from ..cache import PagedKVCache
 from ..hardware import device_profile
 from ..kernels.decode import bind_decode, unsupported
-from .paged_step import PagedLayerCache
+from .paged_step import PagedLayerCache, StepDecode
 from .swap import model_attention
 
 
@@ -76,7 +76,7 @@ def kernel_decodes(q: mx.array, pool: mx.array, scale: float, softcap: float) ->
     return unsupported(spec, pool.shape[1]) is None
 
 
-class TracedStep:
+class TracedStep(StepDecode):
     """A decode step's shared state inside the trace, with :class:`~mlx_primitives.models.PagedStep`'s
     interface for :class:`~mlx_primitives.models.PagedLayerCache`: one new token per sequence.
 
@@ -99,20 +99,13 @@ class TracedStep:
         """Scatter ``new`` ``(batch, 1, kv_heads, head_dim)`` into ``pool`` at the step's slots."""
         pool[self.slots] = new.reshape(-1, *new.shape[2:])
 
-    def decode(self, queries: mx.array, k_pool: mx.array, v_pool: mx.array, scale: float,
-               softcap: float) -> mx.array:
-        """Attention of ``queries`` ``(batch, 1, heads, head_dim)`` over the pages: the decode kernel
-        where it runs the call, else :func:`masked_decode`; chosen on the first layer."""
-        call = self._decode.get((scale, softcap))
-        if call is None:
-            if kernel_decodes(queries, k_pool, scale, softcap):
-                call = bind_decode(queries, k_pool, v_pool, self.lengths, block_table=self.block_table,
-                                   softmax_scale=scale, causal=True, softcap=softcap)
-            else:
-                def call(q, k, v):
-                    return masked_decode(q, k, v, self.lengths, self.block_table, scale, softcap)
-            self._decode[(scale, softcap)] = call
-        return call(queries, k_pool, v_pool)
+    def bind(self, queries: mx.array, k_pool: mx.array, v_pool: mx.array, scale: float,
+             softcap: float) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+        """The decode kernel where it runs the call, else :func:`masked_decode` (both traceable)."""
+        if kernel_decodes(queries, k_pool, scale, softcap):
+            return bind_decode(queries, k_pool, v_pool, self.lengths, block_table=self.block_table,
+                               softmax_scale=scale, causal=True, softcap=softcap)
+        return lambda q, k, v: masked_decode(q, k, v, self.lengths, self.block_table, scale, softcap)
 
 
 class CompiledDecode:

@@ -12,7 +12,7 @@ validated and prepared once per step (:func:`~mlx_primitives.kernels.decode.bind
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,7 +22,24 @@ from ..cache import PagedKVCache
 from ..kernels.decode import MAX_Q_LEN, bind_decode
 
 
-class PagedStep:
+class StepDecode:
+    """The decode call of one step, prepared by :meth:`bind` on the first layer and reused by the others
+    (every layer shares the step's lengths and block table); subclasses set ``self._decode = {}``."""
+
+    def bind(self, queries: mx.array, k_pool: mx.array, v_pool: mx.array, scale: float,
+             softcap: float) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+        raise NotImplementedError
+
+    def decode(self, queries: mx.array, k_pool: mx.array, v_pool: mx.array, scale: float,
+               softcap: float) -> mx.array:
+        """Attention of ``queries`` ``(batch, new, heads, head_dim)`` over the layer's pools."""
+        call = self._decode.get((scale, softcap))
+        if call is None:
+            call = self._decode[(scale, softcap)] = self.bind(queries, k_pool, v_pool, scale, softcap)
+        return call(queries, k_pool, v_pool)
+
+
+class PagedStep(StepDecode):
     """What every layer of one model call over a :class:`PagedKVCache` shares, computed once on the host.
 
     Args:
@@ -56,15 +73,11 @@ class PagedStep:
         else:
             pool[self.slots] = new.reshape(-1, *new.shape[2:])
 
-    def decode(self, queries: mx.array, k_pool: mx.array, v_pool: mx.array, scale: float,
-               softcap: float) -> mx.array:
-        """The decode kernel over the pages: validated and prepared on the first layer, then reused."""
-        call = self._decode.get((scale, softcap))
-        if call is None:
-            call = self._decode[(scale, softcap)] = bind_decode(
-                queries, k_pool, v_pool, self.lengths, block_table=self.block_table, softmax_scale=scale,
-                causal=True, softcap=softcap)
-        return call(queries, k_pool, v_pool)
+    def bind(self, queries: mx.array, k_pool: mx.array, v_pool: mx.array, scale: float,
+             softcap: float) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+        """The decode kernel over the pages (its reference path on the CPU), validated and prepared."""
+        return bind_decode(queries, k_pool, v_pool, self.lengths, block_table=self.block_table,
+                           softmax_scale=scale, causal=True, softcap=softcap)
 
 
 class PagedLayerCache:
