@@ -22,6 +22,8 @@ import mlx.core as mx
 
 from mlx_primitives.hardware import device_profile
 
+from . import source_files
+
 SRC = Path(__file__).parent / "src"
 
 # Header files in front of every kernel, per backend: prelude and shared helpers. MLX rebuilds and
@@ -130,15 +132,19 @@ def _read(path: Path) -> str:
 @functools.lru_cache(maxsize=None)
 def compiled(kernel: Kernel, backend: str, shared_memory: int = 0):
     """The ``mx.fast`` kernel object of ``kernel`` on ``backend`` (built once per process and size of
-    dynamic shared memory, which MLX fixes per object)."""
+    dynamic shared memory, which MLX fixes per object); on CUDA its text comes as ``#include`` lines
+    where NVRTC reads them (:mod:`.source_files`)."""
     extra = {"shared_memory": shared_memory} if shared_memory else {}
     make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
+    source, header = kernel.source(backend), kernel.header(backend)
+    if backend == "cuda" and source_files.nvrtc_reads_files():
+        source, header = source_files.include_stubs(source, header, kernel.inputs) or (source, header)
     return make(
         name=kernel.name,
         input_names=list(kernel.inputs),
         output_names=list(kernel.outputs),
-        source=kernel.source(backend),
-        header=kernel.header(backend),
+        source=source,
+        header=header,
         **extra,
     )
 

@@ -95,10 +95,12 @@ def _template_line(name: str, value) -> str:
     return f"  using {name} = {_CUDA_TYPES[value]};\n"
 
 
-def cuda_source(plan: Launch) -> str:
-    """The whole source MLX hands NVRTC for ``plan`` (``build_kernel`` of custom_kernel.cpp)."""
+def cuda_source(plan: Launch, source: Optional[str] = None, header: Optional[str] = None) -> str:
+    """The whole source MLX hands NVRTC for ``plan`` (``build_kernel`` of custom_kernel.cpp), from the
+    kernel's own source and header or the ``source``/``header`` given (the launcher's include stubs)."""
     kernel = plan.kernel
-    source = kernel.source("cuda")
+    source = kernel.source("cuda") if source is None else source
+    header = kernel.header("cuda") if header is None else header
     params = []
     for name, array in zip(kernel.inputs, plan.inputs):
         params.append(f"    const {_CUDA_TYPES[array.dtype]}* {name},\n")
@@ -112,7 +114,7 @@ def cuda_source(plan: Launch) -> str:
     outputs = [f"    {_CUDA_TYPES[dtype]}* {name}" for name, dtype in zip(kernel.outputs, plan.output_dtypes)]
     constants = "".join(_template_line(n, v) for n, v in plan.template)
     return (
-        _DEFAULT_HEADER + kernel.header("cuda") + _NAMESPACE_OPEN
+        _DEFAULT_HEADER + header + _NAMESPACE_OPEN
         + f"__global__ void {kernel_name(plan)}(\n" + "".join(params) + ",\n".join(outputs) + ") {\n"
         + (constants + "\n" if constants else "")
         + source + "\n}\n\n} // namespace mlx::core::cu\n"
@@ -185,6 +187,23 @@ def check(source: str) -> Result:
         ]
         done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     return Result(done.returncode, done.stderr, _parse_usage(done.stdout + done.stderr))
+
+
+def cubins(sources: Sequence[str]) -> List[bytes]:
+    """The cubin of each of ``sources``, compiled one after the other under one file name (a cubin
+    records where its source was), so that equal bytes mean the same compiled kernels."""
+    built = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path, cubin = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.cubin"
+        for source in sources:
+            path.write_text(source)
+            command = [nvcc(), "-std=c++17", f"-arch={ARCH}", "--cubin", "-o", str(cubin), "-I", str(STUB_DIR),
+                       "-diag-suppress", "177", str(path)]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+            if done.returncode:
+                raise RuntimeError(done.stderr[:4000])
+            built.append(cubin.read_bytes())
+    return built
 
 
 def compile_plans(plans: Sequence[Launch], batch: int = 64) -> List[Result]:
