@@ -1,5 +1,7 @@
 """checkpoint and checkpoint_sequential: same values and gradients, lower peak memory (measured on the CPU)."""
 
+import functools
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -79,12 +81,76 @@ def test_checkpoint_sequential_uneven_segments():
     assert mx.allclose(checkpoint_sequential(blocks, 1)(x), nn.Sequential(*blocks)(x)).item()
 
 
+class _Holder:
+    """A plain object holding a layer: a layer reached through it is named with modules=."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def _captured_cases():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    layer0 = model.layers[0]
+    holder = _Holder(layer0)
+    return model, [
+        lambda x: checkpoint(lambda y: model(y))(x),  # a layer in a closure cell
+        lambda x: model.layers[2](model.layers[1](checkpoint(layer0.__call__)(x))),  # a bound method
+        checkpoint_sequential([functools.partial(layer0), model.layers[1], model.layers[2]], 2),  # a partial
+        lambda x: model.layers[2](model.layers[1](checkpoint(holder.forward, x, modules=[layer0]))),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_checkpoint_gradients_reach_captured_layers(case):
+    model, forwards = _captured_cases()
+    x = mx.random.normal((3, 8))
+    ref = tree_flatten(nn.value_and_grad(model, lambda x: (model(x) ** 2).sum())(x)[1])
+    ours = tree_flatten(nn.value_and_grad(model, lambda x: (forwards[case](x) ** 2).sum())(x)[1])
+    assert [k for k, _ in ours] == [k for k, _ in ref]
+    for (name, g), (_, r) in zip(ours, ref):
+        assert mx.abs(r).max().item() > 0 and mx.allclose(g, r, rtol=1e-5, atol=1e-7).item(), name
+
+
+def test_checkpoint_gradients_reach_closure_arrays():
+    x, w = mx.random.normal((5,)), mx.random.normal((5,))
+    ref = mx.grad(lambda w: mx.sin(x * w).sum())(w)
+    ours = mx.grad(lambda w: checkpoint(lambda v: mx.sin(v * w))(x).sum())(w)
+    assert mx.allclose(ours, ref).item()
+
+
+def test_checkpoint_recomputes_dropout_with_the_forwards_mask():
+    dropout = nn.Dropout(0.5)
+
+    def value_grad_and_next_draw(forward):
+        mx.random.seed(7)
+        value, grad = mx.value_and_grad(lambda w: forward(mx.ones((256,)), w).sum())(mx.array(1.0))
+        return value.item(), grad.item(), mx.random.uniform().item()
+
+    plain = value_grad_and_next_draw(lambda v, w: dropout(v * w))
+    ours = value_grad_and_next_draw(checkpoint(lambda v, w: dropout(v * w)))
+    # d/dw of sum(mask * w / keep) at w = 1 is the value itself: the recomputed mask is the forward's.
+    assert ours[0] == ours[1] and ours == plain
+
+
+def test_checkpoint_with_arguments_calls_at_once():
+    block = nn.Sequential(nn.Linear(8, 8), nn.GELU())
+    x = mx.random.normal((2, 8))
+    assert mx.allclose(checkpoint(block, x), block(x)).item()
+    ref = nn.value_and_grad(block, lambda x: block(x).sum())(x)[1]
+    ours = nn.value_and_grad(block, lambda x: checkpoint(block, x).sum())(x)[1]
+    assert all(mx.allclose(g, r).item() for (_, g), (_, r) in zip(tree_flatten(ours), tree_flatten(ref)))
+
+
 @pytest.mark.parametrize("call,name", [
     (lambda: checkpoint(3), "fn"),
     (lambda: checkpoint_sequential([], 1), "blocks"),
     (lambda: checkpoint_sequential([abs, 3], 1), r"blocks\[1\]"),
     (lambda: checkpoint_sequential([abs, abs], 3), "segments"),
     (lambda: checkpoint_sequential([abs, abs], 0), "segments"),
+    (lambda: checkpoint(abs, modules=[abs]), "modules"),
 ])
 def test_bad_arguments_name_the_argument(call, name):
     with pytest.raises((TypeError, ValueError), match=rf"^{name}"):
