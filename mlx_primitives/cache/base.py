@@ -1,18 +1,20 @@
 """What the contiguous caches share with mlx-lm's: the state protocol and the attention-mask helper.
 
-mlx-lm models call ``cache.update_and_fetch(keys, values)``, read ``cache.offset`` for RoPE, ask
-``cache.make_mask(N, return_array=..., window_size=...)`` for the mask of ``N`` new queries and look
+mlx-lm models call ``cache.update_and_fetch(keys, values)`` or ``cache.keys_and_values()``, read
+``cache.offset`` for RoPE, ask ``cache.make_mask(N, ...)`` for the mask of ``N`` new queries and look
 for ``bits``/``group_size`` on quantized caches; the caches here answer all of these as mlx-lm's do.
-For persistence they keep the ``state`` (arrays) + ``meta_state`` (strings) + ``from_state(state,
-meta_state)`` split of earlier mlx-lm releases (mlx-lm 0.32 folds the scalars into ``state``), which
-:func:`save_cache` / :func:`load_cache` read.
+``state`` is mlx-lm 0.32's tuple (arrays and scalars, e.g. ``(keys, values, offset)``) and
+``from_state(state)`` rebuilds a cache from it, so mlx-lm's ``save_prompt_cache`` /
+``load_prompt_cache`` and ``their_cache.state = our_cache.state`` (either way) work; setting a state
+checks that its scalars agree with its arrays.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import mlx.core as mx
+from mlx.utils import tree_map
 
 Mask = Union[None, str, mx.array]
 
@@ -39,30 +41,59 @@ def attention_mask(num_queries: int, offset: int, return_array: bool = False,
     return causal_mask(num_queries, offset) if return_array else "causal"
 
 
+def mlx_lm_cache():
+    """mlx-lm's ``mlx_lm.models.cache`` module (its batch caches), or ImportError saying what needs it."""
+    try:
+        from mlx_lm.models import cache
+    except ImportError as error:
+        raise ImportError("merging caches into a batch cache needs mlx-lm (pip install mlx-lm)") from error
+    return cache
+
+
 class Cache:
-    """mlx-lm's cache protocol: ``state`` (arrays), ``meta_state`` (strings), ``from_state``, trimming the
-    last positions of an ``offset``-counted cache."""
+    """mlx-lm's cache protocol: ``state`` / ``from_state``, ``keys_and_values``, trimming the last
+    positions of an ``offset``-counted cache. Subclasses say which ``state`` fields they hold."""
 
     step = 256
-
-    @property
-    def meta_state(self):
-        return ""
-
-    @meta_state.setter
-    def meta_state(self, value) -> None:
-        if value:
-            raise ValueError(f"{type(self).__name__} has no meta_state; got {value!r}")
+    state_fields: Tuple[str, ...] = ()
 
     @classmethod
-    def from_state(cls, state, meta_state):
-        """A cache holding ``state`` and ``meta_state`` (what :func:`load_cache` and mlx-lm's loader call)."""
+    def from_state(cls, state):
+        """A cache holding ``state`` (what :func:`load_cache` and mlx-lm's ``load_prompt_cache`` call)."""
         cache = cls.__new__(cls)
-        cache.keys = cache.values = None
-        cache.offset = 0
         cache.state = state
-        cache.meta_state = meta_state
         return cache
+
+    def _unpack_state(self, value) -> tuple:
+        """``value`` as a tuple of :attr:`state_fields`, or ValueError naming the fields expected."""
+        if not isinstance(value, (tuple, list)) or len(value) != len(self.state_fields):
+            got = f"{len(value)} items" if isinstance(value, (tuple, list)) else type(value).__name__
+            raise ValueError(f"{type(self).__name__}.state must be ({', '.join(self.state_fields)}); got {got}")
+        return tuple(value)
+
+    def _check_arrays(self, keys, values) -> int:
+        """The cached length of state ``keys``/``values``: both None (length 0), or 4-d arrays (tuples of
+        them in a quantized cache) of one ``(batch, kv_heads, length)``; ValueError otherwise."""
+        if keys is None and values is None:
+            return 0
+        parts = [x for part in (keys, values) for x in (part if isinstance(part, (tuple, list)) else (part,))]
+        if not all(isinstance(x, mx.array) and x.ndim == 4 for x in parts) or len({x.shape[:3] for x in parts}) > 1:
+            shapes = [tuple(x.shape) if isinstance(x, mx.array) else type(x).__name__ for x in parts]
+            raise ValueError(f"{type(self).__name__}.state: keys and values must both be None or arrays "
+                             f"(batch, kv_heads, length, ...) of one (batch, kv_heads, length); got {shapes}")
+        return parts[0].shape[2]
+
+    def _check_length(self, name: str, value: int, length: int) -> None:
+        if not isinstance(value, int) or not 0 <= value <= length:
+            raise ValueError(f"{type(self).__name__}.state: {name} = {value!r} must be an int in [0, {length}] "
+                             f"(the cached keys' length)")
+
+    def keys_and_values(self):
+        """Every cached position: what the last ``update_and_fetch`` returned."""
+        if self.keys is None:
+            return None, None
+        return tree_map(lambda x: x if self.offset >= x.shape[2] else x[..., : self.offset, :],
+                        (self.keys, self.values))
 
     def size(self) -> int:
         return self.offset

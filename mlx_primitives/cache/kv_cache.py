@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Optional, Sequence, Tuple
 
 import mlx.core as mx
 
-from .base import Cache
+from .base import Cache, mlx_lm_cache
 
 
 class KVCache(Cache):
@@ -16,7 +16,11 @@ class KVCache(Cache):
         step (int): positions added to the capacity each time it runs out. Default: ``256``.
     """
 
+    state_fields = ("keys", "values", "offset")
+
     def __init__(self, step: int = 256):
+        if not isinstance(step, int) or step < 1:
+            raise ValueError(f"step must be an int >= 1; got {step!r}")
         self.step = step
         self.keys = None
         self.values = None
@@ -40,18 +44,24 @@ class KVCache(Cache):
         self.offset = needed
         self.keys[..., previous:needed, :] = keys
         self.values[..., previous:needed, :] = values
-        return self.keys[..., :needed, :], self.values[..., :needed, :]
+        return self.keys_and_values()
 
     @property
-    def state(self) -> List[mx.array]:
-        if self.keys is None:
-            return []
-        return [self.keys[..., : self.offset, :], self.values[..., : self.offset, :]]
+    def state(self) -> Tuple[Optional[mx.array], Optional[mx.array], int]:
+        """mlx-lm's ``(keys, values, offset)``: the cached positions, ``(None, None, 0)`` when empty."""
+        return (*self.keys_and_values(), self.offset)
 
     @state.setter
-    def state(self, value: List[mx.array]) -> None:
-        self.keys, self.values = value if value else (None, None)
-        self.offset = 0 if self.keys is None else self.keys.shape[2]
+    def state(self, value) -> None:
+        keys, values, offset = self._unpack_state(value)
+        self._check_length("offset", offset, self._check_arrays(keys, values))
+        self.keys, self.values, self.offset = keys, values, offset
+
+    @classmethod
+    def merge(cls, caches: Sequence["KVCache"]):
+        """mlx-lm's ``BatchKVCache`` holding ``caches`` (one sequence each, left-padded to the longest),
+        as mlx-lm's batch generation builds from per-prompt caches; needs mlx-lm."""
+        return mlx_lm_cache().BatchKVCache.merge(caches)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4) -> "QuantizedKVCache":
         """The same positions in a :class:`QuantizedKVCache`."""
@@ -59,8 +69,7 @@ class KVCache(Cache):
 
         cache = QuantizedKVCache(group_size=group_size, bits=bits)
         if self.keys is not None:
-            keys, values = self.state
-            cache.update_and_fetch(keys, values)
+            cache.update_and_fetch(*self.keys_and_values())
         return cache
 
     @property

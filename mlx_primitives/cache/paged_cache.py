@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -11,7 +12,7 @@ import numpy as np
 from ..validation import FLOAT_DTYPES
 from .eviction import EvictionPolicy
 from .pages import OutOfPagesError, PageAllocator
-from .paged import UNUSED, gather_pages, update_paged_kv_cache
+from .paged import UNUSED, check_new, gather_pages, update_paged_kv_cache
 
 
 def _pages_for(length: int, page_size: int) -> int:
@@ -131,9 +132,10 @@ class PagedKVCache:
             self._check(seq)
         if len(set(seqs)) != len(seqs):
             raise ValueError(f"seqs must be distinct; got {list(seqs)}")
+        if num_new < 0:
+            raise ValueError(f"num_new must be >= 0; got {num_new}")
         size = self.page_size
-        copies = [s for s in seqs if num_new and self._lengths[s] % size and
-                  self.allocator.refcount(self._pages[s][-1]) > 1]
+        copies = self._copies_before_write(seqs) if num_new else []
         needed = len(copies) + sum(_pages_for(self._lengths[s] + num_new, size) - len(self._pages[s]) for s in seqs)
         if needed > self.allocator.free_pages:
             raise OutOfPagesError(f"{num_new} new keys for {len(seqs)} sequences need {needed} pages; "
@@ -151,6 +153,20 @@ class PagedKVCache:
             self._offsets[seq] += num_new
         return before
 
+    def _copies_before_write(self, seqs: Sequence[int]) -> List[int]:
+        """The sequences of ``seqs`` that must copy their partly filled last page before writing into it:
+        those sharing it, except one when ``seqs`` hold every holder (that one then writes in place)."""
+        partial = [s for s in seqs if self._lengths[s] % self.page_size]
+        holders = Counter(self._pages[s][-1] for s in partial)
+        copies, writers = [], set()
+        for seq in partial:
+            page = self._pages[seq][-1]
+            if holders[page] == self.allocator.refcount(page) and page not in writers:
+                writers.add(page)
+            else:
+                copies.append(seq)
+        return copies
+
     def _copy_last_page(self, seq: int) -> None:
         old = self._pages[seq][-1]
         (new,) = self.allocator.allocate(1)
@@ -164,11 +180,15 @@ class PagedKVCache:
     def append(self, seqs: Sequence[int], keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
         """One-layer cache: reserve room and write ``keys``/``values`` ``(batch, new, kv_heads, head_dim)``.
 
+        The keys and values are checked before anything changes: a bad call leaves the cache as it was.
+
         Returns ``(block_table, cache_seqlens)`` after the write (lengths include the new keys).
         """
         if len(self.k_pools) != 1:
             raise ValueError(f"append writes a one-layer cache; this one has {len(self.k_pools)} layers: call "
                              "reserve once per step, then write each layer's pools")
+        check_new("keys", keys, self.k_pools[0], len(seqs))
+        check_new("values", values, self.v_pools[0], len(seqs), keys.shape[1])
         table, before = self.reserve(seqs, keys.shape[1])
         lengths = update_paged_kv_cache(self.k_pools[0], self.v_pools[0], keys, values, table, before)
         return table, lengths
@@ -270,29 +290,58 @@ class PagedKVCache:
         self._tables.clear()
         return kept
 
-    # Persistence (the state / meta_state pair save_cache reads) ---------------------------------
+    # Persistence (the state save_cache writes and from_state reads) -----------------------------
 
     @property
-    def state(self) -> List[mx.array]:
-        return [p for pair in zip(self.k_pools, self.v_pools) for p in pair]
-
-    @property
-    def meta_state(self) -> Tuple[str]:
-        return (json.dumps({"page_size": self.page_size, "next_id": self._next_id,
-                            "sequences": [[s, self._pages[s], self._lengths[s], self._offsets[s]]
-                                          for s in self._pages]}),)
+    def state(self) -> Tuple[Tuple[mx.array, ...], Tuple[mx.array, ...], str]:
+        """``(k_pools, v_pools, layout)``: the pools of every layer and a JSON string of the page size,
+        the next sequence id and each sequence's ``[id, pages, length, offset]``."""
+        layout = {"page_size": self.page_size, "next_id": self._next_id,
+                  "sequences": [[s, self._pages[s], self._lengths[s], self._offsets[s]] for s in self._pages]}
+        return tuple(self.k_pools), tuple(self.v_pools), json.dumps(layout)
 
     @classmethod
-    def from_state(cls, state: List[mx.array], meta_state) -> "PagedKVCache":
-        meta = json.loads(meta_state[0])
-        pool = state[0]
-        cache = cls(pool.shape[0], meta["page_size"], pool.shape[2], pool.shape[3], num_layers=len(state) // 2,
-                    dtype=pool.dtype)
-        cache.k_pools, cache.v_pools = list(state[0::2]), list(state[1::2])
+    def from_state(cls, state) -> "PagedKVCache":
+        """The cache :attr:`state` describes; ValueError when its layout and pools disagree."""
+        if not isinstance(state, (tuple, list)) or len(state) != 3:
+            raise ValueError("PagedKVCache.state must be (k_pools, v_pools, layout)")
+        k_pools, v_pools, layout = state
+        pools = list(k_pools) + list(v_pools)
+        if not k_pools or len(k_pools) != len(v_pools) or \
+                any(p.shape != pools[0].shape or p.dtype != pools[0].dtype or p.ndim != 4 for p in pools):
+            raise ValueError(f"PagedKVCache.state: k_pools and v_pools must be as many 4-d pools (one per layer) of "
+                             f"one shape and dtype; got {[(tuple(p.shape), str(p.dtype)) for p in pools]}")
+        meta = _layout(layout, pools[0].shape[1])
+        num_pages, page_size, heads, head_dim = pools[0].shape
+        cache = cls(num_pages, page_size, heads, head_dim, num_layers=len(k_pools), dtype=pools[0].dtype)
+        cache.k_pools, cache.v_pools = list(k_pools), list(v_pools)
         for seq, pages, length, offset in meta["sequences"]:
-            if len(pages) != _pages_for(length, cache.page_size):
-                raise ValueError(f"sequence {seq} holds {len(pages)} pages for {length} keys")
             cache._pages[seq], cache._lengths[seq], cache._offsets[seq] = list(pages), length, offset
         cache.allocator.restore(page for pages in cache._pages.values() for page in pages)
         cache._next_id = meta["next_id"]
         return cache
+
+
+def _layout(text: str, page_size: int) -> dict:
+    """The checked layout JSON of :attr:`PagedKVCache.state` for pools of ``page_size`` keys a page."""
+    try:
+        meta = json.loads(text)
+        fields = meta["page_size"], meta["next_id"], meta["sequences"]
+        rows = [(int(seq), list(pages), int(length), int(offset)) for seq, pages, length, offset in fields[2]]
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"PagedKVCache.state: malformed layout (needs page_size, next_id and sequences of "
+                         f"[id, pages, length, offset]): {error!r}") from None
+    if meta["page_size"] != page_size:
+        raise ValueError(f"PagedKVCache.state: layout page_size {meta['page_size']} but the pools hold "
+                         f"{page_size} keys a page")
+    ids = [seq for seq, _, _, _ in rows]
+    if len(set(ids)) != len(ids) or not isinstance(meta["next_id"], int) or meta["next_id"] <= max(ids, default=-1):
+        raise ValueError(f"PagedKVCache.state: sequence ids {ids} must be distinct and below next_id "
+                         f"{meta['next_id']!r}")
+    for seq, pages, length, offset in rows:
+        if length < 0 or offset < length or len(pages) != _pages_for(length, page_size):
+            raise ValueError(f"PagedKVCache.state: sequence {seq} holds {len(pages)} pages for {length} keys at "
+                             f"offset {offset} (needs {_pages_for(max(length, 0), page_size)} pages, "
+                             f"0 <= length <= offset)")
+    meta["sequences"] = rows
+    return meta

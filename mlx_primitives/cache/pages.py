@@ -39,6 +39,8 @@ class PageAllocator:
 
     def allocate(self, count: int) -> List[int]:
         """``count`` free pages, each now held once; OutOfPagesError (nothing taken) when too few are free."""
+        if count < 0:
+            raise ValueError(f"count must be >= 0; got {count}")
         if count > len(self._free):
             raise OutOfPagesError(f"need {count} free pages, the pool has {len(self._free)} of {self.num_pages}")
         pages = [self._free.pop() for _ in range(count)]

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import mlx.core as mx
 
@@ -27,6 +27,19 @@ def check_quantization(group_size: int, bits: int) -> None:
         raise ValueError(f"group_size must be one of {GROUP_SIZES}; got {group_size!r}")
 
 
+def _check_parts(name: str, parts, group_size: int, bits: int) -> None:
+    """State ``parts`` ``(packed uint32, scales, biases)`` of one head_dim = scales' width * group_size."""
+    if not isinstance(parts, (tuple, list)) or len(parts) != 3:
+        raise ValueError(f"QuantizedKVCache.state: {name} must be a (packed, scales, biases) tuple")
+    packed, scales, biases = parts
+    head_dim = scales.shape[3] * group_size
+    if packed.dtype != mx.uint32 or packed.shape[3] * 32 != head_dim * bits or biases.shape != scales.shape:
+        raise ValueError(f"QuantizedKVCache.state: {name} must be uint32 (..., {head_dim * bits // 32}) packed "
+                         f"{bits}-bit values, scales and biases (..., {scales.shape[3]}) of head_dim {head_dim} at "
+                         f"group_size {group_size}; got {packed.dtype} {tuple(packed.shape)}, "
+                         f"{tuple(scales.shape)}, {tuple(biases.shape)}")
+
+
 def _grow(parts: Quantized, extra: int) -> Quantized:
     return tuple(mx.concatenate([x, mx.zeros(x.shape[:2] + (extra, x.shape[3]), x.dtype)], axis=2) for x in parts)
 
@@ -44,6 +57,8 @@ class QuantizedKVCache(Cache):
         group_size (int): features sharing one scale and bias: 32, 64 or 128. Default: ``64``.
         bits (int): bits per feature (8 = int8, 4 = int4, also 2, 3, 5, 6). Default: ``8``.
     """
+
+    state_fields = ("keys", "values", "offset", "group_size", "bits")
 
     def __init__(self, group_size: int = 64, bits: int = 8):
         check_quantization(group_size, bits)
@@ -74,29 +89,28 @@ class QuantizedKVCache(Cache):
         for stored, new in zip(self.keys + self.values, new_k + new_v):
             stored[..., previous:needed, :] = new
         self.offset = needed
-        return self.state
+        return self.keys_and_values()
 
     @property
-    def state(self) -> List[Quantized]:
-        if self.keys is None:
-            return []
-        return [tuple(x[..., : self.offset, :] for x in parts) for parts in (self.keys, self.values)]
+    def state(self) -> Tuple[Optional[Quantized], Optional[Quantized], int, int, int]:
+        """mlx-lm's ``(keys, values, offset, group_size, bits)``; keys and values ``(packed, scales, biases)``."""
+        return (*self.keys_and_values(), self.offset, self.group_size, self.bits)
 
     @state.setter
-    def state(self, value: List[Quantized]) -> None:
-        self.keys, self.values = (tuple(value[0]), tuple(value[1])) if value else (None, None)
-
-    @property
-    def meta_state(self) -> Tuple[str, ...]:
-        return tuple(map(str, (self.offset, self.group_size, self.bits)))
-
-    @meta_state.setter
-    def meta_state(self, value) -> None:
-        self.offset, self.group_size, self.bits = map(int, value)
+    def state(self, value) -> None:
+        keys, values, offset, group_size, bits = self._unpack_state(value)
+        check_quantization(group_size, bits)
+        length = self._check_arrays(keys, values)
+        if keys is not None:
+            for name, parts in (("keys", keys), ("values", values)):
+                _check_parts(name, parts, group_size, bits)
+        self._check_length("offset", offset, length)
+        self.keys, self.values = (None, None) if keys is None else (tuple(keys), tuple(values))
+        self.offset, self.group_size, self.bits = offset, group_size, bits
 
     def dequantized(self) -> Tuple[mx.array, mx.array]:
         """Every cached position as float keys and values ``(batch, kv_heads, offset, head_dim)``."""
-        keys, values = self.state
+        keys, values = self.keys_and_values()
         return dequantize(keys, self.group_size, self.bits), dequantize(values, self.group_size, self.bits)
 
     @property
@@ -147,7 +161,7 @@ def quantized_attention(
             return decode_heads_first(queries, keys.keys, keys.values, keys.offset, softmax_scale=scale,
                                       causal=mask == "causal", quantization=(keys.group_size, keys.bits))
         group_size, bits = keys.group_size, keys.bits
-        keys, values = keys.state
+        keys, values = keys.keys_and_values()
     check_quantization(group_size, bits)
     if values is None or len(keys) != 3 or len(values) != 3:
         raise ValueError("keys and values must be (packed, scales, biases) tuples")

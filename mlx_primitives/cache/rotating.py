@@ -3,11 +3,18 @@ the most recent ones, with mlx-lm's ``RotatingKVCache`` interface and behaviour.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import mlx.core as mx
 
-from .base import Cache, Mask, causal_mask
+from .base import Cache, Mask, causal_mask, mlx_lm_cache
+
+
+def _check_sizes(max_size: int, keep: int) -> None:
+    if not isinstance(max_size, int) or max_size < 1:
+        raise ValueError(f"max_size must be an int >= 1; got {max_size!r}")
+    if not isinstance(keep, int) or not 0 <= keep < max_size:
+        raise ValueError(f"keep must be an int in [0, max_size={max_size}); got {keep!r}")
 
 
 class RotatingKVCache(Cache):
@@ -25,9 +32,10 @@ class RotatingKVCache(Cache):
         keep (int): leading positions never evicted. Default: ``0``.
     """
 
+    state_fields = ("keys", "values", "offset", "keep", "max_size", "_idx")
+
     def __init__(self, max_size: int, keep: int = 0):
-        if not 0 <= keep < max_size:
-            raise ValueError(f"keep must be in [0, max_size={max_size}); got {keep}")
+        _check_sizes(max_size, keep)
         self.max_size = max_size
         self.keep = keep
         self.keys = None
@@ -41,7 +49,7 @@ class RotatingKVCache(Cache):
             return x
         return mx.concatenate([x[..., : self.keep, :], x[..., self.keep + count :, :]], axis=2)
 
-    def _in_time_order(self, x: mx.array) -> mx.array:
+    def _temporal_order(self, x: mx.array) -> mx.array:
         if self._idx == x.shape[2]:
             return x
         if self._idx < self.offset:  # the ring wrapped: the oldest kept position sits at _idx
@@ -53,7 +61,7 @@ class RotatingKVCache(Cache):
         if self.keys is None:
             self.keys, self.values = keys, values
         else:
-            ordered_k, ordered_v = self._in_time_order(self.keys), self._in_time_order(self.values)
+            ordered_k, ordered_v = self._temporal_order(self.keys), self._temporal_order(self.values)
             surplus = ordered_k.shape[2] - self.max_size + 1
             self.keys = mx.concatenate([self._drop(ordered_k, surplus), keys], axis=2)
             self.values = mx.concatenate([self._drop(ordered_v, surplus), values], axis=2)
@@ -84,9 +92,7 @@ class RotatingKVCache(Cache):
         self.values[..., self._idx : self._idx + 1, :] = values
         self.offset += 1
         self._idx += 1
-        if self.offset < self.max_size:
-            return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
-        return self.keys, self.values
+        return self.keys_and_values()
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
         """Add ``keys``/``values`` ``(batch, kv_heads, new, head_dim)``; return the kept positions."""
@@ -98,24 +104,22 @@ class RotatingKVCache(Cache):
         return min(self.offset, self.max_size)
 
     @property
-    def state(self) -> List[mx.array]:
-        if self.keys is None:
-            return []
-        if self.offset < self.keys.shape[2]:
-            return [self.keys[..., : self.offset, :], self.values[..., : self.offset, :]]
-        return [self.keys, self.values]
+    def state(self) -> Tuple[Optional[mx.array], Optional[mx.array], int, int, int, int]:
+        """mlx-lm's ``(keys, values, offset, keep, max_size, _idx)``; keys and values in buffer order."""
+        return (*self.keys_and_values(), self.offset, self.keep, self.max_size, self._idx)
 
     @state.setter
-    def state(self, value: List[mx.array]) -> None:
-        self.keys, self.values = value if value else (None, None)
-
-    @property
-    def meta_state(self) -> Tuple[str, ...]:
-        return tuple(map(str, (self.keep, self.max_size, self.offset, self._idx)))
-
-    @meta_state.setter
-    def meta_state(self, value) -> None:
-        self.keep, self.max_size, self.offset, self._idx = map(int, value)
+    def state(self, value) -> None:
+        keys, values, offset, keep, max_size, idx = self._unpack_state(value)
+        _check_sizes(max_size, keep)
+        length = self._check_arrays(keys, values)
+        if not isinstance(offset, int) or offset < 0 or (length == 0 and offset):
+            raise ValueError(f"RotatingKVCache.state: offset = {offset!r} must be an int >= 0 (0 without keys)")
+        self._check_length("_idx", idx, min(offset, length))
+        if length > max_size and idx != length:
+            raise ValueError(f"RotatingKVCache.state holds {length} keys, more than max_size = {max_size}, "
+                             f"which only a prompt chunk's keys in time order (_idx = {length}) may; _idx = {idx}")
+        self.keys, self.values, self.offset, self.keep, self.max_size, self._idx = value
 
     def is_trimmable(self) -> bool:
         return self.offset < self.max_size
@@ -127,8 +131,9 @@ class RotatingKVCache(Cache):
         self._idx -= n
         return n
 
-    def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None) -> Mask:
-        """The mask of ``N`` new queries against the keys ``update_and_fetch`` returns for them."""
+    def make_mask(self, N: int, window_size: Optional[int] = None, return_array: bool = False) -> Mask:
+        """The mask of ``N`` new queries against the keys ``update_and_fetch`` returns for them
+        (mlx-lm's parameter order: ``window_size`` before ``return_array``)."""
         if N > 1:
             window_size = window_size or self.max_size
             offset = min(self.max_size - 1, self.offset)
@@ -142,6 +147,16 @@ class RotatingKVCache(Cache):
         size = self.offset + 1 if self.offset < self.max_size else self.max_size
         recent = mx.arange(size) >= size - window_size
         return mx.roll(recent, shift=slot + 1)
+
+    @classmethod
+    def merge(cls, caches: Sequence["RotatingKVCache"]):
+        """mlx-lm's ``BatchRotatingKVCache`` holding ``caches`` (one sequence each, left-padded to the
+        longest; all of one ``max_size``), as mlx-lm's batch generation builds; needs mlx-lm."""
+        return mlx_lm_cache().BatchRotatingKVCache.merge(caches)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4):
+        """Not available, as in mlx-lm (whose ``maybe_quantize_kv_cache`` then stops with this error)."""
+        raise NotImplementedError("RotatingKVCache has no quantized version (as in mlx-lm)")
 
     @property
     def nbytes(self) -> int:

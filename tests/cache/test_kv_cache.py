@@ -15,7 +15,7 @@ def chunk(length, heads=2, dim=8, v_dim=None, batch=1, dtype=mx.float32):
 
 def test_new_cache_is_empty():
     cache = KVCache()
-    assert cache.empty() and cache.offset == 0 and cache.nbytes == 0 and cache.state == []
+    assert cache.empty() and cache.offset == 0 and cache.nbytes == 0 and cache.state == (None, None, 0)
 
 
 @pytest.mark.parametrize("step", [1, 3, 256])
@@ -69,11 +69,10 @@ def test_state_round_trips_into_a_fresh_cache():
     cache = KVCache(step=8)
     for length in (3, 2):
         cache.update_and_fetch(*chunk(length))
-    keys, values = cache.state
-    assert keys.shape[2] == values.shape[2] == 5
-    restored = KVCache(step=8)
-    restored.state = cache.state
-    assert restored.offset == 5
+    keys, values, offset = cache.state
+    assert keys.shape[2] == values.shape[2] == offset == 5
+    restored = KVCache.from_state(cache.state)
+    assert restored.offset == 5 and mx.array_equal(restored.keys_and_values()[0], keys)
     k, v = chunk(2)
     a, b = cache.update_and_fetch(k, v), restored.update_and_fetch(k, v)
     assert mx.array_equal(a[0], b[0]) and mx.array_equal(a[1], b[1])
@@ -90,3 +89,19 @@ def test_matches_mlx_lm_kv_cache_over_updates_and_trims():
         assert ours.offset == theirs.offset
         n = int(rng.integers(0, 3))
         assert ours.trim(n) == theirs.trim(n)
+
+
+def test_step_must_be_positive():
+    with pytest.raises(ValueError, match="step must be an int >= 1"):
+        KVCache(step=0)
+
+
+@pytest.mark.parametrize("state,match", [
+    ((None, None), r"\(keys, values, offset\); got 2 items"),
+    ((mx.zeros((1, 2, 3, 4)), mx.zeros((1, 2, 3, 4)), 4), r"offset = 4 must be an int in \[0, 3\]"),
+    ((mx.zeros((1, 2, 3, 4)), mx.zeros((1, 2, 2, 4)), 2), "one \\(batch, kv_heads, length\\)"),
+    ((None, None, 1), r"offset = 1"),
+])
+def test_state_that_does_not_fit_its_arrays_is_refused(state, match):
+    with pytest.raises(ValueError, match=match):
+        KVCache.from_state(state)

@@ -3,6 +3,7 @@ mlx-lm model gives the same logits with either."""
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 import pytest
 
 from mlx_primitives.cache import KVCache, QuantizedKVCache, RotatingKVCache
@@ -73,3 +74,71 @@ def test_an_mlx_lm_model_gives_the_same_logits_with_our_quantized_cache():
     for tokens in ([[3, 1, 4, 1, 5]], [[9]], [[2]]):
         step = mx.array(tokens)
         assert mx.array_equal(model(step, cache=ours), model(step, cache=ref))
+
+
+def filled(make, lengths=(5, 1, 1)):
+    """A cache after updates of ``lengths`` positions (float16, head_dim 64 for the quantized one)."""
+    cache = make()
+    for n in lengths:
+        cache.update_and_fetch(*(mx.random.normal((1, 2, n, 64)).astype(mx.float16) for _ in range(2)))
+    return cache
+
+
+def same_fetch(a, b):
+    """The same keys and values (quantized ones: the same (packed, scales, biases), tuples or lists)."""
+    flat, other = (tree_flatten(list(x)) for x in (a, b))
+    return len(flat) == len(other) and all(mx.array_equal(x, y) for (_, x), (_, y) in zip(flat, other))
+
+
+PAIRS = [(KVCache, theirs.KVCache), (lambda: RotatingKVCache(4, 1), lambda: theirs.RotatingKVCache(4, 1)),
+         (lambda: QuantizedKVCache(64, 4), lambda: theirs.QuantizedKVCache(64, 4))]
+
+
+def test_mlx_lm_saves_and_loads_our_caches(tmp_path):
+    ours = [filled(make) for make, _ in PAIRS]
+    path = str(tmp_path / "prompt.safetensors")
+    theirs.save_prompt_cache(path, ours)
+    loaded = theirs.load_prompt_cache(path)
+    step = [mx.random.normal((1, 2, 1, 64)).astype(mx.float16) for _ in range(2)]
+    for a, b, (_, make_ref) in zip(ours, loaded, PAIRS):
+        assert type(b) is type(make_ref()) and b.offset == a.offset
+        assert same_fetch(a.keys_and_values(), b.keys_and_values())
+        assert same_fetch(a.update_and_fetch(*step), b.update_and_fetch(*step))
+
+
+@pytest.mark.parametrize("pair", range(len(PAIRS)))
+def test_state_moves_between_our_caches_and_mlx_lm_caches(pair):
+    make, make_ref = PAIRS[pair]
+    ours, ref = filled(make), filled(make_ref)
+    into_ours, into_theirs = make(), make_ref()
+    into_ours.state, into_theirs.state = ref.state, ours.state
+    step = [mx.random.normal((1, 2, 1, 64)).astype(mx.float16) for _ in range(2)]
+    assert same_fetch(into_ours.update_and_fetch(*step), ref.update_and_fetch(*step))
+    assert same_fetch(into_theirs.update_and_fetch(*step), ours.update_and_fetch(*step))
+    assert into_ours.offset == ref.offset == 8
+
+
+@pytest.mark.parametrize("pair", range(len(PAIRS)))
+def test_keys_and_values_is_what_update_and_fetch_returned(pair):
+    cache = PAIRS[pair][0]()
+    for n in (3, 1, 1, 1):
+        fetched = cache.update_and_fetch(*(mx.random.normal((1, 2, n, 64)).astype(mx.float16) for _ in range(2)))
+        assert same_fetch(cache.keys_and_values(), fetched)
+
+
+@pytest.mark.parametrize("pair", range(2))
+def test_merge_builds_mlx_lm_batch_cache(pair):
+    make, make_ref = PAIRS[pair]
+    mx.random.seed(pair)
+    ours = [filled(make, (3,)), filled(make, (5, 1))]
+    mx.random.seed(pair)
+    ref = [filled(make_ref, (3,)), filled(make_ref, (5, 1))]
+    a, b = type(ours[0]).merge(ours), type(ref[0]).merge(ref)
+    assert type(a) is type(b) and mx.array_equal(a.left_padding, b.left_padding)
+    assert mx.array_equal(a.offset, b.offset) and same_fetch((a.keys, a.values), (b.keys, b.values))
+
+
+def test_rotating_make_mask_takes_mlx_lm_positional_order():
+    ours, ref = filled(lambda: RotatingKVCache(8, 2)), filled(lambda: theirs.RotatingKVCache(8, 2))
+    assert same_mask(ours.make_mask(3, 4), ref.make_mask(3, 4))
+    assert same_mask(ours.make_mask(3, None, True), ref.make_mask(3, None, True))

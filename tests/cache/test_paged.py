@@ -102,6 +102,57 @@ def test_reserve_is_all_or_nothing():
     assert cache.length(a) == 8 and cache.length(b) == 0 and cache.allocator.free_pages == 1
 
 
+def snapshot(cache):
+    return ({s: (cache.length(s), cache.offset(s), cache.pages(s)) for s in cache.sequences},
+            cache.allocator.free_pages)
+
+
+@pytest.mark.parametrize("bad,error", [
+    (lambda k, v: (k.astype(mx.float16), v), TypeError),
+    (lambda k, v: (k[..., :4], v), ValueError),
+    (lambda k, v: (k, v[:, :2]), ValueError),
+    (lambda k, v: (k[:, :, :1], v[:, :, :1]), ValueError),
+])
+def test_a_bad_append_changes_nothing(bad, error):
+    cache = PagedKVCache(6, 4, HK, D, dtype=mx.float32)
+    a = cache.add_sequence()
+    cache.append([a], *tokens(1, 3))
+    before = snapshot(cache)
+    with pytest.raises(error):
+        cache.append([a], *bad(*tokens(1, 3, start=10)))
+    assert snapshot(cache) == before
+
+
+def test_negative_counts_are_refused_and_change_nothing():
+    cache = PagedKVCache(6, 4, HK, D)
+    a = cache.add_sequence()
+    cache.reserve([a], 7)
+    before = snapshot(cache)
+    with pytest.raises(ValueError, match="num_new must be >= 0; got -5"):
+        cache.reserve([a], -5)
+    with pytest.raises(ValueError, match="count must be >= 0; got -1"):
+        cache.allocator.allocate(-1)
+    assert snapshot(cache) == before
+
+
+def test_one_reserve_for_forks_sharing_a_last_page_copies_it_for_all_holders_but_one():
+    cache = PagedKVCache(3, 4, HK, D, dtype=mx.float32)
+    a = cache.add_sequence()
+    cache.append([a], *tokens(1, 6))
+    b = cache.fork(a)
+    table, before = cache.reserve([a, b], 1)  # 1 page free: b copies page 1, a writes into it
+    assert cache.allocator.free_pages == 0 and before.tolist() == [6, 6]
+    update_paged_kv_cache(cache.k_pools[0], cache.v_pools[0], *tokens(2, 1, start=100), table, before)
+    assert ids(cache.gather(a)[0]) == [0, 1, 2, 3, 4, 5, 100]
+    assert ids(cache.gather(b)[0]) == [0, 1, 2, 3, 4, 5, 101]
+    c = cache.fork(b)  # c shares b's last page: b alone must copy it, b and c together copy it once
+    with pytest.raises(OutOfPagesError):
+        cache.reserve([b], 1)
+    cache.free(a)
+    cache.reserve([b, c], 1)
+    assert cache.allocator.free_pages == 0 and cache.pages(b)[1] != cache.pages(c)[1]
+
+
 def test_batch_of_different_lengths_gives_table_and_lengths_for_the_kernel():
     cache = PagedKVCache(16, 4, HK, D, num_layers=2)
     seqs = [cache.add_sequence() for _ in range(3)]

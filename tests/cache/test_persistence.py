@@ -38,11 +38,13 @@ def flat(state):
 
 def same(a, b):
     assert type(a) is type(b)
-    assert a.meta_state == b.meta_state
     left, right = flat(a.state), flat(b.state)
     assert len(left) == len(right)
     for x, y in zip(left, right):
-        assert x.dtype == y.dtype and mx.array_equal(x, y)
+        if isinstance(x, mx.array):
+            assert x.dtype == y.dtype and mx.array_equal(x, y)
+        else:
+            assert x == y
 
 
 def test_every_cache_round_trips_exactly(tmp_path):
@@ -108,3 +110,87 @@ def test_arrays_that_do_not_match_the_metadata_are_refused(tmp_path):
 def test_only_caches_can_be_saved(tmp_path):
     with pytest.raises(TypeError, match="save_cache takes"):
         save_cache(str(tmp_path / "x.safetensors"), [object()])
+
+
+def test_a_path_without_the_suffix_round_trips_and_a_missing_file_says_so(tmp_path):
+    cache = filled_caches()[0]
+    save_cache(str(tmp_path / "plain"), cache)
+    same(load_cache(str(tmp_path / "plain")), cache)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_cache(str(tmp_path / "absent.safetensors"))
+
+
+def edit(path, change):
+    """Rewrite the cache metadata of the file at ``path`` through ``change(meta)``."""
+    arrays, metadata = mx.load(path, return_metadata=True)
+    meta = json.loads(metadata["mlx_primitives.cache"])
+    change(meta)
+    mx.save_safetensors(path, arrays, {"mlx_primitives.cache": json.dumps(meta)})
+
+
+def layout_edit(**fields):
+    def change(meta):
+        layout = json.loads(meta["caches"][3]["structure"][2]["value"])
+        layout.update(fields)
+        meta["caches"][3]["structure"][2]["value"] = json.dumps(layout)
+    return change
+
+
+def scalar_edit(cache, item, value):
+    def change(meta):
+        meta["caches"][cache]["structure"][item] = {"value": value}
+    return change
+
+
+@pytest.mark.parametrize("change,match", [
+    (scalar_edit(2, 2, 14), r"cache 2: QuantizedKVCache.state: offset = 14"),
+    (scalar_edit(2, 4, 8), "packed 8-bit"),
+    (scalar_edit(1, 4, 4), "more than max_size = 4"),
+    (scalar_edit(0, 2, 12), "offset = 12"),
+    (layout_edit(sequences=[[0, [0, 1], 9, 9]]), "sequence 0 holds 2 pages for 9 keys"),
+    (layout_edit(sequences=[[0, [0, 1], 6, 5]]), "offset 5"),
+    (layout_edit(next_id=0), "below next_id 0"),
+    (layout_edit(sequences=[[0, [0, 1], 6, 6], [0, [0, 1], 6, 6]]), r"ids \[0, 0\] must be distinct"),
+    (layout_edit(page_size=2), "layout page_size 2"),
+    (lambda meta: meta["caches"][0].pop("structure"), "malformed 'mlx_primitives.cache' metadata: KeyError"),
+])
+def test_metadata_that_does_not_fit_the_arrays_is_refused(tmp_path, change, match):
+    path = str(tmp_path / "edited.safetensors")
+    save_cache(path, filled_caches())
+    edit(path, change)
+    with pytest.raises(ValueError, match=match):
+        load_cache(path)
+
+
+def test_pools_of_another_shape_in_one_paged_cache_are_refused(tmp_path):
+    path = str(tmp_path / "pools.safetensors")
+    save_cache(path, filled_caches()[3])
+    arrays, metadata = mx.load(path, return_metadata=True)
+    arrays["0.0.1"] = arrays["0.0.1"][..., :32]
+    meta = json.loads(metadata["mlx_primitives.cache"])
+    meta["arrays"]["0.0.1"][0][-1] = 32
+    mx.save_safetensors(path, arrays, {"mlx_primitives.cache": json.dumps(meta)})
+    with pytest.raises(ValueError, match="as many 4-d pools .* of one shape and dtype"):
+        load_cache(path)
+
+
+def test_format_1_files_still_load(tmp_path):
+    """Files of the earlier format kept the scalars in ``meta_state`` and only arrays in the state."""
+    plain, rotating, quantized, paged = filled_caches()
+    arrays = {"0.0.0": plain.state[0], "0.1.0": plain.state[1], "1.0.0": rotating.state[0],
+              "1.1.0": rotating.state[1]}
+    arrays.update((f"2.{j}.{t}", x) for j in range(2) for t, x in enumerate(quantized.state[j]))
+    arrays.update((f"3.{j}.0", pool) for j, pool in enumerate([paged.k_pools[0], paged.v_pools[0],
+                                                                 paged.k_pools[1], paged.v_pools[1]]))
+    entries = [{"class": "KVCache", "meta_state": [], "structure": [0, 0]},
+               {"class": "RotatingKVCache", "meta_state": ["2", "8", "11", "5"], "structure": [0, 0]},
+               {"class": "QuantizedKVCache", "meta_state": ["11", "64", "4"], "structure": [3, 3]},
+               {"class": "PagedKVCache", "meta_state": [paged.state[2]], "structure": [0, 0, 0, 0]},
+               {"class": "KVCache", "meta_state": [], "structure": []}]
+    shapes = {key: [list(a.shape), str(a.dtype).replace("mlx.core.", "")] for key, a in arrays.items()}
+    meta = {"format": "mlx_primitives.cache/1", "caches": entries, "arrays": shapes, "list": True}
+    path = str(tmp_path / "old.safetensors")
+    mx.save_safetensors(path, arrays, {"mlx_primitives.cache": json.dumps(meta)})
+    loaded = load_cache(path)
+    for a, b in zip([plain, rotating, quantized, paged, KVCache()], loaded):
+        same(a, b)

@@ -46,22 +46,52 @@ def test_attention_over_the_dequantized_cache_matches_float64_and_int8_stays_clo
     ours = f64(out).reshape(-1)
     cos = ours @ exact.reshape(-1) / np.linalg.norm(ours) / np.linalg.norm(exact)
     assert cos >= 0.999
-    same = quantized_attention(q, *cache.state, mask="causal", group_size=64, bits=8)
+    same = quantized_attention(q, *cache.keys_and_values(), mask="causal", group_size=64, bits=8)
     assert mx.array_equal(out, same)
 
 
-def test_state_meta_state_trim_and_to_quantized():
+def test_state_trim_and_to_quantized():
     plain = KVCache()
     k, v = chunk(7)
     plain.update_and_fetch(k, v)
     cache = plain.to_quantized(group_size=32, bits=4)
     assert (cache.offset, cache.group_size, cache.bits) == (7, 32, 4)
-    assert cache.meta_state == ("7", "32", "4")
-    restored = QuantizedKVCache.from_state(cache.state, cache.meta_state)
-    for a, b in zip(restored.state[0], cache.state[0]):
+    assert cache.state[2:] == (7, 32, 4)
+    restored = QuantizedKVCache.from_state(cache.state)
+    assert (restored.offset, restored.group_size, restored.bits) == (7, 32, 4)
+    for a, b in zip(restored.keys_and_values()[0], cache.keys_and_values()[0]):
         assert mx.array_equal(a, b)
     assert cache.is_trimmable() and cache.trim(3) == 3 and cache.state[0][0].shape[2] == 4
     assert cache.make_mask(1) is None and cache.make_mask(2) == "causal"
+
+
+def test_state_setter_restores_the_offset():
+    cache = QuantizedKVCache(bits=8)
+    cache.update_and_fetch(*chunk(5, dim=64))
+    copy = QuantizedKVCache(bits=8)
+    copy.state = cache.state
+    k, v = chunk(1, dim=64)
+    a, b = cache.update_and_fetch(k, v), copy.update_and_fetch(k, v)
+    assert copy.offset == 6 and all(mx.array_equal(x, y) for x, y in zip(a[0] + a[1], b[0] + b[1]))
+
+
+def edited(state, index, value):
+    return state[:index] + (value,) + state[index + 1:]
+
+
+@pytest.mark.parametrize("index,value,match", [
+    (2, 9, r"offset = 9 must be an int in \[0, 5\]"),
+    (4, 4, "uint32 \\(..., 8\\) packed 4-bit"),
+    (3, 32, "uint32 \\(..., 8\\) packed 8-bit"),
+    (4, 7, "bits must be one of"),
+])
+def test_state_whose_scalars_do_not_fit_the_arrays_is_refused(index, value, match):
+    cache = QuantizedKVCache(group_size=64, bits=8)
+    cache.update_and_fetch(*chunk(5, dim=64))
+    with pytest.raises(ValueError, match=match):
+        QuantizedKVCache.from_state(edited(cache.state, index, value))
+    with pytest.raises(ValueError, match="keys must be a \\(packed, scales, biases\\) tuple"):
+        QuantizedKVCache.from_state(edited(cache.state, 0, cache.state[0][:2]))
 
 
 @pytest.mark.parametrize("options,match", [({"bits": 7}, "bits"), ({"group_size": 48}, "group_size")])

@@ -82,10 +82,31 @@ def test_trim_only_before_the_ring_wraps_and_state_round_trips():
     for t in range(3, 12):
         cache.update_and_fetch(*tagged([t]))
     assert not cache.is_trimmable()
-    restored = RotatingKVCache.from_state(cache.state, cache.meta_state)
-    assert restored.meta_state == cache.meta_state
-    a, b = cache.update_and_fetch(*tagged([12])), restored.update_and_fetch(*tagged([12]))
+    copy = RotatingKVCache(max_size=4)
+    copy.state = cache.state  # the setter restores offset, keep, max_size and the ring slot
+    assert copy.state[2:] == cache.state[2:] == (12, 1, 8, 5)
+    a, b = cache.update_and_fetch(*tagged([12])), copy.update_and_fetch(*tagged([12]))
     assert held(a[0]) == held(b[0])
+
+
+@pytest.mark.parametrize("index,value,match", [
+    (4, 4, "holds 8 keys, more than max_size = 4"),
+    (5, 9, r"_idx = 9 must be an int in \[0, 8\]"),
+    (3, 8, r"keep must be an int in \[0, max_size=8\)"),
+    (2, -1, "offset = -1 must be an int >= 0"),
+])
+def test_state_whose_scalars_do_not_fit_the_arrays_is_refused(index, value, match):
+    cache = RotatingKVCache(max_size=8, keep=2)
+    for t in range(11):
+        cache.update_and_fetch(*tagged([t]))
+    state = cache.state
+    with pytest.raises(ValueError, match=match):
+        RotatingKVCache.from_state(state[:index] + (value,) + state[index + 1:])
+
+
+def test_to_quantized_raises_as_mlx_lm_does():
+    with pytest.raises(NotImplementedError, match="RotatingKVCache"):
+        RotatingKVCache(max_size=8).to_quantized()
 
 
 def test_keep_must_leave_room_for_the_ring():
