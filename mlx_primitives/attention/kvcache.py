@@ -110,6 +110,9 @@ def _host_layout(k_cache, batch: int, new: int, cache_seqlens, cache_batch_idx, 
                 b = int(np.argmax(bad))
                 raise ValueError(f"cache_batch_idx[{b}] = {rows[b]} is not a row of k_cache "
                                  f"(batch_size_cache = {k_cache.shape[0]})")
+            if new and len(np.unique(rows)) != batch:
+                raise ValueError(f"cache_batch_idx must name distinct cache rows when k and v are appended (two "
+                                 f"sequences would write the same row); got {rows.tolist()}")
         elif k_cache.shape[0] != batch:
             raise ValueError(f"k_cache must have batch_size_cache = batch = {batch} without cache_batch_idx; "
                              f"got {tuple(k_cache.shape)}")

@@ -211,6 +211,16 @@ def test_bad_input_raises_before_anything_is_written(case, error, match):
     np.testing.assert_array_equal(f64(k_cache), before)
 
 
+def test_appending_through_duplicate_cache_rows_is_refused():
+    k_cache = random((2, 16, HK, D))
+    before = f64(k_cache)
+    k = random((2, 1, HK, D))
+    with pytest.raises(ValueError, match=r"cache_batch_idx must name distinct cache rows .* got \[0, 0\]"):
+        flash_attn_with_kvcache(random((2, 1, HQ, D)), k_cache, mx.array(k_cache), k, mx.array(k), cache_seqlens=3,
+                                cache_batch_idx=mx.array([0, 0], mx.int32))
+    np.testing.assert_array_equal(f64(k_cache), before)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("page_size", [16, 64])
 @pytest.mark.parametrize("q_len", [1, 3])
