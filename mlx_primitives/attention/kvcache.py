@@ -256,3 +256,36 @@ def flash_attn_with_kvcache(
                                     softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                                     softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True)
     return (out, lse) if return_softmax_lse else out
+
+
+def paged_attention(
+    q: mx.array,
+    k_pool: mx.array,
+    v_pool: mx.array,
+    block_table: mx.array,
+    context_lens: Union[int, mx.array],
+    scale: Optional[float] = None,
+    causal: bool = True,
+) -> mx.array:
+    """Attention of ``q`` over keys already in a paged cache: :func:`flash_attn_with_kvcache` without
+    new keys (decode-sized calls read the pages in place through the block table).
+
+    Sequence ``b`` attends over its first ``context_lens[b]`` keys: key ``j`` is row ``j % page_size``
+    of page ``block_table[b, j // page_size]``. The queries are the sequence's last ``seqlen_q``
+    positions, so ``causal`` aligns the mask bottom-right (query ``i`` sees keys
+    ``<= context_lens[b] - seqlen_q + i``); a single query row sees every key either way.
+
+    Args:
+        q: ``(batch, seqlen_q, num_heads, head_dim)``.
+        k_pool, v_pool: page pools ``(num_pages, page_size, num_kv_heads, head_dim)`` in q's dtype
+            (e.g. :class:`~mlx_primitives.cache.PagedKVCache`'s ``k_pools[layer]``).
+        block_table: int32 ``(batch, max_pages)`` page ids, -1 for unused slots.
+        context_lens: int32 ``(batch,)`` (or an int) keys cached per sequence.
+        scale: softmax scale, default ``1 / sqrt(head_dim)``.
+        causal: bottom-right aligned causal mask. Default: ``True``.
+
+    Returns:
+        ``(batch, seqlen_q, num_heads, head_dim)`` in q's dtype.
+    """
+    return flash_attn_with_kvcache(q, k_pool, v_pool, cache_seqlens=context_lens, block_table=block_table,
+                                   softmax_scale=scale, causal=causal)

@@ -3,7 +3,7 @@
 Contiguous caches with mlx-lm's interface (:class:`KVCache`, :class:`RotatingKVCache`,
 :class:`QuantizedKVCache`), paged storage (:class:`PagedKVCache` over a :class:`PageAllocator`,
 :func:`update_paged_kv_cache`), eviction policies, persistence, and
-:func:`flash_attn_with_kvcache` (defined in :mod:`mlx_primitives.attention`).
+:func:`flash_attn_with_kvcache` and :func:`paged_attention` (defined in :mod:`mlx_primitives.attention`).
 """
 
 from .base import attention_mask, causal_mask
@@ -33,6 +33,7 @@ __all__ = [
     "flash_attn_with_kvcache",
     "gather_pages",
     "load_cache",
+    "paged_attention",
     "quantized_attention",
     "save_cache",
     "update_paged_kv_cache",
@@ -40,9 +41,9 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # flash_attn_with_kvcache lives in mlx_primitives.attention, which imports this package's checks.
-    if name == "flash_attn_with_kvcache":
-        from ..attention.kvcache import flash_attn_with_kvcache
+    # These live in mlx_primitives.attention, which imports this package's checks.
+    if name in ("flash_attn_with_kvcache", "paged_attention"):
+        from ..attention import kvcache
 
-        return flash_attn_with_kvcache
+        return getattr(kvcache, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mlx_primitives.attention import flash_attn_with_kvcache, kvcache
+import mlx_primitives.cache as cache_api
 from mlx_primitives.cache import PagedKVCache, update_paged_kv_cache
 from mlx_primitives.hardware import device_profile
 from tests.reference import Features, assert_within_rule, attention64, f64, naive_attention
@@ -209,6 +210,21 @@ def test_bad_input_raises_before_anything_is_written(case, error, match):
     with pytest.raises(error, match=match):
         flash_attn_with_kvcache(random((1, 1, HQ, D)), k_cache, v_cache, k, mx.array(k), **kwargs)
     np.testing.assert_array_equal(f64(k_cache), before)
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_paged_attention_attends_over_each_sequences_pages(q_len):
+    cache = PagedKVCache(12, 8, HK, D, dtype=mx.float16)
+    seqs = [cache.add_sequence() for _ in range(B)]
+    for seq, n in zip(seqs, (5, 17, 9)):
+        cache.append([seq], random((1, n, HK, D)), random((1, n, HK, D)))
+    cache.append([cache.fork(seqs[1])], random((1, 2, HK, D)), random((1, 2, HK, D)))  # shares seqs[1]'s pages
+    q = random((B, q_len, HQ, D))
+    out = cache_api.paged_attention(q, cache.k_pools[0], cache.v_pools[0], cache.block_table(seqs),
+                                    cache.cache_seqlens(seqs), scale=0.2)
+    keys, values = zip(*(tuple(f64(x) for x in cache.gather(seq)) for seq in seqs))
+    oracle_check(out, q, keys, values, Features(causal=True, scale=0.2))
+    assert out.shape == q.shape and out.dtype == q.dtype
 
 
 def test_appending_through_duplicate_cache_rows_is_refused():
