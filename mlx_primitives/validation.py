@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 
@@ -39,3 +42,58 @@ def check_same_dtype(names: Sequence[str], arrays: Sequence[mx.array]) -> None:
     if len(set(dtypes)) > 1:
         got = ", ".join(f"{n}={d}" for n, d in zip(names, dtypes))
         raise TypeError(f"{' and '.join(names)} must share one dtype; got {got}")
+
+
+def check_real(name: str, value) -> float:
+    """``value`` as a float: a finite real number (Python or NumPy scalar; not a bool, not an array).
+
+    Raises TypeError when ``value`` is no real number, ValueError when it is NaN or infinite.
+    """
+    if isinstance(value, (bool, mx.array)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (int, float or NumPy scalar); got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value!r}")
+    return float(value)
+
+
+def check_int(name: str, value) -> int:
+    """``value`` as an int: a Python or NumPy integer, not a bool; TypeError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    """``value``, one of the strings ``choices``: TypeError naming ``name`` for a non-string, ValueError for
+    another string."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {tuple(choices)}; got {type(value).__name__} {value!r}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}; got {value!r}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` as a bool: True, False or a NumPy bool; TypeError naming ``name`` otherwise."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def check_index_range(name: str, indices: mx.array, size: int, expected: str) -> None:
+    """Raise ValueError unless every value of the integer array ``indices`` lies in ``[0, size)``.
+
+    One device-to-host read of the extremes; skipped where ``indices`` is traced (inside ``mx.compile``,
+    ``mx.vmap`` or a gradient it depends on), where the host cannot read it. ``expected`` names the bound
+    for the message, e.g. ``"x.shape[0]"``.
+    """
+    if not indices.size:
+        return
+    try:
+        low, high = mx.stack([indices.min(), indices.max()]).tolist()
+    except ValueError as error:
+        if "transformation" in str(error):
+            return
+        raise
+    if low < 0 or high >= size:
+        raise ValueError(f"{name} must lie in [0, {size}) ({expected}); got values in [{low}, {high}]")

@@ -17,12 +17,17 @@ Paths, in order of preference:
 
 The choice is observable: :func:`choose_route` returns it with its reason, and
 every call logs it at DEBUG level on the ``mlx_primitives.dispatch`` logger.
+
+The environment variable ``FLASH_ATTENTION_MLX_REF=1`` (the switch of flash-attention's MLX port)
+sends every ``path="auto"`` call to the reference path; an explicit ``path=`` still wins. It is read
+once, at import (set it before starting Python; within a program, pass ``path="reference"``).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import NamedTuple, Optional, Tuple
 
 import mlx.core as mx
@@ -35,6 +40,11 @@ from .spec import AttentionSpec
 logger = logging.getLogger("mlx_primitives.dispatch")
 
 PATHS = ("auto", "sdpa", "kernel", "reference")
+
+REFERENCE_ENV = "FLASH_ATTENTION_MLX_REF"
+# Read once: a per-call os.environ lookup costs 1-3 us when the variable is unset (a KeyError inside),
+# as much as the whole memoized validation of a call.
+FORCE_REFERENCE = os.environ.get(REFERENCE_ENV, "0") not in ("", "0")
 
 # Past this head dim sdpa leaves its fast path (cuDNN on CUDA): on the H100 the kernel is 2-3x faster
 # there for causal calls, sdpa still ~1.3x faster without a mask (benchmarks/results/h100/flash_kernel.md).
@@ -103,14 +113,17 @@ def choose_route(spec: AttentionSpec, need_lse: bool = False, path: str = "auto"
     Args:
         spec: the validated call.
         need_lse: whether the caller needs the log-sum-exp.
-        path: ``"auto"``, or a path to force (``"sdpa"`` and ``"kernel"`` fail with
-            ``ValueError`` when they cannot run the call).
+        path: ``"auto"`` (``"reference"`` where ``FLASH_ATTENTION_MLX_REF`` was set to anything
+            but ``0`` at import), or a path to force (``"sdpa"`` and ``"kernel"`` fail with ``ValueError``
+            when they cannot run the call).
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}; got {path!r}")
-    blocker = _sdpa_blocker(spec, need_lse)
     if path == "reference":
         return Route("reference", "forced by the caller")
+    if path == "auto" and FORCE_REFERENCE:
+        return Route("reference", f"{REFERENCE_ENV} is set")
+    blocker = _sdpa_blocker(spec, need_lse)
     if path == "sdpa":
         if blocker:
             raise ValueError(f"path='sdpa' cannot run this call: {blocker}")

@@ -34,18 +34,24 @@ _SPECS = CallMemo(512)
 
 def _describe(q, k, v, layout, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
               mask=None, chunk_size=None) -> AttentionSpec:
-    key = None
-    if alibi_slopes is None and sinks is None and not isinstance(mask, mx.array):
-        try:
-            key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, type(q), type(k), type(v), layout,
-                   dropout_p, softmax_scale, causal, window_size, softcap, mask, chunk_size)
-            hash(key)
-        except (AttributeError, TypeError):  # not arrays, or unhashable options: let validation say why
-            key = None
-    return _SPECS.get(key, lambda: describe_attention(
-        q, k, v, layout=layout, scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
-        alibi_slopes=alibi_slopes, sinks=sinks, mask=mask, dropout_p=dropout_p, chunk_size=chunk_size,
-    ))
+    def validate() -> AttentionSpec:
+        return describe_attention(
+            q, k, v, layout=layout, scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+            alibi_slopes=alibi_slopes, sinks=sinks, mask=mask, dropout_p=dropout_p, chunk_size=chunk_size,
+        )
+
+    if alibi_slopes is not None or sinks is not None or isinstance(mask, mx.array):
+        return validate()
+    try:
+        # The options' types belong to the key: 3.0 == 3, 1 == True and np.int64(3) == 3 hash alike,
+        # and validation accepts some of them and rejects others.
+        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, type(q), type(k), type(v), layout, mask,
+               window_size, type(window_size), *map(type, window_size), dropout_p, type(dropout_p),
+               softmax_scale, type(softmax_scale), causal, type(causal), softcap, type(softcap),
+               chunk_size, type(chunk_size))
+        return _SPECS.get(key, validate)
+    except (AttributeError, TypeError):  # not arrays, an unhashable option or a validation error:
+        return validate()  # validated unkeyed (raising the same error again where it was validation's)
 
 
 def _attend(
@@ -198,8 +204,27 @@ def flash_attention(
     return _attend(q, k, v, spec, layout, False, dropout_key, path)
 
 
-def explain(q: mx.array, k: mx.array, v: mx.array, layout: str = "BSHD", return_lse: bool = False,
-            **options) -> Route:
-    """Which path :func:`flash_attention` would take for these arguments, and why."""
-    spec = describe_attention(q, k, v, layout=layout, **options)
-    return choose_route(spec, need_lse=return_lse)
+def explain(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    causal: bool = False,
+    layout: str = "BSHD",
+    scale: Optional[float] = None,
+    *,
+    return_lse: bool = False,
+    dropout_key: Optional[mx.array] = None,
+    path: str = "auto",
+    **options,
+) -> Route:
+    """Which path :func:`flash_attention` would take for the same arguments, and why.
+
+    Takes :func:`flash_attention`'s arguments (``dropout_key`` does not change the route; the options
+    ``window_size``, ``softcap``, ``alibi_slopes``, ``sinks``, ``mask``, ``dropout_p``, ``chunk_size``
+    go in ``options``), plus ``return_lse``: whether the caller needs the log-sum-exp, as
+    ``flash_attn_func(..., return_attn_probs=True)`` does. :func:`flash_attn_func`'s
+    ``softmax_scale`` is ``scale`` here.
+    """
+    del dropout_key
+    spec = describe_attention(q, k, v, layout=layout, scale=scale, causal=causal, **options)
+    return choose_route(spec, need_lse=return_lse, path=path)

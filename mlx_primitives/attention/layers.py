@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+from types import MappingProxyType
 from typing import Any, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..kernels.decode_heads_first import decode_heads_first
+from ..validation import check_int
 from .flash import flash_attention
-from .sage import sageattn
-from .spec import check_layout
+from .sage import check_sage_options, sageattn
+from .spec import check_layout, check_options, normalize_window
 
 KERNELS = {"flash": "auto", "sdpa": "sdpa", "reference": "reference", "sage": "sage"}
 
@@ -46,14 +48,13 @@ class FlashAttention(nn.Module):
     ):
         super().__init__()
         check_layout(layout)
+        scale, self.causal, _, self.softcap, self.dropout_p = check_options(scale, causal, window_size, softcap,
+                                                                            dropout_p)
         self.num_heads = num_heads
         self.head_dim = head_dim
-        self.causal = causal
-        self.window_size = tuple(window_size)
-        self.softcap = softcap
+        self.window_size = normalize_window(window_size, causal=False)
         self.layout = layout
         self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
-        self.dropout_p = dropout_p
 
     def _extra_repr(self) -> str:
         return (
@@ -81,12 +82,14 @@ class FlashAttention(nn.Module):
 
 
 def sliding_window(window_size: Union[int, Tuple[int, int]], causal: bool) -> Tuple[int, int]:
-    """``(left, right)`` of a window given as its total width ``W`` (``W`` keys per query, itself included)."""
-    if isinstance(window_size, int) and not isinstance(window_size, bool):
-        if window_size < 1:
-            raise ValueError(f"window_size must be >= 1; got {window_size}")
-        return (window_size - 1, 0) if causal else ((window_size - 1) // 2, window_size // 2)
-    return tuple(window_size)
+    """``(left, right)`` of a window given as its total width ``W`` (``W`` keys per query, itself included)
+    or as ``(left, right)`` already."""
+    if isinstance(window_size, (tuple, list)):
+        return normalize_window(window_size, causal=False)
+    width = check_int("window_size", window_size)
+    if width < 1:
+        raise ValueError(f"window_size must be >= 1; got {width}")
+    return (width - 1, 0) if causal else ((width - 1) // 2, width // 2)
 
 
 class SlidingWindowAttention(FlashAttention):
@@ -149,6 +152,9 @@ class Attention(nn.Module):
         kernel (str): ``"flash"`` (dispatcher picks), ``"sdpa"``, ``"reference"`` or ``"sage"`` (INT8 q and k,
             :func:`~mlx_primitives.attention.sageattn`; no window, softcap or mask arrays). Default: ``"flash"``.
         window_size, softcap, scale: as in :class:`FlashAttention`.
+        sage_options (dict, optional): keyword options of :func:`~mlx_primitives.attention.sageattn`
+            for ``kernel="sage"`` (``qk_quant_gran``, ``pv_accum_dtype``, ``smooth_k``, ``smooth_v``,
+            ``path``), checked here. Default: sageattn's defaults.
 
     Call with ``x`` ``(batch, seq, dims)``, an optional ``mask`` (``"causal"`` or an array
     broadcastable to ``(batch, heads, seq, seq_k)``) and an optional cache with mlx-lm's
@@ -168,6 +174,7 @@ class Attention(nn.Module):
         window_size: Tuple[int, int] = (-1, -1),
         softcap: float = 0.0,
         scale: Optional[float] = None,
+        sage_options: Optional[dict] = None,
     ):
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
@@ -175,12 +182,17 @@ class Attention(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {tuple(KERNELS)}; got {kernel!r}")
+        scale, _, window_size, softcap, _ = check_options(scale, window_size=window_size, softcap=softcap)
         if kernel == "sage" and (tuple(window_size) != (-1, -1) or softcap):
             raise ValueError("kernel='sage' takes no window_size or softcap")
-        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        if sage_options is not None and kernel != "sage":
+            raise ValueError(f"sage_options need kernel='sage'; got kernel={kernel!r}")
+        # A mapping proxy, not a dict: nn.Module would take a dict for a tree of parameters.
+        self.sage_options = MappingProxyType(check_sage_options(**(sage_options or {}))) if kernel == "sage" else None
+        self.dims, self.num_heads, self.num_kv_heads = dims, num_heads, num_kv_heads
         self.head_dim = head_dim or dims // num_heads
         self.kernel = kernel
-        self.window_size = tuple(window_size)
+        self.window_size = window_size
         self.softcap = softcap
         self.scale = scale if scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.q_proj = nn.Linear(dims, num_heads * self.head_dim, bias=bias)
@@ -197,7 +209,7 @@ class Attention(nn.Module):
     def _extra_repr(self) -> str:
         return (
             f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-            f"kernel={self.kernel!r}"
+            f"kernel={self.kernel!r}" + (f", sage_options={dict(self.sage_options)}" if self.sage_options else "")
         )
 
     def shard(self, group: Optional[mx.distributed.Group] = None) -> "Attention":
@@ -210,8 +222,8 @@ class Attention(nn.Module):
         return shard_attention(self, group)
 
     def __call__(self, x: mx.array, mask: Union[None, str, mx.array] = None, cache: Any = None) -> mx.array:
-        if x.ndim != 3:
-            raise ValueError(f"x must have shape (batch, seq, dims); got {x.shape}")
+        if x.ndim != 3 or x.shape[-1] != self.dims:
+            raise ValueError(f"x must have shape (batch, seq, dims={self.dims}); got {tuple(x.shape)}")
         batch, length, _ = x.shape
         q = self.q_proj(x).reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
@@ -234,7 +246,7 @@ class Attention(nn.Module):
         if self.kernel == "sage":
             if mask is not None and not (isinstance(mask, str) and mask == "causal"):
                 raise ValueError(f"kernel='sage' takes mask 'causal' or None; got {type(mask).__name__}")
-            out = sageattn(q, k, v, "HND", is_causal=mask == "causal", sm_scale=self.scale)
+            out = sageattn(q, k, v, "HND", is_causal=mask == "causal", sm_scale=self.scale, **self.sage_options)
             return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
         out = flash_attention(
             q, k, v, layout="BHSD", scale=self.scale, mask=mask, window_size=self.window_size,

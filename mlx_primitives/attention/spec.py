@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Tuple, Union
 import mlx.core as mx
 import numpy as np
 
-from ..validation import check_array, check_same_dtype
+from ..validation import FLOAT_DTYPES, check_array, check_bool, check_int, check_real, check_same_dtype
 
 LAYOUTS = ("BSHD", "BHSD")
 
@@ -116,19 +116,36 @@ def check_layout(layout: str) -> None:
 
 
 def normalize_window(window_size, causal: bool) -> Tuple[int, int]:
-    """Validate ``window_size`` and fold ``causal`` into its right edge."""
-    if (
-        not isinstance(window_size, (tuple, list))
-        or len(window_size) != 2
-        or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)
-    ):
+    """Validate ``window_size`` (a pair of Python or NumPy ints) and fold ``causal`` into its right edge."""
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise TypeError(f"window_size must be a pair of ints (left, right); got {window_size!r}")
-    left, right = window_size
+    left, right = (check_int(f"window_size[{i}]", w) for i, w in enumerate(window_size))
     if left < -1 or right < -1:
         raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded); got {window_size!r}")
     if causal:
         right = 0 if right < 0 else min(right, 0)
     return left, right
+
+
+def check_options(
+    scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+) -> Tuple[Optional[float], bool, Tuple[int, int], float, float]:
+    """Validate the scalar options of an attention call (:func:`describe_attention`'s, and the layers'
+    at construction): ``(scale, causal, window, softcap, dropout_p)`` as float/bool/int values, ``window``
+    with ``causal`` folded into its right edge, ``scale`` None where it was."""
+    scale = None if scale is None else check_real("softmax_scale", scale)
+    causal = check_bool("causal", causal)
+    window = normalize_window(window_size, causal)
+    softcap, dropout_p = check_real("softcap", softcap), check_real("dropout_p", dropout_p)
+    if softcap < 0:
+        raise ValueError(f"softcap must be a finite float >= 0 (0 disables); got {softcap!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p!r}")
+    return scale, causal, window, softcap, dropout_p
 
 
 def describe_attention(
@@ -155,13 +172,13 @@ def describe_attention(
         k: keys, same layout with ``num_kv_heads`` heads and ``k_len`` positions.
         v: values, shaped like ``k`` (its last dimension may differ).
         layout: ``"BSHD"`` or ``"BHSD"``.
-        scale: softmax scale, default ``1 / sqrt(head_dim)``.
-        causal: bottom-right aligned causal mask.
+        scale: softmax scale (a Python or NumPy real number), default ``1 / sqrt(head_dim)``.
+        causal: bottom-right aligned causal mask (a bool).
         window_size: ``(left, right)`` visible keys around the aligned position, ``-1`` unbounded.
         softcap: ``c`` in ``c * tanh(s / c)`` applied to scaled scores; ``0`` disables.
         alibi_slopes: ``(num_heads,)`` or ``(batch, num_heads)`` slopes; adds ``-slope * |i + Sk - Sq - j|``.
         sinks: ``(num_heads,)`` logits joining every row's softmax denominator.
-        mask: ``"causal"``, or a boolean / additive array broadcastable to
+        mask: ``"causal"``, or a boolean (True = visible) or additive float array broadcastable to
             ``(batch, num_heads, q_len, k_len)``.
         dropout_p: probability of dropping an attention weight, in ``[0, 1)``.
         chunk_size: key (and query) block size of the reference path.
@@ -196,22 +213,14 @@ def describe_attention(
             f"num_heads of q ({num_heads}) must be a multiple of num_kv_heads of k and v ({num_kv_heads})"
         )
 
+    scale, causal, window, softcap, dropout_p = check_options(scale, causal, window_size, softcap, dropout_p)
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
-    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"softmax_scale must be a finite float; got {scale!r}")
-
     if isinstance(mask, str):
         if mask != "causal":
             raise ValueError(f"mask must be 'causal', an mx.array or None; got {mask!r}")
-        causal, mask = True, None
-    window = normalize_window(window_size, causal)
-
-    if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
-        raise ValueError(f"softcap must be a finite float >= 0 (0 disables); got {softcap!r}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        causal, window, mask = True, normalize_window(window, True), None
+    if chunk_size is not None and check_int("chunk_size", chunk_size) <= 0:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
 
     if alibi_slopes is not None:
@@ -228,7 +237,9 @@ def describe_attention(
     if mask is not None:
         if not isinstance(mask, mx.array):
             raise TypeError(f"mask must be 'causal', an mx.array or None; got {type(mask).__name__}")
+        # Masks are boolean (True = visible) or additive; 0/1 integers would silently add to the scores.
         full = (batch, num_heads, q_len, k_len)
+        check_array("mask", mask, f"broadcastable to {full}", dtypes=(mx.bool_,) + FLOAT_DTYPES)
         try:
             mx.broadcast_shapes(mask.shape, full)
             ok = mask.ndim <= 4 and mx.broadcast_shapes(mask.shape, full) == full
@@ -246,13 +257,13 @@ def describe_attention(
         head_dim=head_dim,
         v_head_dim=v.shape[3],
         dtype=q.dtype,
-        scale=float(scale),
-        causal=bool(causal),
+        scale=scale,
+        causal=causal,
         window=window,
-        softcap=float(softcap),
+        softcap=softcap,
         alibi_slopes=alibi_slopes,
         sinks=sinks,
         mask=mask,
-        dropout_p=float(dropout_p),
-        chunk_size=chunk_size,
+        dropout_p=dropout_p,
+        chunk_size=None if chunk_size is None else int(chunk_size),
     )

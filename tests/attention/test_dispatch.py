@@ -1,12 +1,15 @@
 """Dispatcher routes for decode-sized calls (CPU, with a fake GPU profile) and the decode route's answer."""
 
+import os
+import subprocess
+import sys
 import time
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_primitives.attention import describe_attention, dispatch, flash_attn_func
+from mlx_primitives.attention import describe_attention, dispatch, explain, flash_attention, flash_attn_func
 from mlx_primitives.attention.reference import reference_attention
 from mlx_primitives.hardware import profile_from_info
 from mlx_primitives.kernels import decode
@@ -106,3 +109,42 @@ def test_decode_route_computes_what_the_reference_does(monkeypatch, options):
     public = flash_attn_func(q, k, v, **options)
     assert routed and routed[0]["return_lse"]
     np.testing.assert_allclose(np.array(public), np.array(ref_out.swapaxes(1, 2)), atol=1e-5)
+
+
+def test_explain_takes_flash_attentions_arguments_and_agrees_with_its_route(monkeypatch):
+    q, k, v = random_qkv(1, 6, 9, 4, 2, 32, layout="BHSD")
+    taken = []  # the routes flash_attention's calls take
+    real = dispatch.choose_route
+    monkeypatch.setattr(dispatch, "choose_route", lambda *a, **kw: taken.append(real(*a, **kw)) or taken[-1])
+    calls = [
+        ((True, "BHSD", 0.25), {}),
+        ((), {"layout": "BHSD", "softcap": 5.0, "dropout_p": 0.1, "dropout_key": mx.random.key(0)}),
+        ((), {"layout": "BHSD", "causal": True, "path": "reference"}),
+        ((), {"layout": "BHSD", "mask": "causal", "chunk_size": 4}),
+    ]
+    for args, options in calls:
+        flash_attention(q, k, v, *args, **options)
+        assert explain(q, k, v, *args, **options) == taken[-1]
+    assert [route.path for route in taken] == ["sdpa", "reference", "reference", "reference"]
+    assert taken[2].reason == "forced by the caller"
+    with pytest.raises(ValueError, match=r"path='sdpa' cannot run this call: softcap is set"):
+        explain(q, k, v, layout="BHSD", softcap=5.0, path="sdpa")
+
+
+def test_reference_environment_variable_forces_the_reference_path_of_auto_calls(monkeypatch):
+    spec = _spec(q_len=8, k_len=8, dtype=mx.float32)
+    assert dispatch.choose_route(spec).path == "sdpa"
+    monkeypatch.setattr(dispatch, "FORCE_REFERENCE", True)
+    assert dispatch.choose_route(spec) == dispatch.Route("reference", "FLASH_ATTENTION_MLX_REF is set")
+    assert dispatch.choose_route(spec, path="sdpa").path == "sdpa"  # an explicit path still wins
+    q, k, v = random_qkv(1, 5, 7, 2, 2, 16)
+    ref = flash_attn_func(q, k, v, causal=True, path="reference")
+    assert mx.array_equal(flash_attn_func(q, k, v, causal=True), ref)
+
+
+@pytest.mark.parametrize("value, forced", [("1", True), ("0", False), ("", False)])
+def test_reference_environment_variable_is_read_at_import(value, forced):
+    code = "from mlx_primitives.attention import dispatch; print(dispatch.FORCE_REFERENCE)"
+    env = {**os.environ, "FLASH_ATTENTION_MLX_REF": value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(forced)

@@ -1,6 +1,7 @@
 """Bad input raises TypeError/ValueError naming the argument (issue 2, item 6); NaN in gives NaN out."""
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from mlx_primitives.attention import (
@@ -62,14 +63,22 @@ BAD_OPTIONS = {
     "window_negative": ({"window_size": (-2, 0)}, ValueError, r"window_size entries must be >= -1"),
     "window_not_pair": ({"window_size": (1, 2, 3)}, TypeError, r"window_size must be a pair of ints"),
     "window_int": ({"window_size": 3}, TypeError, r"window_size must be a pair of ints"),
-    "window_float": ({"window_size": (1.5, 0)}, TypeError, r"window_size must be a pair of ints"),
+    "window_float": ({"window_size": (1.5, 0)}, TypeError, r"window_size\[0\] must be an int; got float"),
+    "window_float_equal_to_int": ({"window_size": (3, 0.0)}, TypeError, r"window_size\[1\] must be an int"),
+    "window_bool": ({"window_size": (True, 0)}, TypeError, r"window_size\[0\] must be an int; got bool"),
     "softcap_negative": ({"softcap": -1.0}, ValueError, r"softcap must be a finite float >= 0"),
-    "softcap_nan": ({"softcap": float("nan")}, ValueError, r"softcap"),
-    "softcap_string": ({"softcap": "5"}, ValueError, r"softcap"),
+    "softcap_nan": ({"softcap": float("nan")}, ValueError, r"softcap must be finite"),
+    "softcap_string": ({"softcap": "5"}, TypeError, r"softcap must be a real number"),
+    "softcap_bool": ({"softcap": True}, TypeError, r"softcap must be a real number .*; got bool"),
     "dropout_one": ({"dropout_p": 1.0}, ValueError, r"dropout_p must be in \[0, 1\)"),
     "dropout_negative": ({"dropout_p": -0.1}, ValueError, r"dropout_p must be in \[0, 1\)"),
-    "scale_string": ({"softmax_scale": "0.1"}, TypeError, r"softmax_scale must be a finite float"),
-    "scale_inf": ({"softmax_scale": float("inf")}, TypeError, r"softmax_scale"),
+    "dropout_bool": ({"dropout_p": False}, TypeError, r"dropout_p must be a real number"),
+    "scale_string": ({"softmax_scale": "0.1"}, TypeError, r"softmax_scale must be a real number"),
+    "scale_inf": ({"softmax_scale": float("inf")}, ValueError, r"softmax_scale must be finite"),
+    "scale_bool": ({"softmax_scale": True}, TypeError, r"softmax_scale must be a real number .*; got bool"),
+    "scale_mx_array": ({"softmax_scale": mx.array(0.1)}, TypeError, r"softmax_scale must be a real number"),
+    "causal_string": ({"causal": "yes"}, TypeError, r"causal must be a bool; got str"),
+    "causal_int": ({"causal": 1}, TypeError, r"causal must be a bool; got int"),
     "alibi_wrong_heads": ({"alibi_slopes": Shape(3)}, ValueError, r"alibi_slopes must be an mx.array of shape \(4,\)"),
     "alibi_wrong_batch": ({"alibi_slopes": Shape(3, 4)}, ValueError, r"alibi_slopes must .* or \(2, 4\)"),
     "alibi_list": ({"alibi_slopes": [0.1] * 4}, ValueError, r"alibi_slopes must be an mx.array"),
@@ -80,8 +89,14 @@ BAD_OPTIONS = {
 
 
 def _materialize(options):
-    """Options with each Shape replaced by a fresh normal array of that shape."""
-    return {key: normal(*val) if isinstance(val, Shape) else val for key, val in options.items()}
+    """Options with each Shape replaced by a fresh normal array of that shape (of ``mask_dtype`` if given;
+    integer masks hold 0 and 1, as a careless boolean mask would)."""
+    options = dict(options)
+    mask_dtype = options.pop("mask_dtype", None)
+    drawn = {key: normal(*val) if isinstance(val, Shape) else val for key, val in options.items()}
+    if mask_dtype is not None:
+        drawn["mask"] = (drawn["mask"] > 0).astype(mask_dtype)
+    return drawn
 
 
 @pytest.mark.parametrize("path", ["reference", "auto"])
@@ -102,7 +117,10 @@ def test_bad_options_are_rejected_naming_the_argument(case, path):
         ({"mask": Shape(3, 4, 5, 7)}, ValueError, r"mask must broadcast"),
         ({"mask": Shape(1, 1, 1, 5, 7)}, ValueError, r"mask must broadcast"),
         ({"chunk_size": 0}, ValueError, r"chunk_size must be a positive int"),
-        ({"chunk_size": 2.5}, ValueError, r"chunk_size must be a positive int"),
+        ({"chunk_size": 2.5}, TypeError, r"chunk_size must be an int"),
+        ({"mask": Shape(5, 7), "mask_dtype": mx.int32}, TypeError,
+         r"mask must have dtype bool, float16, bfloat16, float32; got mlx.core.int32"),
+        ({"mask": Shape(5, 7), "mask_dtype": mx.uint8}, TypeError, r"mask must have dtype bool"),
         ({"path": "fast"}, ValueError, r"path must be one of"),
     ],
 )
@@ -182,8 +200,40 @@ def test_layers_reject_bad_construction_and_calls():
         Attention(48, 6, num_kv_heads=4)
     with pytest.raises(ValueError, match=r"kernel must be one of"):
         Attention(32, 4, kernel="metal")
-    with pytest.raises(ValueError, match=r"x must have shape \(batch, seq, dims\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, seq, dims=32\); got \(5, 32\)"):
         Attention(32, 4)(normal(5, 32))
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, seq, dims=64\); got \(1, 5, 32\)"):
+        Attention(64, 4)(normal(1, 5, 32))
+
+
+BAD_LAYER_OPTIONS = [
+    ({"window_size": (-3, 0)}, ValueError, r"window_size entries must be >= -1"),
+    ({"window_size": (2.0, 0)}, TypeError, r"window_size\[0\] must be an int"),
+    ({"softcap": -1.0}, ValueError, r"softcap must be a finite float >= 0"),
+    ({"softcap": True}, TypeError, r"softcap must be a real number"),
+    ({"scale": "0.1"}, TypeError, r"softmax_scale must be a real number"),
+    ({"causal": "yes"}, TypeError, r"causal must be a bool"),
+    ({"dropout_p": 1.0}, ValueError, r"dropout_p must be in \[0, 1\)"),
+]
+
+
+@pytest.mark.parametrize("options,error,message", BAD_LAYER_OPTIONS)
+def test_layers_reject_bad_options_at_construction(options, error, message):
+    with pytest.raises(error, match=message):
+        FlashAttention(4, 32, **options)
+    with pytest.raises(error, match=message):
+        SlidingWindowAttention(4, 32, **{"window_size": 8, **options})
+    attention_options = {key: val for key, val in options.items() if key in ("window_size", "softcap", "scale")}
+    if attention_options:
+        with pytest.raises(error, match=message):
+            Attention(32, 4, **attention_options)
+
+
+def test_sliding_window_takes_numpy_widths_and_rejects_other_types():
+    assert SlidingWindowAttention(4, 32, window_size=np.int64(5)).window_size == (4, 0)
+    assert SlidingWindowAttention(4, 32, window_size=5, causal=False).window_size == (2, 2)
+    with pytest.raises(TypeError, match=r"window_size must be an int; got float"):
+        SlidingWindowAttention(4, 32, window_size=5.0)
 
 
 @pytest.mark.parametrize("path", ["reference", "auto"])
