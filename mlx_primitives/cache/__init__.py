@@ -7,7 +7,7 @@ Contiguous caches with mlx-lm's interface (:class:`KVCache`, :class:`RotatingKVC
 """
 
 from .base import attention_mask, causal_mask
-from .eviction import AttentionSinks, EvictionPolicy, HeavyHitters, SlidingWindow
+from .eviction import AttentionSinks, EvictionPolicy, HeavyHitters, SlidingWindow, received_attention
 from .kv_cache import KVCache
 from .paged import gather_pages, update_paged_kv_cache
 from .paged_cache import PagedKVCache
@@ -35,6 +35,7 @@ __all__ = [
     "load_cache",
     "paged_attention",
     "quantized_attention",
+    "received_attention",
     "save_cache",
     "update_paged_kv_cache",
 ]

@@ -1,9 +1,11 @@
 """Eviction policies: which positions each keeps."""
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_primitives.cache import AttentionSinks, HeavyHitters, SlidingWindow
+from mlx_primitives.cache import AttentionSinks, HeavyHitters, SlidingWindow, received_attention
+from mlx_primitives.cache import flash_attn_with_kvcache
 
 
 def test_sliding_window_keeps_the_last_positions():
@@ -34,3 +36,29 @@ def test_heavy_hitters_keep_the_recent_and_the_highest_scores():
 def test_bad_parameters_are_refused(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_received_attention_sums_the_softmax_each_key_got(causal):
+    q_len, heads, kv_heads, dim, length = 3, 4, 2, 16, 9
+    q = mx.random.normal((1, q_len, heads, dim))
+    k, v = (mx.random.normal((1, length, kv_heads, dim)) for _ in range(2))
+    _, lse = flash_attn_with_kvcache(q, k, v, causal=causal, softmax_scale=0.3, return_softmax_lse=True)
+    got = received_attention(q[0], k[0], lse[0], scale=0.3, causal=causal)
+    q64, k64 = np.array(q[0], np.float64), np.repeat(np.array(k[0], np.float64), heads // kv_heads, axis=1)
+    logits = np.einsum("qhd,khd->hqk", q64, k64) * 0.3
+    if causal:
+        logits[:, np.arange(length)[None] > np.arange(length - q_len, length)[:, None]] = -np.inf
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    expected = (probs / probs.sum(-1, keepdims=True)).sum(axis=(0, 1))
+    assert got.shape == (length,) and got.dtype == mx.float32
+    np.testing.assert_allclose(np.array(got), expected, rtol=1e-4, atol=1e-6)
+    assert HeavyHitters(budget=4, recent=1).keep(length, np.array(got)).tolist() == \
+        sorted(np.argsort(-expected[:-1], kind="stable")[:3].tolist() + [length - 1])
+
+
+def test_received_attention_checks_its_shapes():
+    with pytest.raises(ValueError, match=r"lse must have shape \(4, 3\) float32"):
+        received_attention(mx.zeros((3, 4, 8)), mx.zeros((5, 2, 8)), mx.zeros((3, 4)))
+    with pytest.raises(ValueError, match="num_kv_heads dividing 4"):
+        received_attention(mx.zeros((3, 4, 8)), mx.zeros((5, 3, 8)), mx.zeros((4, 3)))
