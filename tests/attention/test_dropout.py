@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mlx_primitives.attention import FlashAttention, flash_attention, flash_attn_func
-from mlx_primitives.attention.dropout import draw_seed, keep_mask
+from mlx_primitives.attention.dropout import draw_seed, keep_mask, keep_threshold
 from tests.reference import (
     DTYPES,
     FEATURE_SETS,
@@ -22,13 +22,66 @@ from tests.reference import (
 PATHS = ["reference", "auto"]
 
 
+def kernel_fmix32(x: np.ndarray) -> np.ndarray:
+    """fmix32 of kernels/src/flash.inc in NumPy uint32 (wrapping) arithmetic."""
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x85EBCA6B)
+        x = x ^ (x >> np.uint32(13))
+        x = x * np.uint32(0xC2B2AE35)
+        return x ^ (x >> np.uint32(16))
+
+
+def kernel_hash(seed: int, batch_head, rows, cols) -> np.ndarray:
+    """The uint32 hash flash.inc's dropout_keep compares with the threshold, for broadcast indices:
+    fmix32(fmix32(fmix32(seed + (bh + 1) * golden) ^ row * c1) ^ col * c2), written from the kernel source."""
+    seed, batch_head, rows, cols = (np.asarray(x, dtype=np.uint32) for x in (seed, batch_head, rows, cols))
+    with np.errstate(over="ignore"):
+        head = kernel_fmix32(seed + (batch_head + np.uint32(1)) * np.uint32(0x9E3779B9))
+        row = kernel_fmix32(head ^ (rows * np.uint32(0x85EBCA6B)))
+        return kernel_fmix32(row ^ (cols * np.uint32(0xC2B2AE35)))
+
+
 def library_keep(key, batch, heads, q_len, k_len, p):
-    """The keep mask (B, H, Sq, Sk) that ``dropout_key=key`` selects, from the exposed hash."""
-    seed = draw_seed(key)
-    bh = (mx.arange(batch, dtype=mx.uint32)[:, None] * heads + mx.arange(heads, dtype=mx.uint32)[None])[..., None, None]
-    rows = mx.arange(q_len, dtype=mx.uint32)[:, None]
-    cols = mx.arange(k_len, dtype=mx.uint32)[None, :]
-    return np.array(keep_mask(seed, bh, rows, cols, p))
+    """The keep mask (B, H, Sq, Sk) that ``dropout_key=key`` selects, by the kernels' hash (NumPy port)."""
+    bh = (np.arange(batch)[:, None] * heads + np.arange(heads)[None])[..., None, None]
+    hashes = kernel_hash(int(draw_seed(key).item()), bh, np.arange(q_len)[:, None], np.arange(k_len)[None, :])
+    return hashes >= min(round(p * 2.0**32), 2**32 - 1)
+
+
+# (seed, b * H + h, row, col, hash): flash.inc's functions compiled as C (gcc, uint32_t) and evaluated.
+KERNEL_HASHES = [
+    (0, 0, 0, 0, 0x642F30E0), (0, 3, 17, 250, 0x7A201B49), (0, 41, 1000, 7, 0xB28EA25A),
+    (0, 65535, 4095, 131071, 0xE90827A8), (12345, 0, 0, 0, 0x7AB4354C), (12345, 3, 17, 250, 0xC3333F25),
+    (12345, 41, 1000, 7, 0xC05537BD), (12345, 65535, 4095, 131071, 0xB63AF402),
+    (3735928559, 0, 0, 0, 0x214DB2AD), (3735928559, 3, 17, 250, 0xCBF06B05),
+    (3735928559, 41, 1000, 7, 0x572D551E), (3735928559, 65535, 4095, 131071, 0xB2CB780C),
+]
+
+
+def test_numpy_port_reproduces_the_kernel_source_hashes():
+    for seed, batch_head, row, col, expected in KERNEL_HASHES:
+        assert int(kernel_hash(seed, batch_head, row, col)) == expected
+
+
+@pytest.mark.parametrize("seed", [0, 12345, 0xDEADBEEF])
+@pytest.mark.parametrize("shape", [(1, 1, 5, 3), (2, 3, 17, 33), (1, 4, 64, 130)])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_mask_is_the_kernels_hash_bit_for_bit(seed, shape, p):
+    batch, heads, q_len, k_len = shape
+    bh = (np.arange(batch)[:, None] * heads + np.arange(heads)[None])[..., None, None]
+    rows, cols = np.arange(q_len)[:, None], np.arange(k_len)[None, :]
+    ours = keep_mask(mx.array(seed, dtype=mx.uint32), *(mx.array(x.astype(np.uint32)) for x in (bh, rows, cols)), p)
+    expected = kernel_hash(seed, bh, rows, cols) >= min(round(p * 2.0**32), 2**32 - 1)
+    np.testing.assert_array_equal(np.array(ours), expected)
+
+
+def test_keep_mask_keeps_a_hash_equal_to_the_threshold_and_drops_one_below():
+    for seed, batch_head, row, col, hashed in KERNEL_HASHES:
+        indices = [mx.array(i, dtype=mx.uint32) for i in (seed, batch_head, row, col)]
+        assert keep_threshold(hashed / 2.0**32) == hashed
+        assert keep_mask(*indices, hashed / 2.0**32).item()
+        assert not keep_mask(*indices, (hashed + 1) / 2.0**32).item()
 
 
 @pytest.mark.parametrize("path", PATHS)
