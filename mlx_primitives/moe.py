@@ -3,12 +3,15 @@ through ``mx.gather_mm`` (``mx.gather_qmm`` once quantized), dense per-expert ma
 batched matmul, and the load-balancing loss.
 
 A layer call routes each token to ``top_k`` experts, gives each of the ``tokens * top_k`` assignments its
-rank among the assignments of its expert (token order, no sort: a cumulative sum over a one-hot
+rank in its expert's queue (choice-major as in Switch Transformer and GShard: every token's first choice
+in token order, then every second choice, ...; no sort: a cumulative sum over a one-hot
 ``(num_experts, tokens * top_k)`` int32 array), runs each expert's SwiGLU MLP on its rows and sums each
 token's weighted expert outputs. The expert matmuls take one of three routes:
 
 * ``"gather"``: rows sorted by expert (:func:`build_expert_dispatch`), one gathered matmul per projection
-  over all rows; no host synchronisation, so it also runs under ``mx.compile`` / ``mx.vmap``.
+  over all rows; no host synchronisation, so it also runs under ``mx.compile`` / ``mx.vmap``. Rows
+  dropped by the capacity still go through the matmuls (with weight 0): the capacity bounds compute on
+  the two host-read routes only.
 * ``"per_expert"``: the per-expert row counts are read on the host (one small device-to-host read per
   call); one gather puts expert ``e``'s kept rows in one contiguous block and each projection is a dense
   matmul on it (``mx.quantized_matmul`` once quantized).
@@ -32,7 +35,7 @@ import mlx.nn as nn
 
 from .hardware import device_profile
 from .kernels import swiglu
-from .validation import check_array
+from .validation import check_array, check_bool, check_choice, check_index_range, check_int, check_real
 
 INDEX_DTYPES = (mx.int32, mx.uint32, mx.int64, mx.uint64, mx.int16, mx.uint16, mx.int8, mx.uint8)
 MATMUL_ROUTES = ("auto", "gather", "per_expert", "batched")
@@ -48,12 +51,13 @@ PAD_LIMIT = 1.25
 class ExpertDispatch:
     """The ``S = tokens * top_k`` (token, choice) assignments sorted by expert.
 
-    Within an expert, assignments keep token order; those past the expert's capacity are dropped
-    (weight 0): first come, first served, as in Switch Transformer and GShard.
+    Within an expert, assignments are in queue order: every token's first choice in token order, then
+    every second choice, and so on; those past the expert's capacity are dropped (weight 0). First
+    choices thus go before any second choice, as in Switch Transformer and GShard.
 
     Attributes:
-        order (array): ``(S,)`` flat assignment ids ``token * top_k + choice`` in sorted order.
-        inverse (array): ``(S,)`` position of each flat assignment in the sorted order.
+        order (array): ``(S,)`` uint32 flat assignment ids ``token * top_k + choice`` in sorted order.
+        inverse (array): ``(S,)`` uint32 position of each flat assignment in the sorted order.
         token_indices (array): ``(S,)`` uint32 token of each sorted assignment.
         expert_indices (array): ``(S,)`` uint32 expert of each sorted assignment (non-decreasing).
         weights (array): ``(S,)`` gate weight of each sorted assignment, 0 where dropped.
@@ -89,6 +93,8 @@ def build_expert_dispatch(
     expert_weights: mx.array,
     num_experts: int,
     capacity_factor: Optional[float] = None,
+    *,
+    check_indices: bool = True,
 ) -> ExpertDispatch:
     """Sort the routed assignments by expert and apply each expert's capacity.
 
@@ -98,6 +104,9 @@ def build_expert_dispatch(
         num_experts (int): number of experts.
         capacity_factor (float, optional): each expert keeps at most
             ``ceil(capacity_factor * tokens * top_k / num_experts)`` assignments. Default: no limit.
+        check_indices (bool): check the range of ``expert_indices`` on the host first (one device-to-host
+            read; skipped where they are traced, e.g. under ``mx.compile``, where an expert out of range
+            is undefined). Default: ``True``.
 
     Returns:
         :class:`ExpertDispatch`.
@@ -105,18 +114,21 @@ def build_expert_dispatch(
     check_array("expert_indices", expert_indices, "(tokens, top_k)", ndim=2, dtypes=INDEX_DTYPES)
     check_array("expert_weights", expert_weights, f"expert_indices' shape {tuple(expert_indices.shape)}",
                 shape=expert_indices.shape)
-    if not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be a positive int; got {num_experts!r}")
-    if capacity_factor is not None and not capacity_factor > 0:
-        raise ValueError(f"capacity_factor must be positive or None; got {capacity_factor!r}")
+    _check_num_experts(num_experts)
+    capacity_factor = _check_capacity_factor(capacity_factor)
+    if check_indices:
+        check_index_range("expert_indices", expert_indices, num_experts, "num_experts")
     tokens, top_k = expert_indices.shape
     count = tokens * top_k
-    flat = expert_indices.reshape(-1).astype(mx.int32)
-    ranks, counts = _expert_ranks(flat, num_experts)
-    # An assignment's sorted position: the assignments of earlier experts, then those before it in its own.
+    capacity = _capacity(capacity_factor, count, num_experts)
+    if count == 0:
+        return _empty_dispatch(expert_weights.dtype, num_experts, capacity, top_k)
+    indices = expert_indices.astype(mx.int32)
+    flat = indices.reshape(-1)
+    ranks, counts = _expert_ranks(indices, num_experts)
+    # An assignment's sorted position: the assignments of earlier experts, then those before it in its queue.
     inverse = (mx.cumsum(counts) - counts)[flat] + ranks
     order = mx.zeros((count,), mx.int32).at[inverse].add(mx.arange(count, dtype=mx.int32)).astype(mx.uint32)
-    capacity = _capacity(capacity_factor, count, num_experts)
     kept = mx.ones((count,), mx.bool_) if capacity is None else (ranks < capacity)[order]
     weights = mx.where(kept, expert_weights.reshape(-1)[order], 0)
     return ExpertDispatch(
@@ -132,32 +144,68 @@ def build_expert_dispatch(
     )
 
 
+def _empty_dispatch(dtype: mx.Dtype, num_experts: int, capacity: Optional[int], top_k: int) -> ExpertDispatch:
+    """The dispatch of no assignments."""
+    none = mx.zeros((0,), mx.uint32)
+    return ExpertDispatch(order=none, inverse=none, token_indices=none, expert_indices=none,
+                          weights=mx.zeros((0,), dtype), kept=mx.zeros((0,), mx.bool_),
+                          expert_counts=mx.zeros((num_experts,), mx.int32), capacity=capacity, top_k=top_k)
+
+
+def _check_num_experts(num_experts: int) -> None:
+    if check_int("num_experts", num_experts) < 1:
+        raise ValueError(f"num_experts must be a positive int; got {num_experts!r}")
+
+
+def _check_capacity_factor(capacity_factor: Optional[float]) -> Optional[float]:
+    """``capacity_factor`` as a float, or ``None``."""
+    if capacity_factor is not None and not check_real("capacity_factor", capacity_factor) > 0:
+        raise ValueError(f"capacity_factor must be positive or None; got {capacity_factor!r}")
+    return None if capacity_factor is None else float(capacity_factor)
+
+
 def _capacity(capacity_factor: Optional[float], count: int, num_experts: int) -> Optional[int]:
     """Assignments each expert keeps out of ``count``; ``None`` for no limit."""
     return None if capacity_factor is None else math.ceil(capacity_factor * count / num_experts)
 
 
-def _expert_ranks(flat: mx.array, num_experts: int) -> Tuple[mx.array, mx.array]:
-    """``flat (S,)`` int32 experts -> each assignment's rank among its expert's assignments in flat order
-    ``(S,)`` and the assignments per expert ``(num_experts,)``, both int32 (one-hot cumulative sum:
-    ``num_experts * S`` int32 of memory, no sort)."""
-    onehot = (mx.arange(num_experts, dtype=mx.int32)[:, None] == flat[None, :]).astype(mx.int32)
+def _expert_ranks(indices: mx.array, num_experts: int) -> Tuple[mx.array, mx.array]:
+    """``indices (tokens, top_k)`` int32 experts -> each assignment's rank in its expert's queue, flat
+    ``(tokens * top_k,)`` in the order ``token * top_k + choice``, and the assignments per expert
+    ``(num_experts,)``, both int32. The queue is choice-major (every first choice in token order, then
+    every second choice, ...); a one-hot cumulative sum: ``num_experts * tokens * top_k`` int32 of
+    memory, no sort."""
+    tokens, top_k = indices.shape
+    queue = indices.T.reshape(-1)
+    onehot = (mx.arange(num_experts, dtype=mx.int32)[:, None] == queue[None, :]).astype(mx.int32)
     seen = mx.cumsum(onehot, axis=1)
-    ranks = mx.take_along_axis(seen, flat[None, :], axis=0)[0] - 1
-    counts = seen[:, -1] if flat.size else mx.zeros((num_experts,), mx.int32)
-    return ranks, counts
+    ranks = mx.take_along_axis(seen, queue[None, :], axis=0)[0] - 1
+    counts = seen[:, -1] if queue.size else mx.zeros((num_experts,), mx.int32)
+    return ranks.reshape(top_k, tokens).T.reshape(-1), counts
 
 
-def compute_load_balancing_loss(router_probs: mx.array, expert_indices: mx.array) -> mx.array:
+def compute_load_balancing_loss(
+    router_probs: mx.array,
+    expert_indices: mx.array,
+    mask: Optional[mx.array] = None,
+    *,
+    check_indices: bool = True,
+) -> mx.array:
     """Switch Transformer's auxiliary loss ``num_experts * sum_e f_e * P_e``.
 
     ``f_e`` is the fraction of the ``tokens * top_k`` assignments routed to expert ``e`` (not
     differentiable), ``P_e`` the mean router probability of ``e``. It is 1 for uniform routing and
     grows as routing concentrates; add ``alpha * loss`` (Switch: ``alpha = 0.01``) to the training loss.
+    Hugging Face's Mixtral ``load_balancing_loss_func`` takes ``f`` per choice and so is ``top_k`` times
+    this loss: its ``router_aux_loss_coef`` (0.02) is ``alpha = 0.02 * top_k`` here. No tokens: 0.
 
     Args:
         router_probs (array): ``(..., num_experts)`` softmax of the router logits over all experts.
-        expert_indices (array): ``(..., top_k)`` experts chosen per token (same leading shape).
+        expert_indices (array): ``(..., top_k)`` integer experts chosen per token (same leading shape).
+        mask (array, optional): ``(...)`` bool, ``False`` for tokens left out of both ``f`` and ``P``
+            (padding; Mixtral's ``attention_mask``). Default: every token counts.
+        check_indices (bool): check that ``expert_indices`` lie in ``[0, num_experts)`` on the host (as
+            :func:`build_expert_dispatch`). Default: ``True``.
 
     Returns:
         float32 scalar.
@@ -167,12 +215,22 @@ def compute_load_balancing_loss(router_probs: mx.array, expert_indices: mx.array
     check_array("expert_indices", expert_indices, f"{lead + ('top_k',)}", min_ndim=1, dtypes=INDEX_DTYPES)
     if tuple(expert_indices.shape[:-1]) != lead:
         raise ValueError(f"expert_indices must have shape {lead + ('top_k',)}; got {tuple(expert_indices.shape)}")
-    num_experts = router_probs.shape[-1]
+    if mask is not None:
+        check_array("mask", mask, f"router_probs' leading shape {lead}", shape=lead, dtypes=(mx.bool_,))
+    num_experts, top_k = router_probs.shape[-1], expert_indices.shape[-1]
+    if check_indices:
+        check_index_range("expert_indices", expert_indices, num_experts, "router_probs.shape[-1]")
+    probs = router_probs.reshape(-1, num_experts).astype(mx.float32)
     flat = expert_indices.reshape(-1).astype(mx.int32)
-    counts = mx.zeros((num_experts,), mx.float32).at[flat].add(mx.ones(flat.shape, mx.float32))
-    fraction = mx.stop_gradient(counts / max(flat.size, 1))
-    mean_probs = router_probs.reshape(-1, num_experts).astype(mx.float32).mean(axis=0)
-    return num_experts * (fraction * mean_probs).sum()
+    if mask is None:
+        counted, tokens = mx.ones(flat.shape, mx.float32), max(probs.shape[0], 1)
+    else:
+        keep = mask.reshape(-1, 1).astype(mx.float32)
+        counted, tokens = mx.broadcast_to(keep, (probs.shape[0], top_k)).reshape(-1), mx.maximum(keep.sum(), 1)
+        probs = probs * keep
+    counts = mx.zeros((num_experts,), mx.float32).at[flat].add(counted)
+    fraction = mx.stop_gradient(counts / (tokens * max(top_k, 1)))
+    return num_experts * (fraction * probs.sum(axis=0) / tokens).sum()
 
 
 class ExpertLinear(nn.Module):
@@ -247,14 +305,16 @@ class SparseMoELayer(nn.Module):
 
     Each token's router logits pick its ``top_k`` experts; the gate weights are the softmax over
     those ``top_k`` logits (Mixtral) or, with ``normalize_weights=False``, the full softmax's
-    probabilities of them. Output: ``sum_k weight_k * down(silu(gate(x)) * up(x))`` over the token's
-    kept experts (zero for a token all of whose assignments were dropped).
+    probabilities of them (Switch). Output: ``sum_k weight_k * down(silu(gate(x)) * up(x))`` over the
+    token's kept experts (zero for a token all of whose assignments were dropped). The output dtype is
+    that of ``x`` and the weights promoted (float32 weights and bfloat16 ``x`` give float32, as ``nn.Linear``).
 
     Args:
         dims (int): model width. hidden (int): expert MLP width.
         num_experts (int): number of experts. top_k (int): experts per token. Default: ``2``.
         capacity_factor (float, optional): see :func:`build_expert_dispatch`. Default: no limit.
-        normalize_weights (bool): softmax over the chosen logits only. Default: ``True``.
+        normalize_weights (bool, optional): softmax over the chosen logits only. Default (``None``):
+            ``top_k > 1`` (one normalised weight is always 1, which leaves the router no gradient).
         matmuls (str): the expert matmuls' route (module docstring): ``"gather"``, ``"per_expert"``,
             ``"batched"`` or ``"auto"``: batched on CUDA from ``BATCHED_MIN_ROWS`` assignments per expert on
             average, gather otherwise. Under ``mx.compile`` / ``mx.vmap`` (no host reads there) every call gathers.
@@ -262,14 +322,20 @@ class SparseMoELayer(nn.Module):
     """
 
     def __init__(self, dims: int, hidden: int, num_experts: int, top_k: int = 2,
-                 capacity_factor: Optional[float] = None, normalize_weights: bool = True, matmuls: str = "auto"):
+                 capacity_factor: Optional[float] = None, normalize_weights: Optional[bool] = None,
+                 matmuls: str = "auto"):
         super().__init__()
-        if not 1 <= top_k <= num_experts:
+        for name, value in (("dims", dims), ("hidden", hidden)):
+            if check_int(name, value) < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        _check_num_experts(num_experts)
+        if not 1 <= check_int("top_k", top_k) <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}]; got {top_k}")
-        if matmuls not in MATMUL_ROUTES:
-            raise ValueError(f"matmuls must be one of {MATMUL_ROUTES}; got {matmuls!r}")
+        normalize_weights = top_k > 1 if normalize_weights is None else check_bool("normalize_weights",
+                                                                                    normalize_weights)
         self.dims, self.hidden, self.num_experts, self.top_k = dims, hidden, num_experts, top_k
-        self.capacity_factor, self.normalize_weights, self.matmuls = capacity_factor, normalize_weights, matmuls
+        self.capacity_factor = _check_capacity_factor(capacity_factor)
+        self.normalize_weights, self.matmuls = normalize_weights, check_choice("matmuls", matmuls, MATMUL_ROUTES)
         self.router = nn.Linear(dims, num_experts, bias=False)
         self.gate_proj = ExpertLinear(num_experts, dims, hidden)
         self.up_proj = ExpertLinear(num_experts, dims, hidden)
@@ -278,7 +344,8 @@ class SparseMoELayer(nn.Module):
     def route(self, x: mx.array) -> Tuple[mx.array, mx.array, mx.array]:
         """``x (tokens, dims)`` -> experts ``(tokens, top_k)``, their weights, router probabilities ``(tokens, E)``."""
         logits = self.router(x).astype(mx.float32)
-        experts = mx.stop_gradient(mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[:, : self.top_k])
+        first = self.num_experts - self.top_k
+        experts = mx.stop_gradient(mx.argpartition(logits, kth=first, axis=-1)[:, first:])
         chosen = mx.take_along_axis(logits, experts, axis=-1)
         probs = mx.softmax(logits, axis=-1)
         weights = mx.softmax(chosen, axis=-1) if self.normalize_weights else mx.take_along_axis(probs, experts, -1)
@@ -287,7 +354,7 @@ class SparseMoELayer(nn.Module):
     def dispatch(self, x: mx.array) -> ExpertDispatch:
         """The dispatch of ``x (..., dims)`` (for inspecting expert loads and dropped tokens)."""
         experts, weights, _ = self.route(x.reshape(-1, x.shape[-1]))
-        return build_expert_dispatch(experts, weights, self.num_experts, self.capacity_factor)
+        return build_expert_dispatch(experts, weights, self.num_experts, self.capacity_factor, check_indices=False)
 
     def __call__(self, x: mx.array, return_aux_loss: bool = False) -> Union[mx.array, Tuple[mx.array, mx.array]]:
         """``x (..., dims)`` -> ``(..., dims)``; with ``return_aux_loss`` also the load-balancing loss."""
@@ -302,7 +369,7 @@ class SparseMoELayer(nn.Module):
         if y is None:
             y = self._gathered_moe(tokens, experts, weights)
         y = y.reshape(x.shape)
-        return (y, compute_load_balancing_loss(probs, experts)) if return_aux_loss else y
+        return (y, compute_load_balancing_loss(probs, experts, check_indices=False)) if return_aux_loss else y
 
     def matmul_route(self, tokens: int) -> str:
         """The route of the expert matmuls for a call on ``tokens`` tokens outside ``mx.compile`` / ``mx.vmap``:
@@ -314,7 +381,7 @@ class SparseMoELayer(nn.Module):
 
     def _gathered_moe(self, tokens: mx.array, experts: mx.array, weights: mx.array) -> mx.array:
         """The layer on ``tokens (T, dims)`` through rows sorted by expert and gathered matmuls."""
-        plan = build_expert_dispatch(experts, weights, self.num_experts, self.capacity_factor)
+        plan = build_expert_dispatch(experts, weights, self.num_experts, self.capacity_factor, check_indices=False)
         rows = tokens[plan.token_indices][:, None, :]
         index = plan.expert_indices
         # MLX 0.32.4's CUDA gather_mm gives wrong rows with sorted_indices=True on these gathered rows
@@ -328,8 +395,9 @@ class SparseMoELayer(nn.Module):
         """The layer on ``tokens (T, dims)`` with each expert's kept rows in one block (the per-expert and
         batched routes); ``None`` under ``mx.compile`` / ``mx.vmap``, where the counts cannot be read."""
         count = experts.size
-        flat = experts.reshape(-1).astype(mx.int32)
-        ranks, counts = _expert_ranks(flat, self.num_experts)
+        indices = experts.astype(mx.int32)
+        flat = indices.reshape(-1)
+        ranks, counts = _expert_ranks(indices, self.num_experts)
         try:
             counts = counts.tolist()
         except ValueError as error:
@@ -340,7 +408,7 @@ class SparseMoELayer(nn.Module):
         offsets, sizes, width = self._blocks(counts, capacity, route)
         total = sum(sizes) if width is None else self.num_experts * width
         # Row of each assignment in the blocks; dropped assignments point past them (at `total`).
-        slots = mx.array(offsets, mx.int32)[flat] + ranks
+        slots = mx.array(offsets, mx.int32)[flat] + ranks if width is None else flat * width + ranks
         if capacity is not None:
             kept = ranks < capacity
             slots = mx.where(kept, slots, total)
@@ -352,8 +420,10 @@ class SparseMoELayer(nn.Module):
             out = self._per_expert_mlp(rows, offsets, sizes)
         else:
             out = self._batched_mlp(rows.reshape(self.num_experts, width, self.dims)).reshape(total, self.dims)
-        picked = out[mx.minimum(slots, total - 1)].reshape(weights.shape + (self.dims,))
-        return (picked * weights[..., None]).sum(axis=1)
+        if capacity is not None:
+            slots = mx.minimum(slots, total - 1)
+        picked = out[slots].reshape(weights.shape + (self.dims,))
+        return (weights[:, None, :] @ picked)[:, 0, :]
 
     def _blocks(self, counts: List[int], capacity: Optional[int], route: str) -> Tuple[List[int], List[int], Optional[int]]:
         """First row of each expert's block, the kept rows of each, and the padded block width (``None``:

@@ -47,11 +47,22 @@ def test_low_precision_scatter_keeps_dtype():
     assert out.dtype == mx.bfloat16 and out[1].tolist() == [2.0] * 8
 
 
+def test_gather_and_scatter_run_under_compile():
+    x, indices, updates = mx.random.normal((6, 3)), mx.array([4, 0, 4, 5]), mx.random.normal((4, 3))
+    gather = mx.compile(lambda x, i: selective_gather(x, i))
+    scatter = mx.compile(lambda x, i, u: selective_scatter_add(x, i, u))
+    assert max_error(gather(x, indices), np.take(f64(x), np.array(indices), 0)) == 0
+    expected = f64(x).copy()
+    np.add.at(expected, np.array(indices), f64(updates))
+    assert max_error(scatter(x, indices, updates), expected) < 1e-6
+
+
 @pytest.mark.parametrize("call,name", [
     (lambda: selective_gather(mx.zeros((4, 2)), mx.array([0, 4])), "indices"),
     (lambda: selective_gather(mx.zeros((4, 2)), mx.array([-1])), "indices"),
     (lambda: selective_gather(mx.zeros((4, 2)), mx.array([0.5])), "indices"),
     (lambda: selective_gather(mx.zeros((4, 2)), mx.array([0]), axis=2), "axis"),
+    (lambda: selective_gather(mx.zeros((4, 2)), mx.array([0]), axis=True), "axis"),
     (lambda: selective_gather([1, 2], mx.array([0])), "x"),
     (lambda: selective_scatter_add(mx.zeros((4, 2)), mx.array([0, 1]), mx.zeros((3, 2))), "updates"),
     (lambda: selective_scatter_add(mx.zeros((4, 2)), mx.array([0, 1]), mx.zeros((2, 2), mx.float16)), "updates"),

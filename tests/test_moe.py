@@ -37,9 +37,12 @@ def moe64(layer, x, kept=None):
     experts = np.array(layer.route(x)[0])
     w = {name: f64(v) for name, v in _expert_weights(layer).items()}
     x = f64(x)
-    chosen = np.take_along_axis(x @ f64(layer.router.weight).T, experts, 1)
-    gates = np.exp(chosen - chosen.max(1, keepdims=True))
-    gates /= gates.sum(1, keepdims=True)
+    logits = x @ f64(layer.router.weight).T
+    if layer.normalize_weights:  # softmax over the chosen logits, else the full softmax's probabilities
+        logits = np.take_along_axis(logits, experts, 1)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    gates = probs if layer.normalize_weights else np.take_along_axis(probs, experts, 1)
     y = np.zeros_like(x)
     for t in range(x.shape[0]):
         for k in range(layer.top_k):
@@ -95,8 +98,8 @@ def test_moe_layer_with_capacity_drops_late_tokens(matmuls):
     assert plan.num_dropped.item() == int(np.maximum(np.array(plan.expert_counts) - plan.capacity, 0).sum())
     kept = np.array(plan.kept[plan.inverse]).reshape(40, 2)
     experts = np.array(layer.route(x)[0])
-    for e in range(4):  # first come, first served: an expert keeps its earliest tokens
-        arrivals = kept[experts == e]
+    for e in range(4):  # an expert keeps the first of its queue: every first choice, then second choices
+        arrivals = kept.T[experts.T == e]
         assert arrivals.sum() == min(plan.capacity, arrivals.size) and arrivals[: plan.capacity].all()
     assert_within_rule(layer(x), moe64(layer, x, kept), dense_moe(layer, x, kept), mx.float32)
 
@@ -168,12 +171,42 @@ def test_moe_batched_route_pads_only_balanced_dense_blocks(monkeypatch):
     assert layer._blocks([5, 4, 5, 4], None, "batched")[2] is None  # quantized: one quantized_matmul per block
 
 
-def test_moe_layer_aux_loss():
-    layer = SparseMoELayer(16, 24, num_experts=4, top_k=2)
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_moe_layer_routes_to_the_top_k_logits_with_aux_loss(top_k):
+    layer = SparseMoELayer(16, 24, num_experts=5, top_k=top_k)
     x = mx.random.normal((20, 16))
-    y, aux = layer(x, return_aux_loss=True)
-    experts, _, probs = layer.route(x)
-    assert mx.allclose(aux, compute_load_balancing_loss(probs, experts)).item()
+    _, aux = layer(x, return_aux_loss=True)
+    logits = f64(x) @ f64(layer.router.weight).T
+    experts = np.array(layer.route(x)[0])
+    top = np.argsort(-logits, axis=1)[:, :top_k]
+    assert all(set(experts[t]) == set(top[t]) for t in range(20))
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    f = np.bincount(top.reshape(-1), minlength=5) / (20 * top_k)
+    assert abs(aux.item() - 5 * (f * probs.mean(0)).sum()) < 1e-5
+
+
+def test_moe_default_gate_weights_train_a_top1_router():
+    layer = SparseMoELayer(16, 24, num_experts=4, top_k=1)
+    x = mx.random.normal((12, 16))
+    grad = nn.value_and_grad(layer, lambda x: layer(x).sum())(x)[1]["router"]["weight"]
+    assert mx.abs(grad).max().item() > 1e-3  # softmax over one chosen logit is 1: no router gradient
+    weights = layer.route(x)[1]
+    assert max_error(weights, np.max(f64(mx.softmax(layer.router(x), axis=-1)), 1, keepdims=True)) < 1e-6
+
+
+@pytest.mark.parametrize("matmuls", ROUTES)
+def test_moe_layer_on_no_tokens(matmuls):
+    layer = SparseMoELayer(16, 24, num_experts=4, top_k=2, capacity_factor=1.0, matmuls=matmuls)
+    y, aux = layer(mx.zeros((2, 0, 16)), return_aux_loss=True)
+    assert y.shape == (2, 0, 16) and aux.item() == 0.0
+    plan = build_expert_dispatch(mx.zeros((0, 2), mx.int32), mx.zeros((0, 2)), 4)
+    assert plan.order.shape == (0,) and plan.expert_counts.tolist() == [0] * 4 and plan.dropped_tokens.size == 0
+
+
+def test_moe_layer_output_dtype_follows_promotion():
+    layer = SparseMoELayer(16, 24, num_experts=4, top_k=2)  # float32 weights, like nn.Linear
+    assert layer(mx.random.normal((3, 16)).astype(mx.bfloat16)).dtype == mx.float32
 
 
 def test_dispatch_sorts_by_expert_and_counts_drops():
@@ -191,6 +224,21 @@ def test_dispatch_sorts_by_expert_and_counts_drops():
     expected = np.where(np.array(plan.kept), flat_w[np.array(plan.order)], 0)
     assert np.array_equal(np.array(plan.weights), expected)
     assert np.array_equal(np.array(plan.order)[np.array(plan.inverse)], np.arange(8))
+
+
+def test_dispatch_capacity_serves_first_choices_before_second_choices():
+    # Expert 0's queue: token 0's first choice, then the second choices of tokens 1 and 2; expert 1's:
+    # the first choices of tokens 1 and 2, then token 0's second choice. Capacity 2 keeps every first choice.
+    plan = build_expert_dispatch(mx.array([[0, 1], [1, 0], [1, 0]]), mx.ones((3, 2)), 2, capacity_factor=0.34)
+    assert plan.capacity == 2
+    assert plan.kept[plan.inverse].reshape(3, 2).tolist() == [[True, False], [True, True], [True, False]]
+    assert plan.token_indices.tolist() == [0, 1, 2, 1, 2, 0]
+
+
+def test_dispatch_under_compile_skips_the_host_check():
+    indices, weights = mx.random.randint(0, 4, (9, 2)), mx.random.uniform(shape=(9, 2))
+    compiled = mx.compile(lambda i, w: build_expert_dispatch(i, w, 4, 1.0).weights)
+    assert mx.array_equal(compiled(indices, weights), build_expert_dispatch(indices, weights, 4, 1.0).weights).item()
 
 
 def test_dispatch_without_capacity_keeps_everything():
@@ -215,6 +263,24 @@ def test_load_balancing_loss_matches_float64_and_is_one_when_uniform():
     assert max_error(grad, np.broadcast_to(6 * f / 30, (30, 6))) < 1e-6
 
 
+def test_load_balancing_loss_is_mixtral_over_top_k_and_masks_padding():
+    logits = mx.random.normal((2, 9, 6))
+    probs, top_k = mx.softmax(logits, axis=-1), 2
+    experts = mx.argpartition(-logits, kth=top_k - 1, axis=-1)[..., :top_k]
+    mask = mx.random.uniform(shape=(2, 9)) < 0.7
+
+    def mixtral(keep):
+        # transformers' load_balancing_loss_func, float64, with its attention_mask branch.
+        p, hot = f64(probs).reshape(-1, 6), np.eye(6)[np.array(experts).reshape(-1, top_k)]  # (T, k, E)
+        w = keep.reshape(-1).astype(np.float64)
+        tokens_per_expert = (hot * w[:, None, None]).sum(0) / w.sum()
+        return 6 * (tokens_per_expert * ((p * w[:, None]).sum(0) / w.sum())[None]).sum()
+
+    assert abs(top_k * compute_load_balancing_loss(probs, experts).item() - mixtral(np.ones((2, 9)))) < 1e-5
+    masked = compute_load_balancing_loss(probs, experts, mask)
+    assert abs(top_k * masked.item() - mixtral(np.array(mask))) < 1e-5
+
+
 @pytest.mark.parametrize("call,name", [
     (lambda: build_expert_dispatch(mx.zeros((4,), mx.int32), mx.zeros((4,)), 2), "expert_indices"),
     (lambda: build_expert_dispatch(mx.zeros((4, 2)), mx.zeros((4, 2)), 2), "expert_indices"),
@@ -225,6 +291,17 @@ def test_load_balancing_loss_matches_float64_and_is_one_when_uniform():
     (lambda: compute_load_balancing_loss([0.5], mx.zeros((1, 1), mx.int32)), "router_probs"),
     (lambda: SparseMoELayer(8, 8, 4, 2)(mx.zeros((3, 7))), "x"),
     (lambda: SparseMoELayer(8, 8, 4, 5), "top_k"),
+    (lambda: build_expert_dispatch(mx.array([[0, 2]]), mx.zeros((1, 2)), 2), "expert_indices"),
+    (lambda: build_expert_dispatch(mx.array([[0, -1]]), mx.zeros((1, 2)), 2), "expert_indices"),
+    (lambda: build_expert_dispatch(mx.array([[0, 1]]), mx.zeros((1, 2)), 2, "1"), "capacity_factor"),
+    (lambda: build_expert_dispatch(mx.array([[0, 1]]), mx.zeros((1, 2)), 2, True), "capacity_factor"),
+    (lambda: compute_load_balancing_loss(mx.ones((4, 3)), mx.full((4, 2), 3)), "expert_indices"),
+    (lambda: compute_load_balancing_loss(mx.ones((4, 3)), mx.zeros((4, 2), mx.int32), mx.ones((4,))), "mask"),
+    (lambda: SparseMoELayer(8, 8, 4, 1.5), "top_k"),
+    (lambda: SparseMoELayer(8, 8, 0, 1), "num_experts"),
+    (lambda: SparseMoELayer(0, 8, 4, 2), "dims"),
+    (lambda: SparseMoELayer(8, 8, 4, 2, capacity_factor=-1.0), "capacity_factor"),
+    (lambda: SparseMoELayer(8, 8, 4, 2, normalize_weights="yes"), "normalize_weights"),
     (lambda: SparseMoELayer(8, 8, 4, 2, matmuls="loop"), "matmuls"),
 ])
 def test_moe_bad_arguments_name_the_argument(call, name):
