@@ -8,7 +8,8 @@
 * INT4 weight-only GEMV (M = 1, affine, group 64): ``mx.quantized_matmul``, ``Int4Linear`` (MLX's
   kernel, or dequantize + ``@`` where it fails) and fp16 GEMV. Target: within 10% of MLX's.
 * Which ``mx.quantized_matmul`` calls MLX can run here (its CUDA JIT needs ``crt/mma.h``).
-* Accuracy: per-layer relative error and logits of ``SmallTransformer`` against float32.
+* Accuracy: per-layer relative error and logits of ``SmallTransformer`` against float32, within
+  ``quantization_report.BOUNDS`` or not; ``accuracy(ACCURACY_SIZES["quick"], 64)`` runs on a CPU in about a minute.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import List
 import mlx.core as mx
 
 from mlx_primitives.kernels import Int4Linear, quantize_int8, quantize_model, w8a8_linear, w8a8_matmul
-from mlx_primitives.kernels.quantization_report import SmallTransformer, accuracy_report
+from mlx_primitives.kernels.quantization_report import BOUNDS, SmallTransformer, accuracy_report
 from mlx_primitives.kernels import catalog, w8a8
 from mlx_primitives.kernels.w8a8 import quantize_per_token
 
@@ -118,33 +119,47 @@ def _int4_gemv() -> Table:
     return table
 
 
-def _accuracy(quick: bool) -> List[Table]:
-    sizes = dict(vocab_size=8192, dims=1024, heads=8, hidden_dims=2816, layers=2)
+# SmallTransformer sizes of the accuracy tables: "full" on the GPU; "quick" also runs on a CPU (about a minute).
+ACCURACY_SIZES = {
+    "full": dict(vocab_size=8192, dims=1024, heads=8, hidden_dims=2816, layers=2),
+    "quick": dict(vocab_size=1024, dims=256, heads=4, hidden_dims=768, layers=2),
+}
+VARIANTS = {"fp16": None, "int8 w8a8": dict(bits=8, mode="w8a8"),
+            "int8 weight-only g64": dict(bits=8, mode="weight_only"), "int4 g64": dict(bits=4, mode="weight_only")}
+
+
+def accuracy(sizes: dict, seq: int = 128) -> List[Table]:
+    """The accuracy tables of ``SmallTransformer(**sizes)`` (fp16 activations) against float32, each
+    quantized variant checked against ``quantization_report.BOUNDS``; ``seq`` tokens, batch 2."""
     reference = SmallTransformer(**sizes)
     mx.eval(reference.parameters())
-    tokens = mx.random.randint(0, sizes["vocab_size"], (2, 128 if quick else 512))
-    variants = {"fp16": None, "int8 w8a8": dict(bits=8, mode="w8a8"),
-                "int8 weight-only g64": dict(bits=8, mode="weight_only"), "int4 g64": dict(bits=4)}
+    tokens = mx.random.randint(0, sizes["vocab_size"], (2, seq))
     reports = {}
-    for name, quantization in variants.items():
+    for name, quantization in VARIANTS.items():
         model = SmallTransformer(**sizes)
         model.update(reference.parameters())
         model.set_dtype(mx.float16)
         if quantization:
             quantize_model(model, group_size=64, **quantization)
         reports[name] = accuracy_report(reference, model, tokens, dtype=mx.float16)
+    shape = (f"{sizes['layers']} blocks, dims {sizes['dims']}, SwiGLU {sizes['hidden_dims']}, "
+             f"vocab {sizes['vocab_size']}")
     summary = Table(
-        title="Accuracy of SmallTransformer (2 blocks, dims 1024, SwiGLU 2816, vocab 8192) against float32",
+        title=f"Accuracy of SmallTransformer ({shape}) against float32",
         columns=("model", "logits rel. error", "logits max |diff|", "top-1 agreement", "max layer rel. error",
-                 "mean layer rel. error"),
+                 "mean layer rel. error", "bounds (layer, logits)", "within bounds"),
         note="Layer error: ||Q(x) - F(x)|| / ||F(x)|| of each quantized layer against its float32 layer on "
-             "standard-normal x (64 rows); logits on random tokens. Weights are random (untrained).",
+             "standard-normal x (64 rows; the embedding through as_linear); logits on random tokens. Weights are "
+             "random (untrained). Bounds: quantization_report.BOUNDS, also checked by the tests.",
     )
     for name, report in reports.items():
         errors = list(report.layer_errors.values())
+        setting = VARIANTS[name]
+        key = setting and (setting["bits"], setting["mode"])
         summary.add(name, report.logit_rel_error, report.logit_max_abs, report.top1_agreement,
-                    max(errors) if errors else "-", sum(errors) / len(errors) if errors else "-")
-    quantized = [name for name in variants if variants[name]]
+                    max(errors) if errors else "-", sum(errors) / len(errors) if errors else "-",
+                    str(BOUNDS[key]) if key else "-", report.within(*key) if key else "-")
+    quantized = [name for name in VARIANTS if VARIANTS[name]]
     layers = Table(title="Per-layer relative error", columns=("layer",) + tuple(quantized))
     for path in reports[quantized[0]].layer_errors:
         layers.add(path, *(reports[name].layer_errors[path] for name in quantized))
@@ -152,4 +167,5 @@ def _accuracy(quick: bool) -> List[Table]:
 
 
 def run(quick: bool = False) -> List[Table]:
-    return _w8a8(quick) + [_mlx_support(), _int4_gemv()] + _accuracy(quick)
+    sizes, seq = (ACCURACY_SIZES["quick"], 128) if quick else (ACCURACY_SIZES["full"], 512)
+    return _w8a8(quick) + [_mlx_support(), _int4_gemv()] + accuracy(sizes, seq)

@@ -6,7 +6,7 @@ for mlx-lm's cache layout), ``rms_norm``,
 one launch), ``swiglu``, ``geglu`` and ``tiled_matmul`` (the matrix-unit primitive's proof).
 Layers: ``RMSNorm``, ``LayerNorm``, ``SwiGLU``, ``GeGLU``. Quantization: ``quantize_int8`` / ``quantize_int4``
 and their inverses, ``w8a8_linear`` (INT8 activations x INT8 weights), ``Int8Linear``, ``Int4Linear``,
-``quantize_model``, ``save_quantized``, ``load_quantized``. Kernel bodies live in ``src/``; see
+``W8A8Linear``, ``quantize_model``, ``save_quantized``, ``load_quantized``. Kernel bodies live in ``src/``; see
 ``launcher`` for how they are compiled and ``catalog`` for their tile configurations.
 """
 
@@ -26,7 +26,7 @@ from .quantization import (
     quantize_int8,
 )
 from .quantization_model import load_quantized, quantize_model, save_quantized
-from .quantized_linear import Int4Linear, Int8Linear, quantized_matmul
+from .quantized_linear import Int4Linear, Int8Linear, W8A8Linear, quantized_matmul
 from .w8a8 import w8a8_linear, w8a8_matmul
 from .rotary import rope
 
@@ -34,6 +34,7 @@ __all__ = [
     "decode_heads_first",
     "Int4Linear",
     "Int8Linear",
+    "W8A8Linear",
     "QuantizedTensor",
     "dequantize",
     "dequantize_int4",

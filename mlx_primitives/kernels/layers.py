@@ -63,12 +63,13 @@ class LayerNorm(nn.Module):
 class _GatedMLP(nn.Module):
     def __init__(self, dims: int, hidden_dims: int, bias: bool = False):
         super().__init__()
+        self.dims, self.hidden_dims = dims, hidden_dims
         self.gate_proj = nn.Linear(dims, hidden_dims, bias=bias)
         self.up_proj = nn.Linear(dims, hidden_dims, bias=bias)
         self.down_proj = nn.Linear(hidden_dims, dims, bias=bias)
 
     def _extra_repr(self) -> str:
-        return f"dims={self.up_proj.weight.shape[1]}, hidden_dims={self.up_proj.weight.shape[0]}"
+        return f"dims={self.dims}, hidden_dims={self.hidden_dims}"
 
 
 class SwiGLU(_GatedMLP):

@@ -3,7 +3,12 @@
 The scale of a block of values is chosen from its range; values become integers
 ``q = round(x / scale)`` clipped to ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (symmetric) or
 ``q = round(x / scale) + zero`` clipped to ``[0, 2^b - 1]`` (asymmetric, ``zero`` the integer that
-stands for 0.0), and ``dequantize`` gives back ``(q - zero) * scale``. Blocks run along the last
+stands for 0.0), and ``dequantize`` gives back ``(q - zero) * scale``. The asymmetric range of a block
+always includes 0 and its zero point is an integer (PyTorch's convention: 0.0 is stored exactly), so
+a block far from 0 (e.g. values near 3.0) gets no finer steps than the symmetric one; MLX's affine
+format (``mx.quantize``, a float bias per group, what :class:`~mlx_primitives.kernels.Int4Linear`
+stores) spans just the block's range. Values are not checked for being finite: an infinity makes
+its block's scale infinite (the block dequantizes to NaN), a NaN is stored as 0. Blocks run along the last
 axis: ``"tensor"`` is one block, ``"channel"`` one block per row (an output channel of a
 ``(out, in)`` weight, a token of a ``(tokens, features)`` activation), ``"group"`` blocks of
 ``group_size`` consecutive elements of a row.
@@ -22,7 +27,7 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from ..validation import check_array
+from ..validation import FLOAT_DTYPES, check_array
 
 GRANULARITIES = ("tensor", "channel", "group")
 
@@ -129,7 +134,12 @@ def _integers(q: QuantizedTensor) -> mx.array:
 
 
 def dequantize(q: QuantizedTensor, dtype: mx.Dtype = mx.float32) -> mx.array:
-    """The float tensor ``(q - zero) * scale`` of ``q``, in ``dtype``, shape ``q.shape``."""
+    """The float tensor ``(q - zero) * scale`` of ``q``, in ``dtype`` (float16, bfloat16 or float32),
+    shape ``q.shape``."""
+    if not isinstance(q, QuantizedTensor):
+        raise TypeError(f"q must be a QuantizedTensor (from quantize_int8 / quantize_int4); got {type(q).__name__}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float16, bfloat16 or float32; got {dtype}")
     blocks = _blocks(_integers(q), q.granularity, q.group_size)
     scales = q.scales.reshape(1) if q.granularity == "tensor" else q.scales
     if q.zeros is not None:
@@ -177,13 +187,13 @@ def quantize_int4(
 
 def dequantize_int8(q: QuantizedTensor, dtype: mx.Dtype = mx.float32) -> mx.array:
     """The float tensor of an 8-bit :class:`QuantizedTensor` (see :func:`dequantize`)."""
-    if q.bits != 8:
+    if isinstance(q, QuantizedTensor) and q.bits != 8:
         raise ValueError(f"dequantize_int8 needs an 8-bit QuantizedTensor; got {q.bits} bits")
     return dequantize(q, dtype)
 
 
 def dequantize_int4(q: QuantizedTensor, dtype: mx.Dtype = mx.float32) -> mx.array:
     """The float tensor of a 4-bit :class:`QuantizedTensor` (see :func:`dequantize`)."""
-    if q.bits != 4:
+    if isinstance(q, QuantizedTensor) and q.bits != 4:
         raise ValueError(f"dequantize_int4 needs a 4-bit QuantizedTensor; got {q.bits} bits")
     return dequantize(q, dtype)

@@ -210,8 +210,12 @@ def w8a8_linear(
     Returns:
         ``(..., N)`` array of ``x``'s dtype.
     """
-    check_array("x", x, "(..., in_features)", min_ndim=1)
-    _check_weights(w_q, w_scale, bias, x.shape[-1])
+    check_array("w_q", w_q, "(out_features, in_features)", ndim=2, dtypes=(mx.int8,))
+    dims = w_q.shape[1]
+    check_array("x", x, f"(..., {dims})", min_ndim=1)
+    if x.shape[-1] != dims:
+        raise ValueError(f"x must have shape (..., {dims}) (w_q's in_features); got {tuple(x.shape)}")
+    _check_weights(w_q, w_scale, bias, dims)
     rows = x.reshape(-1, x.shape[-1])
     x_q, x_scale = quantize_per_token(rows)
     out = w8a8_matmul(x_q, x_scale, w_q, w_scale, bias, activation=activation, dtype=x.dtype, path=path,

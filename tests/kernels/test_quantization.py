@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_primitives.kernels import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from mlx_primitives.kernels import dequantize, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 
 from .helpers import f64
 
@@ -116,3 +116,7 @@ def test_invalid_arguments_name_what_is_wrong():
         quantize_int8(np.ones((2, 2)))
     with pytest.raises(ValueError, match="needs an 8-bit QuantizedTensor"):
         dequantize_int8(quantize_int4(x, granularity="channel"))
+    with pytest.raises(TypeError, match="q must be a QuantizedTensor"):
+        dequantize_int8(x)
+    with pytest.raises(TypeError, match="dtype must be float16, bfloat16 or float32"):
+        dequantize(quantize_int8(x), mx.int32)
