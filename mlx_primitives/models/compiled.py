@@ -26,23 +26,25 @@ import mlx.nn as nn
 from ..attention.spec import describe_attention
 from ..cache import PagedKVCache
 from ..hardware import device_profile
-from ..kernels.decode import bind_decode, unsupported
-from .paged_step import PagedLayerCache, StepDecode
-from .swap import model_attention
+from ..kernels.decode import unsupported
+from .paged_step import FULL, PagedLayerCache, StepDecode, Window, bind_paged_decode
+from .swap import require_swapped
 
 
 def masked_decode(q: mx.array, k_pool: mx.array, v_pool: mx.array, lengths: mx.array, block_table: mx.array,
-                  scale: float, softcap: float = 0.0) -> mx.array:
+                  scale: float, softcap: float = 0.0, window: Window = FULL) -> mx.array:
     """Causal attention of ``q`` over each sequence's pages, in MLX ops of fixed shape (float32 math).
 
     Args:
         q: ``(batch, seqlen_q, num_heads, head_dim)``; query row ``i`` of sequence ``b`` sits at key
-            position ``lengths[b] - seqlen_q + i`` and sees the keys up to it.
+            position ``p = lengths[b] - seqlen_q + i`` and sees the keys up to it (from
+            ``p - window[0]`` on where ``window[0] >= 0``).
         k_pool, v_pool: page pools ``(num_pages, page_size, num_kv_heads, head_dim)``.
         lengths: int32 ``(batch,)`` keys per sequence, at least ``seqlen_q``.
         block_table: int32 ``(batch, width)`` page ids (slots past a sequence's pages: any value,
             read as page 0 and masked).
         scale: softmax scale; softcap: ``c`` of ``c * tanh(s / c)``, 0 disables.
+        window: flash-attention's ``(left, right)`` window_size; only ``left`` is read (causal).
 
     Returns:
         ``(batch, seqlen_q, num_heads, head_dim)`` in q's dtype.
@@ -59,20 +61,23 @@ def masked_decode(q: mx.array, k_pool: mx.array, v_pool: mx.array, lengths: mx.a
     if softcap:
         scores = softcap * mx.tanh(scores / softcap)
     last = lengths[:, None, None, None] - q_len + mx.arange(groups * q_len)[None, None, :, None] % q_len
-    scores = mx.where(mx.arange(scores.shape[-1]) <= last, scores, -mx.inf)
+    keys = mx.arange(scores.shape[-1])
+    visible = (keys <= last) if window[0] < 0 else (keys <= last) & (keys >= last - window[0])
+    scores = mx.where(visible, scores, -mx.inf)
     out = mx.softmax(scores, axis=-1) @ v.swapaxes(-1, -2)  # (batch, kv_heads, groups * q_len, head_dim)
     out = out.reshape(batch, kv_heads, groups, q_len, head_dim).transpose(0, 3, 1, 2, 4)
     return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
 
 
-def kernel_decodes(q: mx.array, pool: mx.array, scale: float, softcap: float) -> bool:
+def kernel_decodes(q: mx.array, pool: mx.array, scale: float, softcap: float, window: Window = FULL) -> bool:
     """Whether :func:`~mlx_primitives.kernels.decode.bind_decode` runs the decode kernel for ``q``
     ``(batch, seqlen_q, num_heads, head_dim)`` over page pools like ``pool`` (else its reference
     path, which reads lengths on the host and so cannot be traced)."""
     if not device_profile().is_gpu:
         return False
     view = mx.broadcast_to(pool[:1, :1], (q.shape[0], 1) + tuple(pool.shape[2:]))
-    spec = describe_attention(q, view, view, layout="BSHD", scale=scale, causal=True, softcap=softcap)
+    spec = describe_attention(q, view, view, layout="BSHD", scale=scale, causal=True, window_size=window,
+                              softcap=softcap)
     return unsupported(spec, pool.shape[1]) is None
 
 
@@ -99,13 +104,12 @@ class TracedStep(StepDecode):
         """Scatter ``new`` ``(batch, 1, kv_heads, head_dim)`` into ``pool`` at the step's slots."""
         pool[self.slots] = new.reshape(-1, *new.shape[2:])
 
-    def bind(self, queries: mx.array, k_pool: mx.array, v_pool: mx.array, scale: float,
-             softcap: float) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+    def bind(self, queries: mx.array, k_pool: mx.array, v_pool: mx.array, scale: float, softcap: float,
+             window: Window) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
         """The decode kernel where it runs the call, else :func:`masked_decode` (both traceable)."""
-        if kernel_decodes(queries, k_pool, scale, softcap):
-            return bind_decode(queries, k_pool, v_pool, self.lengths, block_table=self.block_table,
-                               softmax_scale=scale, causal=True, softcap=softcap)
-        return lambda q, k, v: masked_decode(q, k, v, self.lengths, self.block_table, scale, softcap)
+        if not kernel_decodes(queries, k_pool, scale, softcap, window):
+            return lambda q, k, v: masked_decode(q, k, v, self.lengths, self.block_table, scale, softcap, window)
+        return bind_paged_decode(queries, k_pool, v_pool, self.lengths, self.block_table, scale, softcap, window)
 
 
 class CompiledDecode:
@@ -126,8 +130,7 @@ class CompiledDecode:
     """
 
     def __init__(self, model: nn.Module, cache: PagedKVCache, max_pages: Optional[int] = None):
-        if model_attention(model) is None:
-            raise ValueError("CompiledDecode runs the model's attention over pages: call swap_attention(model) first")
+        require_swapped(model, "CompiledDecode")
         self.model, self.cache = model, cache
         self.width = cache.allocator.num_pages if max_pages is None else max_pages
         if not isinstance(self.width, int) or self.width < 1:

@@ -27,6 +27,20 @@ TINY_CONFIGS: Dict[str, dict] = {
     "gemma3_text": dict(_COMMON, model_type="gemma3_text", head_dim=64, query_pre_attn_scalar=64,
                         sliding_window=8, sliding_window_pattern=2),
     "phi3": dict(_COMMON, model_type="phi3"),
+    # Families whose attention classes are not named "Attention"; DeepSeek-V3's is multi-head latent
+    # attention, and Qwen3-Next's linear-attention layers keep mlx-lm's computation.
+    "mixtral": dict(_COMMON, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2),
+    "phi": dict(_COMMON, model_type="phi", num_key_value_heads=4, partial_rotary_factor=0.5, layer_norm_eps=1e-5),
+    "gpt_oss": dict(_COMMON, model_type="gpt_oss", head_dim=64, num_local_experts=4, num_experts_per_tok=2,
+                    sliding_window=8, rope_theta=150000, layer_types=["sliding_attention", "full_attention"]),
+    "deepseek_v3": dict(_COMMON, model_type="deepseek_v3", num_key_value_heads=4, moe_intermediate_size=64,
+                        n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                        kv_lora_rank=32, q_lora_rank=64, qk_rope_head_dim=16, v_head_dim=32, qk_nope_head_dim=32),
+    "qwen3_next": dict(_COMMON, model_type="qwen3_next", head_dim=32, linear_num_value_heads=4, linear_num_key_heads=2,
+                       linear_key_head_dim=32, linear_value_head_dim=32, linear_conv_kernel_dim=4, num_experts=4,
+                       num_experts_per_tok=2, decoder_sparse_step=1, shared_expert_intermediate_size=64,
+                       mlp_only_layers=[], moe_intermediate_size=64, rope_theta=10000.0, partial_rotary_factor=0.5,
+                       max_position_embeddings=4096, full_attention_interval=2),
 }
 
 # Llama-3.2-1B's shape (1.24B parameters): the benchmark's target model.

@@ -11,20 +11,30 @@ size), or ``paged_forward`` with ``compiled=False``.
 from __future__ import annotations
 
 import time
+from numbers import Integral
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import FrozenSet, Iterable, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .compiled import CompiledDecode
 from .paged_step import paged_cache_for, paged_forward
-from .swap import model_attention
+from .swap import require_swapped
+
+
+def check_sampling(temperature: float, top_p: float) -> None:
+    """Raise ValueError unless ``temperature >= 0`` and ``0 < top_p <= 1``."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy); got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1]; got {top_p!r}")
 
 
 def sample(logits: mx.array, temperature: float = 0.0, top_p: float = 1.0) -> mx.array:
     """Next tokens ``(batch,)`` from last-position ``logits`` ``(batch, vocab)``: greedy at temperature 0,
     otherwise from the smallest set of tokens whose probability reaches ``top_p``."""
+    check_sampling(temperature, top_p)
     if temperature == 0:
         return mx.argmax(logits, axis=-1)
     logits = logits.astype(mx.float32) / temperature
@@ -36,6 +46,28 @@ def sample(logits: mx.array, temperature: float = 0.0, top_p: float = 1.0) -> mx
         sorted_logits = mx.where(before < top_p, sorted_logits, -mx.inf)
         return mx.take_along_axis(order, mx.random.categorical(sorted_logits)[:, None], axis=-1)[:, 0]
     return mx.random.categorical(logits)
+
+
+def _stop_tokens(eos_token_id: Union[None, int, Iterable[int]]) -> FrozenSet[int]:
+    """``eos_token_id`` (None, one id, or a collection of ids as mlx-lm tokenizers' ``eos_token_ids``) as a set."""
+    if eos_token_id is None:
+        return frozenset()
+    ids = (eos_token_id,) if isinstance(eos_token_id, Integral) else eos_token_id
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        ids = (ids,)
+    ids = tuple(ids)
+    if not all(isinstance(i, Integral) for i in ids):
+        raise TypeError(f"eos_token_id must be None, an int or a collection of ints; got {eos_token_id!r}")
+    return frozenset(int(i) for i in ids)
+
+
+def _token_budgets(max_tokens: Union[int, Sequence[int]], count: int) -> List[int]:
+    """``max_tokens`` (one int or one per prompt) as ``count`` positive ints."""
+    budgets = [max_tokens] * count if isinstance(max_tokens, int) else list(max_tokens)
+    if len(budgets) != count or not all(isinstance(m, int) and m >= 1 for m in budgets):
+        raise ValueError(f"max_tokens must be a positive int or {count} positive ints (one per prompt); "
+                         f"got {max_tokens!r}")
+    return budgets
 
 
 @dataclass
@@ -58,19 +90,25 @@ class Generation:
         return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
 
 
-def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int = 32, *, max_batch: int = 8,
-             temperature: float = 0.0, top_p: float = 1.0, eos_token_id: Optional[int] = None,
-             page_size: int = 16, num_pages: Optional[int] = None, compiled: bool = True) -> Generation:
+def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: Union[int, Sequence[int]] = 32, *,
+             max_batch: int = 8, temperature: float = 0.0, top_p: float = 1.0,
+             eos_token_id: Union[None, int, Iterable[int]] = None, page_size: int = 16,
+             num_pages: Optional[int] = None, compiled: bool = True) -> Generation:
     """Generate up to ``max_tokens`` tokens after each prompt, continuously batched over paged KV.
+
+    A waiting prompt joins only when the pool holds every page it will need to finish on top of
+    what the running sequences will still need (so no sequence runs out of pages midway).
 
     Args:
         model: an mlx-lm model after :func:`swap_attention` (any kernel; the paged cache computes
             attention itself), with ``model.args`` and ``model.layers``.
         prompts: token ids per prompt, of any lengths.
-        max_tokens: new tokens per prompt at most (fewer where ``eos_token_id`` comes first).
+        max_tokens: new tokens per prompt at most (fewer where a stop token comes first): one int,
+            or one per prompt.
         max_batch: sequences decoding together at most.
         temperature, top_p: sampling (:func:`sample`); temperature 0 is greedy.
-        eos_token_id: a token that finishes its sequence.
+        eos_token_id: a token id, or a collection of them (e.g. an mlx-lm tokenizer's
+            ``eos_token_ids``), that finishes its sequence.
         page_size: keys per page (a power of two).
         num_pages: pages per layer pool; default enough for ``max_batch`` of the longest sequences.
         compiled: decode through a :class:`CompiledDecode` (else one :func:`paged_forward` a step).
@@ -78,26 +116,31 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int
     Returns:
         A :class:`Generation` with the tokens and the prefill / decode token counts and times.
     """
-    if model_attention(model) is None:
-        raise ValueError("generate runs the model's attention over pages: call swap_attention(model) first")
+    require_swapped(model, "generate")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token id lists")
-    longest = max(len(p) for p in prompts) + max_tokens
+    check_sampling(temperature, top_p)
+    stop, budgets = _stop_tokens(eos_token_id), _token_budgets(max_tokens, len(prompts))
+    # Pages sequence i holds when it finishes: its last sampled token is never written.
+    needs = [-(-(len(p) + m - 1) // page_size) for p, m in zip(prompts, budgets)]
     if num_pages is None:
-        num_pages = max_batch * -(-longest // page_size)
+        num_pages = max_batch * max(needs)
     cache = paged_cache_for(model, num_pages, page_size)
-    decode = CompiledDecode(model, cache, max_pages=-(-longest // page_size)) if compiled else None
+    decode = CompiledDecode(model, cache, max_pages=max(needs)) if compiled else None
     result = Generation(tokens=[[] for _ in prompts])
     waiting = list(range(len(prompts)))
     running: dict = {}  # cache sequence id -> prompt index
 
     def finished(index: int) -> bool:
         tokens = result.tokens[index]
-        return len(tokens) >= max_tokens or (eos_token_id is not None and tokens[-1] == eos_token_id)
+        return len(tokens) >= budgets[index] or tokens[-1] in stop
+
+    def admissible(index: int) -> bool:
+        still_needed = sum(needs[i] - len(cache.pages(s)) for s, i in running.items())
+        return cache.allocator.free_pages - still_needed >= needs[index]
 
     while waiting or running:
-        while waiting and len(running) < max_batch and \
-                cache.allocator.free_pages >= -(-(len(prompts[waiting[0]]) + max_tokens) // page_size):
+        while waiting and len(running) < max_batch and admissible(waiting[0]):
             index = waiting.pop(0)
             seq = cache.add_sequence()
             start = time.perf_counter()
@@ -112,7 +155,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int
                 running[seq] = index
         if not running:
             if waiting:
-                raise ValueError(f"prompt {waiting[0]} needs more pages than the pool of {num_pages} holds")
+                raise ValueError(f"prompt {waiting[0]} needs {needs[waiting[0]]} pages; the pool holds {num_pages}")
             break
         seqs = list(running)
         last = mx.array([result.tokens[running[s]][-1] for s in seqs])

@@ -12,30 +12,60 @@ validated and prepared once per step (:func:`~mlx_primitives.kernels.decode.bind
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from ..attention.kvcache import flash_attn_with_kvcache
 from ..cache import PagedKVCache
-from ..kernels.decode import MAX_Q_LEN, bind_decode
+from ..kernels.decode import MAX_Q_LEN, bind_decode, decode_attention
+from ..validation import FLOAT_DTYPES
+
+Window = Tuple[int, int]  # flash-attention's (left, right) window_size; (-1, -1) unbounded
+FULL: Window = (-1, -1)
+
+
+class SlidingWindow(NamedTuple):
+    """The mask :meth:`PagedLayerCache.make_mask` gives a sliding-window layer (mlx-lm's
+    ``window_size``): each query sees itself and the ``size - 1`` keys before it."""
+
+    size: int
+
+
+def window_of(mask: Any) -> Window:
+    """The ``window_size`` of a mask from :meth:`PagedLayerCache.make_mask` (None: plain causal)."""
+    return (mask.size - 1, 0) if isinstance(mask, SlidingWindow) else FULL
+
+
+def bind_paged_decode(queries: mx.array, k_pool: mx.array, v_pool: mx.array, lengths: mx.array,
+                      block_table: mx.array, scale: float, softcap: float,
+                      window: Window) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+    """:func:`~mlx_primitives.kernels.decode.bind_decode` of one step's causal decode over page pools;
+    ``call(q, k_pool, v_pool)`` with ``q`` ``(batch, new, heads, head_dim)``."""
+    if window != FULL:  # bind_decode takes no window: decode_attention's own memo prepares the call
+        return lambda q, k, v: decode_attention(q, k, v, lengths, block_table=block_table, softmax_scale=scale,
+                                                causal=True, window_size=window, softcap=softcap)
+    return bind_decode(queries, k_pool, v_pool, lengths, block_table=block_table, softmax_scale=scale, causal=True,
+                       softcap=softcap)
 
 
 class StepDecode:
     """The decode call of one step, prepared by :meth:`bind` on the first layer and reused by the others
     (every layer shares the step's lengths and block table); subclasses set ``self._decode = {}``."""
 
-    def bind(self, queries: mx.array, k_pool: mx.array, v_pool: mx.array, scale: float,
-             softcap: float) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+    def bind(self, queries: mx.array, k_pool: mx.array, v_pool: mx.array, scale: float, softcap: float,
+             window: Window) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
         raise NotImplementedError
 
-    def decode(self, queries: mx.array, k_pool: mx.array, v_pool: mx.array, scale: float,
-               softcap: float) -> mx.array:
+    def decode(self, queries: mx.array, k_pool: mx.array, v_pool: mx.array, scale: float, softcap: float,
+               window: Window = FULL) -> mx.array:
         """Attention of ``queries`` ``(batch, new, heads, head_dim)`` over the layer's pools."""
-        call = self._decode.get((scale, softcap))
+        key = (scale, softcap, window)
+        call = self._decode.get(key)
         if call is None:
-            call = self._decode[(scale, softcap)] = self.bind(queries, k_pool, v_pool, scale, softcap)
+            call = self._decode[key] = self.bind(queries, k_pool, v_pool, scale, softcap, window)
         return call(queries, k_pool, v_pool)
 
 
@@ -58,7 +88,7 @@ class PagedStep(StepDecode):
         self.cache_seqlens = mx.array(before, mx.int32)
         self.lengths = mx.array([n + new for n in before], mx.int32)
         self.slots = None
-        self._decode: dict = {}  # (scale, softcap) -> bind_decode's call
+        self._decode: dict = {}  # (scale, softcap, window) -> the bound decode call
         if new <= MAX_Q_LEN:
             pages, rows = cache.write_slots(seqs, before, new)
             if len(seqs) == 1 and rows[0] + new <= cache.page_size:  # one page: a slice update, no index arrays
@@ -73,11 +103,10 @@ class PagedStep(StepDecode):
         else:
             pool[self.slots] = new.reshape(-1, *new.shape[2:])
 
-    def bind(self, queries: mx.array, k_pool: mx.array, v_pool: mx.array, scale: float,
-             softcap: float) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+    def bind(self, queries: mx.array, k_pool: mx.array, v_pool: mx.array, scale: float, softcap: float,
+             window: Window) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
         """The decode kernel over the pages (its reference path on the CPU), validated and prepared."""
-        return bind_decode(queries, k_pool, v_pool, self.lengths, block_table=self.block_table,
-                           softmax_scale=scale, causal=True, softcap=softcap)
+        return bind_paged_decode(queries, k_pool, v_pool, self.lengths, self.block_table, scale, softcap, window)
 
 
 class PagedLayerCache:
@@ -94,15 +123,22 @@ class PagedLayerCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """Keep the new ``(batch, kv_heads, new, head_dim)`` keys/values for :meth:`attend`; return them."""
+        pool = self.step.k_pools[self.layer]
+        if keys.shape[1] != pool.shape[2] or keys.shape[3] != pool.shape[3] or values.shape != keys.shape:
+            raise ValueError(f"paged generation holds (kv_heads={pool.shape[2]}, head_dim={pool.shape[3]}) keys and "
+                             f"values per layer; layer {self.layer} gives keys {tuple(keys.shape)} and values "
+                             f"{tuple(values.shape)} (e.g. multi-head latent attention), which it cannot page")
         self._new = (keys.swapaxes(1, 2), values.swapaxes(1, 2))
         return keys, values
 
-    def make_mask(self, *args: Any, **kwargs: Any) -> None:
-        return None  # attend() masks causally per sequence
+    def make_mask(self, *args: Any, window_size: Optional[int] = None, **kwargs: Any) -> Optional[SlidingWindow]:
+        """None (:meth:`attend` masks causally per sequence), or a :class:`SlidingWindow` of ``window_size``."""
+        return None if window_size is None else SlidingWindow(window_size)
 
-    def attend(self, queries: mx.array, scale: float, softcap: float = 0.0,
-               sinks: Optional[mx.array] = None) -> mx.array:
-        """Write the new keys into the pages, then attend ``queries`` ``(batch, heads, new, head_dim)``.
+    def attend(self, queries: mx.array, scale: float, softcap: float = 0.0, sinks: Optional[mx.array] = None,
+               mask: Optional[SlidingWindow] = None) -> mx.array:
+        """Write the new keys into the pages, then attend ``queries`` ``(batch, heads, new, head_dim)``
+        causally (within ``mask``'s sliding window, from :meth:`make_mask`).
 
         Decode-sized calls (``new <= 16``) go straight to the split-KV decode kernel over the pages;
         longer ones (prefill) through :func:`flash_attn_with_kvcache`, which gathers the pages.
@@ -111,15 +147,15 @@ class PagedLayerCache:
             raise ValueError("paged generation takes no attention sinks")
         step, (k_new, v_new) = self.step, self._new
         k_pool, v_pool = step.k_pools[self.layer], step.v_pools[self.layer]
-        queries = queries.swapaxes(1, 2)
+        queries, window = queries.swapaxes(1, 2), window_of(mask)
         if queries.shape[1] > MAX_Q_LEN:
             out = flash_attn_with_kvcache(queries, k_pool, v_pool, k=k_new, v=v_new, cache_seqlens=step.cache_seqlens,
                                           block_table=step.block_table, softmax_scale=scale, causal=True,
-                                          softcap=softcap)
+                                          window_size=window, softcap=softcap)
         else:
             step.write(k_pool, k_new)
             step.write(v_pool, v_new)
-            out = step.decode(queries, k_pool, v_pool, scale, softcap)
+            out = step.decode(queries, k_pool, v_pool, scale, softcap, window)
         return out.swapaxes(1, 2)
 
 
@@ -132,10 +168,23 @@ def paged_forward(model: nn.Module, cache: PagedKVCache, seqs: Sequence[int], to
     return model(tokens, cache=[PagedLayerCache(step, layer) for layer in range(len(cache.k_pools))])
 
 
+def activation_dtype(module: nn.Module) -> mx.Dtype:
+    """The float dtype ``module`` computes in: its first float parameter's (a quantized layer's
+    ``scales``, since its packed weights are uint32); float16 when it has none."""
+    for _, value in tree_flatten(module.parameters()):
+        if value.dtype in FLOAT_DTYPES:
+            return value.dtype
+    return mx.float16
+
+
 def paged_cache_for(model: nn.Module, num_pages: int, page_size: int = 16) -> PagedKVCache:
-    """An empty :class:`PagedKVCache` shaped for every layer of the mlx-lm ``model``, in its dtype."""
+    """An empty :class:`PagedKVCache` shaped for every layer of the mlx-lm ``model``, in its
+    attention's dtype (:func:`activation_dtype`; bfloat16 for a 4-bit model of bfloat16 scales)."""
+    for index, layer in enumerate(model.layers):
+        if not isinstance(getattr(layer, "self_attn", None), nn.Module):
+            raise ValueError(f"paged generation needs softmax attention (self_attn) in every layer; layer {index} "
+                             f"({type(layer).__name__}) has none, e.g. a linear-attention layer of a hybrid model")
     args = model.args
     head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
-    dtype = model.layers[0].self_attn.o_proj.weight.dtype
     return PagedKVCache(num_pages, page_size, args.num_key_value_heads, head_dim, num_layers=len(model.layers),
-                        dtype=dtype if dtype in (mx.float16, mx.bfloat16, mx.float32) else mx.float16)
+                        dtype=activation_dtype(model.layers[0].self_attn))

@@ -1,32 +1,39 @@
 """``swap_attention``: run an mlx-lm model's attention through mlx_primitives, in place and reversibly.
 
-The hook is per attention module, never global: each ``Attention`` instance of the model gets a
-subclass of its own class (same parameters, so weights, ``load_weights`` and caches are untouched)
-whose ``__call__`` is either
+The hook is per attention module, never global: each attention module of the model (any class of
+``mlx_lm.models`` whose ``__call__`` calls ``scaled_dot_product_attention``, whatever its name:
+``Attention``, ``MixtralAttention``, gpt-oss's ``AttentionBlock``, ...) gets a subclass of its own
+class (same parameters, so weights, ``load_weights`` and caches are untouched) whose ``__call__`` is
+either
 
 * the original ``__call__`` with its module's ``scaled_dot_product_attention`` name bound to ours
-  (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma-3 and every mlx-lm model that calls
-  ``mlx_lm.models.base.scaled_dot_product_attention``), or
+  (Llama, Mistral, Mixtral, Qwen2/3, Qwen3-Next, Phi-2, Phi-3, Gemma-3, GLM-4, OLMo-3, gpt-oss,
+  DeepSeek-V3 and every mlx-lm model that calls ``mlx_lm.models.base.scaled_dot_product_attention``), or
 * a rewrite of the model's attention for models that inline the math (:data:`INLINE_ATTENTION`:
   Gemma-2 with its logit softcap).
+
+Modules named like attention that do neither (linear or delta-rule attention of hybrid models) keep
+mlx-lm's computation, with a warning naming their classes.
 
 mlx-lm's mask conventions are kept: ``None``, the ``"causal"`` string (bottom-right aligned), and
 boolean or additive arrays (sliding windows, rotating caches, padding) go through unchanged. Caches
 quantized by mlx-lm (``cache.bits``) keep mlx-lm's quantized attention. A cache with an
-``attend(queries, scale, softcap)`` method (the paged caches of :mod:`.generate`) computes the
-attention itself over its pages.
+``attend(queries, scale, softcap, sinks, mask)`` method (the paged caches of :mod:`.generate`)
+computes the attention itself over its pages.
 """
 
 from __future__ import annotations
 
 import collections
-import sys
+import inspect
 import types
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Union
+import warnings
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..attention.dispatch import PATHS
 from ..attention.flash import explain, flash_attention
 from ..attention.flex import create_block_mask, flex_attention
 from ..attention.flex import mods
@@ -45,24 +52,46 @@ class Replaced(NamedTuple):
     hook: str
 
 
+def _keyword_options(function: Callable) -> Tuple[str, ...]:
+    return tuple(name for name, p in inspect.signature(function).parameters.items() if p.kind is p.KEYWORD_ONLY)
+
+
+# The options each kernel takes (swap_attention(..., **options)).
+OPTIONS: Dict[str, Tuple[str, ...]] = {"flash": ("path",), "sdpa": (), "reference": (),
+                                       "sage": _keyword_options(sageattn), "flex": ("score_mod", "block_size")}
+
+
+def check_options(kernel: str, options: Dict[str, Any]) -> None:
+    """Raise ValueError for an unknown ``kernel``, or an option ``kernel`` does not take (:data:`OPTIONS`)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}")
+    unknown = sorted(set(options) - set(OPTIONS[kernel]))
+    if unknown:
+        accepted = "; ".join(f"{name}: {', '.join(OPTIONS[name]) or 'none'}" for name in KERNELS)
+        raise ValueError(f"kernel={kernel!r} takes no option {', '.join(unknown)}; options per kernel: {accepted}")
+    if kernel == "flash" and options.get("path", "auto") not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}; got {options['path']!r}")
+
+
 class SwappedAttention:
     """mlx-lm's ``scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks)`` on
     our kernels; ``queries`` ``(B, Hq, L, D)``, ``keys``/``values`` ``(B, Hk, S, D)`` (BHSD).
 
-    ``routes`` counts which computation each call took (``"flash"``, ``"sage"``, ``"flex"``,
-    ``"paged"``, ``"mlx-lm quantized"``, or ``"flash (<why>)"`` where the kernel asked for cannot
-    run the call), so a caller can say which paths ran.
+    ``routes`` counts which computation each call took: ``"sage"``, ``"flex"``, ``"paged"``,
+    ``"mlx-lm quantized"``, the dispatcher's route for ``"flash"`` (``"flash->sdpa"``,
+    ``"flash->kernel"``, ``"flash->decode"``, ``"flash->reference"``), ``"sdpa"`` and
+    ``"reference"`` where forced, and ``"flash->... (<why>)"`` where ``"sage"`` or ``"flex"``
+    cannot run the call (e.g. Gemma-2: mlx-lm passes its masks as arrays and sage takes none).
     """
 
     def __init__(self, kernel: str, original: Optional[Callable] = None, **options: Any):
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}")
+        check_options(kernel, options)
         self.kernel = kernel
         self.options = options
         self.original = original
         self.routes: collections.Counter = collections.Counter()
         self._block_masks: Dict[tuple, Any] = {}
-        self._sdpa_shapes: Dict[tuple, bool] = {}  # plain call shapes -> the dispatcher routes them to sdpa
+        self._paths: Dict[tuple, str] = {}  # call signature -> the dispatcher's path
 
     def __repr__(self) -> str:
         return f"SwappedAttention(kernel={self.kernel!r}, options={self.options})"
@@ -71,12 +100,15 @@ class SwappedAttention:
                  mask: Mask = None, sinks: Optional[mx.array] = None, softcap: float = 0.0) -> mx.array:
         if hasattr(cache, "attend"):
             self.routes["paged"] += 1
-            return cache.attend(queries, scale, softcap, sinks)
+            return cache.attend(queries, scale, softcap, sinks, mask)
         if hasattr(cache, "bits"):
             if self.original is None or softcap:
                 raise ValueError("mlx-lm's quantized caches keep mlx-lm's attention; this model has none to keep")
             self.routes["mlx-lm quantized"] += 1
             return self.original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+        if keys.dtype != queries.dtype or values.dtype != queries.dtype:  # Phi-2: float32 queries, its cache's keys
+            dtype = mx.result_type(queries, keys, values)
+            queries, keys, values = (a.astype(dtype) for a in (queries, keys, values))
         plain_mask = mask is None or isinstance(mask, str)
         if self.kernel == "sage":
             if plain_mask and not softcap and sinks is None:
@@ -84,27 +116,29 @@ class SwappedAttention:
                 return sageattn(queries, keys, values, "HND", is_causal=mask == "causal", sm_scale=scale,
                                 **self.options)
             return self._flash(queries, keys, values, scale, mask, sinks, softcap,
-                               "flash (sage takes no mask array, softcap or sinks)")
+                               " (sage takes no mask array, softcap or sinks)")
         if self.kernel == "flex":
             if plain_mask and sinks is None:
                 self.routes["flex"] += 1
                 return self._flex(queries, keys, values, scale, mask, softcap)
             return self._flash(queries, keys, values, scale, mask, sinks, softcap,
-                               "flash (flex here takes no mask array or sinks)")
-        return self._flash(queries, keys, values, scale, mask, sinks, softcap, self.kernel)
+                               " (flex here takes no mask array or sinks)")
+        return self._flash(queries, keys, values, scale, mask, sinks, softcap)
 
-    def _flash(self, queries, keys, values, scale, mask, sinks, softcap, route: str) -> mx.array:
-        self.routes[route] += 1
-        path = {"sdpa": "sdpa", "reference": "reference"}.get(self.kernel, self.options.get("path", "auto"))
-        key = None
-        if sinks is None and not softcap and (mask is None or isinstance(mask, str)):
-            key = (queries.shape, keys.shape, values.shape, queries.dtype, keys.dtype, scale, mask, path)
-            direct = self._sdpa_shapes.get(key)
-            if direct is None:
-                direct = self._sdpa_shapes[key] = path in ("auto", "sdpa") and explain(
-                    queries, keys, values, layout="BHSD", scale=scale, mask=mask).path == "sdpa"
-            if direct:  # what the dispatcher would call, without its per-call Python
-                return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+    def _flash(self, queries, keys, values, scale, mask, sinks, softcap, why: str = "") -> mx.array:
+        """:func:`flash_attention` (``mx.fast`` sdpa directly where the dispatcher routes the call there)."""
+        forced = {"sdpa": "sdpa", "reference": "reference"}.get(self.kernel)
+        path = forced or self.options.get("path", "auto")
+        masks = mask if mask is None or isinstance(mask, str) else (mask.shape, mask.dtype)
+        key = (queries.shape, keys.shape, values.shape, queries.dtype, scale, masks, softcap,
+               None if sinks is None else sinks.shape, path)
+        route = self._paths.get(key)
+        if route is None:
+            route = self._paths[key] = explain(queries, keys, values, layout="BHSD", scale=scale, mask=mask,
+                                               sinks=sinks, softcap=softcap, path=path).path
+        self.routes[forced or f"flash->{route}{why}"] += 1
+        if route == "sdpa" and sinks is None and not softcap and (mask is None or isinstance(mask, str)):
+            return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
         return flash_attention(queries, keys, values, layout="BHSD", scale=scale, mask=mask, sinks=sinks,
                                softcap=softcap, path=path)
 
@@ -144,10 +178,11 @@ INLINE_ATTENTION: Dict[str, Callable] = {"mlx_lm.models.gemma2": _gemma2_call}
 
 
 def _hook(cls: type) -> Optional[str]:
-    """How ``cls`` (an mlx-lm attention class) can be swapped: ``"sdpa"``, ``"inline"`` or None."""
-    if not cls.__module__.startswith("mlx_lm.models.") or cls.__name__ != "Attention":
+    """How ``cls`` (a module class) can be swapped: ``"sdpa"`` (an mlx-lm class, whatever its name, whose
+    ``__call__`` calls ``scaled_dot_product_attention``), ``"inline"`` (:data:`INLINE_ATTENTION`) or None."""
+    if not cls.__module__.startswith("mlx_lm.models."):
         return None
-    if cls.__module__ in INLINE_ATTENTION:
+    if cls.__module__ in INLINE_ATTENTION and cls.__name__ == "Attention":
         return "inline"
     code = getattr(cls.__call__, "__code__", None)
     return "sdpa" if code is not None and HOOK_NAME in code.co_names else None
@@ -176,10 +211,11 @@ def swap_attention(model: nn.Module, kernel: str = "flash", **options: Any) -> L
         model: an mlx-lm model (``mlx_lm.models.<arch>.Model``), e.g. from ``mlx_lm.load``.
         kernel: ``"flash"`` (the dispatcher: sdpa, flash/decode kernels or the reference path),
             ``"sdpa"``, ``"reference"``, ``"sage"`` (INT8 q and k; calls with mask arrays, softcap
-            or sinks take ``"flash"``) or ``"flex"`` (:func:`flex_attention`; ``score_mod=`` and
-            ``block_size=`` options; calls with mask arrays or sinks take ``"flash"``).
-        **options: passed on: ``path=`` for ``"flash"``; ``qk_quant_gran=``, ``smooth_k=``, ... for
-            ``"sage"``; ``score_mod=``, ``block_size=`` for ``"flex"``.
+            or sinks take ``"flash"``: so every call of Gemma-2, whose mlx-lm attention always gets
+            an array mask and a softcap) or ``"flex"`` (:func:`flex_attention`; calls with mask
+            arrays or sinks take ``"flash"``). ``model_attention(model).routes`` says what ran.
+        **options: the kernel's (:data:`OPTIONS`): ``path=`` for ``"flash"``; ``qk_quant_gran=``,
+            ``smooth_k=``, ... for ``"sage"``; ``score_mod=``, ``block_size=`` for ``"flex"``.
 
     Returns:
         One :class:`Replaced` per attention module: its path, its original class and the hook
@@ -187,29 +223,56 @@ def swap_attention(model: nn.Module, kernel: str = "flash", **options: Any) -> L
         (its ``routes`` count what ran) is ``model_attention(model)``.
 
     Raises:
-        ValueError: an unknown kernel, or a model without attention modules this knows how to swap.
+        ValueError: an unknown kernel or option, or a model without attention modules this knows how
+            to swap (mlx_primitives' own :class:`~mlx_primitives.models.Transformer` included: it
+            already runs our attention).
     """
+    check_options(kernel, options)
     restore_attention(model)
-    replaced = []
+    replaced, others = [], []
     swapped_classes: Dict[type, type] = {}
     shared: Optional[SwappedAttention] = None
     for path, module in model.named_modules():
         cls = type(module)
         hook = _hook(cls)
         if hook is None:
+            if "attention" in cls.__name__.lower():
+                others.append((path, cls))
             continue
         if shared is None:
-            original = sys.modules[cls.__module__].__dict__.get(HOOK_NAME)
+            original = getattr(cls.__call__, "__globals__", {}).get(HOOK_NAME)
             shared = SwappedAttention(kernel, original, **options)
         if cls not in swapped_classes:
             swapped_classes[cls] = _swapped_class(cls, hook, shared)
         module.__class__ = swapped_classes[cls]
         replaced.append(Replaced(path, cls, HOOK_NAME if hook == "sdpa" else "__call__"))
+    # Attention-named modules left as they are, unless they only hold swapped ones.
+    kept = sorted({f"{c.__module__}.{c.__name__}" for p, c in others
+                   if not any(r.path.startswith(p + ".") for r in replaced)})
     if not replaced:
+        _check_not_ours(model)
         raise ValueError(f"no mlx-lm attention module to swap in {type(model).__module__}.{type(model).__name__}: "
-                         "swap_attention knows mlx-lm Attention classes that call scaled_dot_product_attention, "
-                         f"and {sorted(INLINE_ATTENTION)}")
+                         "swap_attention swaps mlx-lm classes whose __call__ calls scaled_dot_product_attention, and "
+                         f"{sorted(INLINE_ATTENTION)}; found {kept or 'no attention-named module'}")
+    if kept:
+        warnings.warn(f"swap_attention({kernel!r}) swapped {len(replaced)} modules; these keep mlx-lm's own "
+                      f"attention (no scaled_dot_product_attention call): {kept}", stacklevel=2)
     return replaced
+
+
+def _check_not_ours(model: nn.Module) -> None:
+    if type(model).__module__.startswith("mlx_primitives."):
+        raise ValueError(f"swap_attention and paged generation take mlx-lm models; {type(model).__name__} already "
+                         "runs mlx_primitives' attention (ModelArgs.kernel picks it) over its own KV caches")
+
+
+def require_swapped(model: nn.Module, what: str) -> SwappedAttention:
+    """``model``'s :class:`SwappedAttention`; ValueError saying why ``what`` cannot run it otherwise."""
+    swapped = model_attention(model)
+    if swapped is None:
+        _check_not_ours(model)
+        raise ValueError(f"{what} runs the model's attention over pages: call swap_attention(model) first")
+    return swapped
 
 
 def restore_attention(model: nn.Module) -> List[str]:

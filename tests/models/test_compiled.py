@@ -16,16 +16,17 @@ from mlx_primitives.models.configs import TINY_CONFIGS, random_model  # noqa: E4
 from tests.reference import Features, attention64, assert_within_rule, f64, naive_attention  # noqa: E402
 
 
-@pytest.mark.parametrize("q_len,softcap,dtype", [(1, 0.0, mx.float32), (3, 2.5, mx.float32), (1, 0.0, mx.float16)])
-def test_masked_decode_equals_float64_per_sequence(q_len, softcap, dtype):
+@pytest.mark.parametrize("q_len,softcap,dtype,window", [(1, 0.0, mx.float32, (-1, -1)), (3, 2.5, mx.float32, (-1, -1)),
+                                                        (1, 0.0, mx.float16, (-1, -1)), (3, 0.0, mx.float32, (4, 0))])
+def test_masked_decode_equals_float64_per_sequence(q_len, softcap, dtype, window):
     batch, heads, kv_heads, dim, page, num_pages, width = 3, 4, 2, 16, 4, 12, 4
     k_pool, v_pool = (mx.random.normal((num_pages, page, kv_heads, dim)).astype(dtype) for _ in range(2))
     q = mx.random.normal((batch, q_len, heads, dim)).astype(dtype)
     lengths = [7, 3, 16]
     table = np.full((batch, width), -1, np.int32)
     table[0, :2], table[1, :1], table[2, :4] = [5, 2], [9], [0, 11, 3, 7]
-    out = masked_decode(q, k_pool, v_pool, mx.array(lengths, mx.int32), mx.array(table), 0.3, softcap)
-    features = Features(scale=0.3, causal=True, softcap=softcap)
+    out = masked_decode(q, k_pool, v_pool, mx.array(lengths, mx.int32), mx.array(table), 0.3, softcap, window)
+    features = Features(scale=0.3, causal=True, window=window, softcap=softcap)
     for b, length in enumerate(lengths):
         pages = mx.array(table[b, : -(-length // page)])
         k, v = (pool[pages].reshape(1, -1, kv_heads, dim)[:, :length].swapaxes(1, 2) for pool in (k_pool, v_pool))

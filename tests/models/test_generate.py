@@ -22,20 +22,35 @@ def greedy_mlx_lm(model, prompt, steps):
     return tokens
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2"])
-def test_paged_generation_equals_mlx_lm_greedy_per_prompt(name):
+@pytest.mark.parametrize("name,compiled", [("llama", True), ("gemma2", True), ("mixtral", True),
+                                           ("llama_sliding", True), ("llama_sliding", False), ("gemma3_text", True)])
+def test_paged_generation_equals_mlx_lm_greedy_per_prompt(name, compiled):
+    """Sliding-window models (window 8) with prompts past the window, prefill and decode."""
     config = TINY_CONFIGS[name]
     model = random_model(config, std=0.1)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, config["vocab_size"], n).tolist() for n in (5, 19, 11, 3)]
-    max_tokens = [6, 6, 6, 6]
+    max_tokens = [6, 3, 9, 4]
     expected = [greedy_mlx_lm(model, p, m) for p, m in zip(prompts, max_tokens)]
     swap_attention(model)
-    # Two slots for four prompts: the last two join when the first ones finish.
-    result = generate(model, prompts, max_tokens=6, max_batch=2, page_size=4)
+    # Two slots for four prompts: the others join as sequences finish, each at its own max_tokens.
+    result = generate(model, prompts, max_tokens=max_tokens, max_batch=2, page_size=4, compiled=compiled)
     assert result.tokens == expected
     assert max(result.batch_sizes) == 2 and result.decode_tokens == sum(m - 1 for m in max_tokens)
     assert result.decode_tokens_per_second > 0
+
+
+def test_a_small_pool_admits_only_what_it_can_finish():
+    """Three prompts that need 4 pages each, a pool of 8: the third waits instead of running out midway."""
+    model = random_model(TINY_CONFIGS["llama"], std=0.1)
+    swap_attention(model)
+    prompts = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
+    free = generate(model, prompts, max_tokens=12, max_batch=3, page_size=4)
+    small = generate(model, prompts, max_tokens=12, max_batch=3, page_size=4, num_pages=8)
+    assert small.tokens == free.tokens and all(len(t) == 12 for t in small.tokens)
+    assert max(small.batch_sizes) == 2 and max(free.batch_sizes) == 3
+    with pytest.raises(ValueError, match="prompt 0 needs 4 pages; the pool holds 3"):
+        generate(model, prompts, max_tokens=12, page_size=4, num_pages=3)
 
 
 def test_sequences_finish_independently_at_eos():
@@ -49,6 +64,57 @@ def test_sequences_finish_independently_at_eos():
     assert result.tokens[0] == free_run.tokens[0][: free_run.tokens[0].index(eos) + 1]
     cut = free_run.tokens[1].index(eos) + 1 if eos in free_run.tokens[1] else 8
     assert result.tokens[1] == free_run.tokens[1][:cut]
+    # A collection of stop tokens (mlx-lm tokenizers' eos_token_ids): each sequence stops at its first.
+    stops = {free_run.tokens[0][4], free_run.tokens[1][1]}
+    result = generate(model, prompts, max_tokens=8, eos_token_id=stops)
+    for got, free in zip(result.tokens, free_run.tokens):
+        cut = min((free.index(t) + 1 for t in stops if t in free), default=8)
+        assert got == free[:cut]
+    assert len(result.tokens[1]) <= 2
+
+
+@pytest.mark.parametrize("kwargs,error", [(dict(temperature=-1.0), "temperature must be >= 0"),
+                                          (dict(temperature=1.0, top_p=0.0), r"top_p must be in \(0, 1\]"),
+                                          (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+                                          (dict(max_tokens=[4]), "max_tokens must be a positive int or 2"),
+                                          (dict(max_tokens=0), "max_tokens must be a positive int")])
+def test_generate_rejects_bad_sampling_arguments(kwargs, error):
+    model = random_model(TINY_CONFIGS["llama"])
+    swap_attention(model)
+    with pytest.raises(ValueError, match=error):
+        generate(model, [[1, 2], [3]], **kwargs)
+    if "max_tokens" not in kwargs:
+        with pytest.raises(ValueError, match=error):
+            sample(mx.zeros((1, 4)), **kwargs)
+    with pytest.raises(TypeError, match="eos_token_id must be None, an int or a collection of ints"):
+        generate(model, [[1, 2]], eos_token_id="</s>")
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_bfloat16_and_4bit_models_page_in_their_activation_dtype(quantize):
+    """A bfloat16 model (and a 4-bit one of bfloat16 scales, as mlx-community checkpoints are) pages bfloat16."""
+    import mlx.nn as nn
+
+    from mlx_primitives.models import paged_cache_for, paged_forward
+
+    def build(dtype):
+        model = random_model(dict(TINY_CONFIGS["llama"], hidden_size=256, intermediate_size=512), dtype=mx.bfloat16,
+                             std=0.1)
+        if quantize:
+            nn.quantize(model, group_size=64, bits=4)
+        model.set_dtype(dtype)  # the float parameters: a quantized layer's scales and biases, the norms
+        return model
+
+    model, exact_model = build(mx.bfloat16), build(mx.float32)
+    prompt = mx.array(np.random.default_rng(2).integers(0, 256, (1, 9)))
+    exact, baseline = (np.array(m(prompt, cache=make_prompt_cache(m))[0].astype(mx.float32))
+                       for m in (exact_model, model))
+    swap_attention(model)
+    cache = paged_cache_for(model, num_pages=8, page_size=4)
+    assert cache.k_pools[0].dtype == mx.bfloat16
+    got = np.array(paged_forward(model, cache, [cache.add_sequence()], prompt)[0].astype(mx.float32))
+    assert np.abs(got - exact).max() <= 2 * np.abs(baseline - exact).max() + 1e-3
+    assert [len(t) for t in generate(model, [[1, 2, 3], [4]], max_tokens=3).tokens] == [3, 3]
 
 
 def test_top_p_samples_only_the_nucleus():

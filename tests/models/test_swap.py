@@ -1,6 +1,7 @@
 """swap_attention on mlx-lm models: logits equal the unswapped model's through prefill + 16 decode steps."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -37,17 +38,48 @@ def relative_error(out, ref):
     return float(np.abs(out - ref).max() / np.abs(ref).max())
 
 
-@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
-def test_flash_swap_matches_mlx_lm_through_prefill_and_decode(name):
+# Families whose attention classes are not named "Attention" also run through our reference path
+# (our math on every device; "flash" runs mx.fast's sdpa where the dispatcher routes there).
+OTHER_NAMES = ("mixtral", "phi", "gpt_oss", "deepseek_v3", "qwen3_next")
+
+
+def attention_layers(model):
+    return sum(hasattr(layer, "self_attn") for layer in model.layers)
+
+
+@pytest.mark.parametrize("name,kernel", [(n, "flash") for n in sorted(TINY_CONFIGS)] +
+                         [(n, "reference") for n in OTHER_NAMES])
+def test_swap_matches_mlx_lm_through_prefill_and_decode(name, kernel):
     config = TINY_CONFIGS[name]
     model = random_model(config, std=STD)
     tokens = tokens_for(config)
     expected = run_logits(model, tokens)
-    replaced = swap_attention(model, kernel="flash")
-    assert len(replaced) == config["num_hidden_layers"]
+    replaced = swap_attention(model, kernel=kernel)
+    layers = attention_layers(model)
+    assert len(replaced) == layers and (name != "qwen3_next" or layers < config["num_hidden_layers"])
     got = run_logits(model, tokens)
     assert relative_error(got, expected) < FLOAT32_RTOL
-    assert model_attention(model).routes["flash"] > 0
+    routes = model_attention(model).routes
+    # One call per attention layer per model call, each labelled with what ran.
+    assert sum(routes.values()) == layers * (1 + DECODE_STEPS)
+    assert all(label == kernel or label.startswith(f"{kernel}->") for label in routes)
+
+
+def test_flash_routes_name_the_path_that_ran(monkeypatch):
+    """'flash->sdpa' counts exactly the calls that reached mx.fast's sdpa (Gemma-2's softcap never can)."""
+    calls = []
+    sdpa = mx.fast.scaled_dot_product_attention
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    for name in ("llama", "gemma2"):
+        config = TINY_CONFIGS[name]
+        model = random_model(config, std=STD)
+        swap_attention(model)
+        calls.clear()
+        mx.eval(model(tokens_for(config)[:, :8]))
+        routes = model_attention(model).routes
+        assert sum(routes.values()) == config["num_hidden_layers"]
+        assert routes["flash->sdpa"] == len(calls)
+        assert name != "gemma2" or not calls
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "gemma2"])
@@ -74,7 +106,7 @@ def test_sage_swap_within_its_accuracy():
 
 
 @pytest.mark.parametrize("name,kernel", [("qwen2", "flash"), ("gemma2", "flash"), ("llama_sliding", "flash"),
-                                         ("gemma2", "flex")])
+                                         ("gemma2", "flex"), ("phi", "flash")])
 def test_float16_swap_within_fp16_tolerance(name, kernel):
     """In float16 the kernels run on a GPU (softcap: flash and decode kernels; flex: the flex kernel)."""
     config = TINY_CONFIGS[name]
@@ -125,7 +157,47 @@ def test_swap_rejects_unknown_kernel_and_models_without_attention():
     model = random_model(TINY_CONFIGS["llama"], std=STD)
     with pytest.raises(ValueError, match="kernel must be one of"):
         swap_attention(model, kernel="nope")
-    import mlx.nn as nn
-
     with pytest.raises(ValueError, match="no mlx-lm attention module"):
         swap_attention(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("kernel,options,bad", [("flash", {"softcap": 30.0}, "softcap"),
+                                                ("sage", {"smooth_k": True, "pathh": "x"}, "pathh"),
+                                                ("sdpa", {"path": "kernel"}, "path"),
+                                                ("flash", {"path": "fast"}, "path must be one of")])
+def test_swap_rejects_options_its_kernel_does_not_take(kernel, options, bad):
+    model = random_model(TINY_CONFIGS["llama"], std=STD)
+    with pytest.raises(ValueError, match=bad) as error:
+        swap_attention(model, kernel=kernel, **options)
+    assert "path must" in bad or "sage: qk_quant_gran" in str(error.value)
+    assert model_attention(model) is None
+
+
+def test_sage_on_gemma2_says_why_it_runs_flash():
+    config = TINY_CONFIGS["gemma2"]
+    model = random_model(config, std=STD)
+    swap_attention(model, kernel="sage")
+    mx.eval(model(tokens_for(config)[:, :8]))
+    (label,) = model_attention(model).routes
+    assert label.startswith("flash->") and "sage takes no mask array, softcap or sinks" in label
+
+
+def test_partial_swap_warns_with_the_classes_left_alone():
+    class LinearAttention(nn.Module):  # attention-named, no scaled_dot_product_attention call
+        def __call__(self, x):
+            return x
+
+    model = random_model(TINY_CONFIGS["llama"], std=STD)
+    model.model.layers[1].extra = LinearAttention()
+    with pytest.warns(UserWarning, match="LinearAttention"):
+        assert len(swap_attention(model)) == 2
+
+
+def test_our_transformer_is_refused_with_the_reason():
+    from mlx_primitives.models import ModelArgs, Transformer, generate
+
+    model = Transformer(ModelArgs(vocab_size=64, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                                  intermediate_size=96))
+    for call in (lambda: swap_attention(model), lambda: generate(model, [[1, 2]])):
+        with pytest.raises(ValueError, match="take mlx-lm models; Transformer already runs mlx_primitives"):
+            call()
