@@ -123,12 +123,15 @@ def demo(plot_path: str) -> None:
     from . import demo as model_demo
 
     print("Random-weight Llama (4 layers, d=256, 8/2 heads), prompt 256 + 32 teacher-forced decode steps: "
-          "mlx-lm's attention vs ours")
+          "mlx-lm's attention vs ours (medians of 3 runs each, in turn)")
     rows, paths = model_demo.model_rows()
     print(_table(["attention", "prefill ms", "decode tokens/s", "max |logit diff|"], rows))
-    print("paths that ran:")
+    print("paths that ran (attention calls per run):")
     for variant, path in paths.items():
         print(f"  {variant:<13} {path}")
+    if set(model_demo.route_names(paths["flash"])) == {"flash->sdpa"}:
+        print("  ('flash' sent every call to mx.fast.scaled_dot_product_attention, as mlx-lm does: its times "
+              "differ from mlx-lm's by noise)")
     print("\n".join(model_demo.dispatcher_paths()))
     print(model_demo.batch_generation_line())
     written = model_demo.plot_rows(rows, plot_path)
