@@ -17,6 +17,10 @@ Captured state (what gets gradients):
 * arrays: the arguments, and the floating-point arrays held directly by closure cells of the functions
   walked above. An array reached any other way (a global, an attribute, a ``partial`` argument) is a
   constant of the recomputation: its gradient is zero. Pass it as an argument instead.
+
+A layer found is passed whole: a closure over a whole model (``lambda y: self.layers[i](y)``) passes every
+parameter of the model to each checkpoint, and the backward pass adds a zero gradient for each of them;
+close over the block (``layer = self.layers[i]``) or checkpoint the block itself.
 """
 
 from __future__ import annotations
