@@ -58,12 +58,18 @@ def _walk(roots: Sequence[Any]) -> Tuple[List[nn.Module], List[Any]]:
                     cells.append(cell)
                 else:
                     pending.append(value)
-            pending += [obj.__globals__[name] for name in obj.__code__.co_names if name in obj.__globals__]
+            pending += [obj.__globals__[name] for name in _names(obj.__code__) if name in obj.__globals__]
         elif isinstance(obj, (list, tuple)):
             pending += obj
         elif isinstance(obj, dict):
             pending += obj.values()
     return modules, cells
+
+
+def _names(code: types.CodeType) -> List[str]:
+    """The global and attribute names ``code`` and the code nested in it (lambdas, comprehensions) read."""
+    nested = [c for c in code.co_consts if isinstance(c, types.CodeType)]
+    return [*code.co_names, *(name for c in nested for name in _names(c))]
 
 
 def _outermost(modules: Sequence[nn.Module]) -> List[nn.Module]:

@@ -91,19 +91,28 @@ class _Holder:
         return self.layer(x)
 
 
+_HELD = {}  # a layer a function reads through a global name, inside a comprehension
+
+
+def _through_global(x):
+    return [_HELD["layer"](v) for v in (x,)][0]
+
+
 def _captured_cases():
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
     layer0 = model.layers[0]
     holder = _Holder(layer0)
+    _HELD["layer"] = layer0
     return model, [
         lambda x: checkpoint(lambda y: model(y))(x),  # a layer in a closure cell
         lambda x: model.layers[2](model.layers[1](checkpoint(layer0.__call__)(x))),  # a bound method
         checkpoint_sequential([functools.partial(layer0), model.layers[1], model.layers[2]], 2),  # a partial
         lambda x: model.layers[2](model.layers[1](checkpoint(holder.forward, x, modules=[layer0]))),
+        lambda x: model.layers[2](model.layers[1](checkpoint(_through_global, x))),
     ]
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_checkpoint_gradients_reach_captured_layers(case):
     model, forwards = _captured_cases()
     x = mx.random.normal((3, 8))
