@@ -159,9 +159,11 @@ def _check_num_experts(num_experts: int) -> None:
 
 def _check_capacity_factor(capacity_factor: Optional[float]) -> Optional[float]:
     """``capacity_factor`` as a float, or ``None``."""
-    if capacity_factor is not None and not check_real("capacity_factor", capacity_factor) > 0:
+    if capacity_factor is None:
+        return None
+    if not check_real("capacity_factor", capacity_factor) > 0:
         raise ValueError(f"capacity_factor must be positive or None; got {capacity_factor!r}")
-    return None if capacity_factor is None else float(capacity_factor)
+    return float(capacity_factor)
 
 
 def _capacity(capacity_factor: Optional[float], count: int, num_experts: int) -> Optional[int]:
@@ -170,18 +172,17 @@ def _capacity(capacity_factor: Optional[float], count: int, num_experts: int) ->
 
 
 def _expert_ranks(indices: mx.array, num_experts: int) -> Tuple[mx.array, mx.array]:
-    """``indices (tokens, top_k)`` int32 experts -> each assignment's rank in its expert's queue, flat
-    ``(tokens * top_k,)`` in the order ``token * top_k + choice``, and the assignments per expert
-    ``(num_experts,)``, both int32. The queue is choice-major (every first choice in token order, then
-    every second choice, ...); a one-hot cumulative sum: ``num_experts * tokens * top_k`` int32 of
-    memory, no sort."""
+    """``indices (tokens, top_k)`` int32 experts, ``tokens * top_k > 0`` -> each assignment's rank in its
+    expert's queue, flat ``(tokens * top_k,)`` in the order ``token * top_k + choice``, and the assignments
+    per expert ``(num_experts,)``, both int32. The queue is choice-major (every first choice in token
+    order, then every second choice, ...); a one-hot cumulative sum: ``num_experts * tokens * top_k``
+    int32 of memory, no sort."""
     tokens, top_k = indices.shape
     queue = indices.T.reshape(-1)
     onehot = (mx.arange(num_experts, dtype=mx.int32)[:, None] == queue[None, :]).astype(mx.int32)
     seen = mx.cumsum(onehot, axis=1)
     ranks = mx.take_along_axis(seen, queue[None, :], axis=0)[0] - 1
-    counts = seen[:, -1] if queue.size else mx.zeros((num_experts,), mx.int32)
-    return ranks.reshape(top_k, tokens).T.reshape(-1), counts
+    return ranks.reshape(top_k, tokens).T.reshape(-1), seen[:, -1]
 
 
 def compute_load_balancing_loss(
@@ -423,7 +424,7 @@ class SparseMoELayer(nn.Module):
         if capacity is not None:
             slots = mx.minimum(slots, total - 1)
         picked = out[slots].reshape(weights.shape + (self.dims,))
-        return (weights[:, None, :] @ picked)[:, 0, :]
+        return (picked * weights[..., None]).sum(axis=1)
 
     def _blocks(self, counts: List[int], capacity: Optional[int], route: str) -> Tuple[List[int], List[int], Optional[int]]:
         """First row of each expert's block, the kept rows of each, and the padded block width (``None``:
