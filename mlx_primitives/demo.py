@@ -119,8 +119,8 @@ def dispatcher_paths(prompt_len: int = 256) -> List[str]:
         route = explain(q, k, k, layout="BHSD", mask="causal" if q_len > 1 else None)
         lines.append(f"  flash {name:<8} -> {route.path} ({route.reason})")
     pool = mx.zeros((2, 16, kv_heads, dim), dtype)
-    paged = "the split-KV decode kernel, reading pages in place" if kernel_decodes(
-        mx.zeros((1, 1, heads, dim), dtype), pool, dim ** -0.5, 0.0) else "the decode reference ops (no decode kernel here)"
+    kernel = kernel_decodes(mx.zeros((1, 1, heads, dim), dtype), pool, dim**-0.5, 0.0)
+    paged = "the split-KV decode kernel, reading pages in place" if kernel else "the decode reference ops"
     lines.append(f"  paged decode   -> {paged}")
     return lines
 

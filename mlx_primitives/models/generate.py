@@ -53,9 +53,7 @@ def _stop_tokens(eos_token_id: Union[None, int, Iterable[int]]) -> FrozenSet[int
     if eos_token_id is None:
         return frozenset()
     ids = (eos_token_id,) if isinstance(eos_token_id, Integral) else eos_token_id
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
-        ids = (ids,)
-    ids = tuple(ids)
+    ids = tuple(ids) if isinstance(ids, Iterable) and not isinstance(ids, (str, bytes)) else (ids,)
     if not all(isinstance(i, Integral) for i in ids):
         raise TypeError(f"eos_token_id must be None, an int or a collection of ints; got {eos_token_id!r}")
     return frozenset(int(i) for i in ids)
