@@ -10,10 +10,10 @@ the global random key of the forward, so dropout draws the same mask in both.
 Captured state (what gets gradients):
 
 * layers: the function itself when it is an ``nn.Module``, the ``__self__`` of a bound method, the
-  function and arguments of a ``functools.partial``, and what a Python function's closure cells and the
-  global names its code reads hold (walked through lists, tuples, dicts and further functions);
-  any other layer (e.g. one reached through an attribute of a non-module object) is named with
-  ``modules=``;
+  function and arguments of a ``functools.partial``, and what a Python function's closure cells, default
+  arguments and the global names its code reads hold (walked through lists, tuples, dicts and further
+  functions); any other layer (e.g. one reached through an attribute of a non-module object) is named
+  with ``modules=``;
 * arrays: the arguments, and the floating-point arrays held directly by closure cells of the functions
   walked above. An array reached any other way (a global, an attribute, a ``partial`` argument) is a
   constant of the recomputation: its gradient is zero. Pass it as an argument instead.
@@ -59,6 +59,7 @@ def _walk(roots: Sequence[Any]) -> Tuple[List[nn.Module], List[Any]]:
                 else:
                     pending.append(value)
             pending += [obj.__globals__[name] for name in _names(obj.__code__) if name in obj.__globals__]
+            pending += [*(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values()]
         elif isinstance(obj, (list, tuple)):
             pending += obj
         elif isinstance(obj, dict):
