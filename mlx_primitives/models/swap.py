@@ -128,7 +128,7 @@ class SwappedAttention:
     def _flash(self, queries, keys, values, scale, mask, sinks, softcap, why: str = "") -> mx.array:
         """:func:`flash_attention` (``mx.fast`` sdpa directly where the dispatcher routes the call there)."""
         forced = {"sdpa": "sdpa", "reference": "reference"}.get(self.kernel)
-        path = forced or self.options.get("path", "auto")
+        path = forced or (self.options.get("path", "auto") if self.kernel == "flash" else "auto")  # sage's is its own
         masks = mask if mask is None or isinstance(mask, str) else (mask.shape, mask.dtype)
         key = (queries.shape, keys.shape, values.shape, queries.dtype, scale, masks, softcap,
                None if sinks is None else sinks.shape, path)

@@ -176,7 +176,7 @@ def test_swap_rejects_options_its_kernel_does_not_take(kernel, options, bad):
 def test_sage_on_gemma2_says_why_it_runs_flash():
     config = TINY_CONFIGS["gemma2"]
     model = random_model(config, std=STD)
-    swap_attention(model, kernel="sage")
+    swap_attention(model, kernel="sage", path="kernel")  # sage's path option, not flash's
     mx.eval(model(tokens_for(config)[:, :8]))
     (label,) = model_attention(model).routes
     assert label.startswith("flash->") and "sage takes no mask array, softcap or sinks" in label
