@@ -23,6 +23,9 @@ from .spec import AttentionSpec
 
 DEFAULT_CHUNK = 256
 
+# (acc, correction, p, v_block) -> the new output accumulator of a query block (OnlineSoftmax.fold).
+Accumulate = Callable[[mx.array, mx.array, mx.array, mx.array], mx.array]
+
 
 def _grouped(x: mx.array, spec: AttentionSpec) -> mx.array:
     """(B, Hq, ...) -> (B, Hk, G, ...)."""
@@ -122,10 +125,11 @@ class OnlineSoftmax:
         v_block: mx.array,
         keep: Optional[mx.array] = None,
         keep_scale: float = 1.0,
-        pv_product: Optional[Callable[[mx.array, mx.array], mx.array]] = None,
+        accumulate: Optional[Accumulate] = None,
     ) -> None:
         """Fold in the scores ``s`` of one key block. Dropout: only weights where ``keep`` is true reach
-        ``v_block``, scaled by ``keep_scale``; ``pv_product(p, v_block)`` replaces the float32 product."""
+        ``v_block``, scaled by ``keep_scale``; ``accumulate(acc, correction, p, v_block)`` replaces the
+        float32 ``acc * correction + p @ v_block``."""
         # The softmax does not depend on the shift, so the running max carries no gradient.
         new_max = mx.stop_gradient(mx.maximum(self.running_max, s.max(axis=-1, keepdims=True)))
         safe_max = mx.where(new_max == -mx.inf, 0.0, new_max)
@@ -134,8 +138,10 @@ class OnlineSoftmax:
         self.denom = self.denom * correction + p.sum(axis=-1, keepdims=True)
         if keep is not None:
             p = mx.where(keep, p * keep_scale, 0.0)
-        pv = p @ v_block if pv_product is None else pv_product(p, v_block)
-        self.acc = self.acc * correction + pv
+        if accumulate is None:
+            self.acc = self.acc * correction + p @ v_block
+        else:
+            self.acc = accumulate(self.acc, correction, p, v_block)
         self.running_max = new_max
 
     def result(self) -> Tuple[mx.array, mx.array]:
@@ -154,7 +160,7 @@ def reference_attention(
     spec: AttentionSpec,
     dropout_seed: Optional[mx.array] = None,
     batch_offset: int = 0,
-    pv_product: Optional[Callable[[mx.array, mx.array], mx.array]] = None,
+    accumulate: Optional[Accumulate] = None,
 ) -> Tuple[mx.array, mx.array]:
     """Blockwise attention with online softmax.
 
@@ -165,8 +171,9 @@ def reference_attention(
         spec: the call's description (:func:`describe_attention`).
         dropout_seed: uint32 scalar, required when ``spec.dropout_p > 0``.
         batch_offset: index of batch row 0 in the dropout counter (varlen sequences).
-        pv_product: ``(p, v_block) -> p @ v_block`` in float32 for each block, to simulate a lower
-            precision PV product (SageAttention); default the float32 product.
+        accumulate: ``(acc, correction, p, v_block) -> acc * correction + p @ v_block`` for each
+            key block, to simulate a lower precision PV product or accumulator (SageAttention);
+            default in float32.
 
     Returns:
         ``(out, lse)``: ``out`` ``(batch, num_heads, q_len, v_head_dim)`` in q's dtype;
@@ -201,7 +208,7 @@ def reference_attention(
                 k_blk = _after(k_blk, state.denom)
             s = block.scores(q_blk, k_blk, slopes, spec.mask)
             keep = block.keep(dropout_seed, batch_offset) if spec.dropout_p > 0 else None
-            state.fold(s, v32[..., j0:j1, :], keep, 1.0 / (1.0 - spec.dropout_p), pv_product)
+            state.fold(s, v32[..., j0:j1, :], keep, 1.0 / (1.0 - spec.dropout_p), accumulate)
         out, lse = state.result()
         outs.append(out)
         lses.append(lse)

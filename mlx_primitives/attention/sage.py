@@ -11,49 +11,71 @@ On the CPU (or where the kernel can't run) the reference path computes the same 
 MLX ops: the quantization's rounding exactly, the scores from the dequantized q and k in float32,
 P rounded to the input dtype before PV, blockwise with online softmax (O(N) memory). Gradients pass
 straight through the quantization: they are those of exact attention (the reference path's).
+
+``pv_accum_dtype="fp16"`` is upstream's fully fp16 PV accumulation, simulated on the reference path
+only (the kernel has no fp16 accumulator; on a GPU that option takes the reference path): V is cast
+to fp16 (bf16 inputs too), P is rounded to fp16 against the running max, and the output accumulator
+is an fp16 number: rounded after every step of :data:`FP16_STEP` keys (the k of one fp16
+``mma.sync``, whose product is exact in fp32) and after every rescale by the running max's
+correction. Large values of v overflow it (inf), which ``smooth_v`` (subtract v's mean over the
+sequence before PV, add it back to the fp32 output) prevents.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Tuple, Union
+from types import MappingProxyType
+from typing import Any, Dict, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..hardware import device_profile
 from ..kernels import sage as sage_kernels
-from .reference import reference_attention
+from ..validation import check_array, check_bool, check_choice, check_int, check_real
+from .reference import Accumulate, reference_attention
 from .sage_quant import QuantizedQK, check_granularity, check_layout, dequantize, quantize_bhsd
 from .spec import AttentionSpec, describe_attention, to_bhsd
 
-# How PV is computed: P and V in the input dtype with "fp32" or "fp16" accumulation, or "full":
-# float32 P and V (sageattn_mlx's pv_dtype="float32"; reference path only).
+# How PV is computed: P and V in the input dtype with "fp32" accumulation, P and V in fp16 with an fp16
+# accumulator ("fp16"), or "full": float32 P and V (sageattn_mlx's pv_dtype="float32"; reference path only).
 PV_ACCUM_DTYPES = ("fp32", "fp16")
 PATHS = ("auto", "kernel", "reference")
+FP16_STEP = 16  # keys per rounding of the fp16 accumulator
 
 
-def _pv_product(pv_accum: str, dtype: mx.Dtype):
+def _as_fp16(x: mx.array) -> mx.array:
+    return x.astype(mx.float16).astype(mx.float32)
+
+
+def _accumulate(pv_accum: str, dtype: mx.Dtype) -> Optional[Accumulate]:
+    """The reference path's PV accumulation (:class:`~.reference.OnlineSoftmax`) of one ``pv_accum`` mode."""
     if pv_accum == "full":
         return None
+    if pv_accum == "fp32":
+        return lambda acc, correction, p, v_block: acc * correction + p.astype(dtype).astype(mx.float32) @ v_block
 
-    def product(p: mx.array, v_block: mx.array) -> mx.array:
-        pv = p.astype(dtype).astype(mx.float32) @ v_block
-        # fp16 accumulation: each block's partial product is rounded to fp16 before joining the output.
-        return pv.astype(mx.float16).astype(mx.float32) if pv_accum == "fp16" else pv
+    def fp16(acc, correction, p, v_block):
+        acc, p = _as_fp16(acc * correction), _as_fp16(p)
+        for start in range(0, p.shape[-1], FP16_STEP):
+            step = slice(start, start + FP16_STEP)
+            acc = _as_fp16(acc + p[..., step] @ v_block[..., step, :])
+        return acc
 
-    return product
+    return fp16
 
 
-def quantized_reference(quant: QuantizedQK, v: mx.array, spec: AttentionSpec, pv_accum: str = "fp32"):
+def quantized_reference(quant: QuantizedQK, v: mx.array, spec: AttentionSpec, pv_accum: str = "fp32",
+                        out_dtype: Optional[mx.Dtype] = None):
     """``[out, lse]`` of attention over the quantized q and k, in MLX ops (the kernel's math).
 
+    ``v`` is PV's operand (fp16 for ``pv_accum="fp16"``); ``out`` is in ``out_dtype`` (default v's).
     ``lse`` is that of the smoothed scores (no correction for the subtracted k mean).
     """
     q_deq = dequantize(quant.q, quant.q_scale, quant.q_block)
     k_deq = dequantize(quant.k, quant.k_scale, quant.k_block)
-    out, lse = reference_attention(q_deq, k_deq, v, spec, pv_product=_pv_product(pv_accum, v.dtype))
-    return [out.astype(v.dtype), lse]
+    out, lse = reference_attention(q_deq, k_deq, v, spec, accumulate=_accumulate(pv_accum, v.dtype))
+    return [out.astype(out_dtype or v.dtype), lse]
 
 
 def _grouped_heads(x: mx.array, spec: AttentionSpec) -> mx.array:
@@ -83,23 +105,34 @@ def sage_bhsd(q: mx.array, k: mx.array, v: mx.array, spec: AttentionSpec, gran: 
     on_kernel = path != "reference" and blocker is None
     quant = quantize_bhsd(q, k, gran, smooth_k, "kernel" if on_kernel else "reference")
     v_mean = v.astype(mx.float32).mean(axis=2, keepdims=True) if smooth_v else None
-    v_in = v if v_mean is None else (v.astype(mx.float32) - v_mean).astype(v.dtype)
-
-    def reference():
-        return quantized_reference(quant, v_in, spec, pv_accum)
+    pv_dtype = mx.float16 if pv_accum == "fp16" else v.dtype
+    v_pv = (v if v_mean is None else v.astype(mx.float32) - v_mean).astype(pv_dtype)
 
     if on_kernel:
-        out, lse = sage_kernels.sage_attention(quant.q, quant.q_scale, quant.k, quant.k_scale, v_in, spec,
-                                               quant.q_block, quant.k_block, reference)
+        out, lse = sage_kernels.sage_attention(quant.q, quant.q_scale, quant.k, quant.k_scale, v_pv, spec,
+                                               quant.q_block, quant.k_block,
+                                               lambda: quantized_reference(quant, v_pv, spec, pv_accum))
     else:
-        out, lse = reference()
+        out, lse = quantized_reference(quant, v_pv, spec, pv_accum, out_dtype=mx.float32)
     if v_mean is not None:  # P's rows sum to 1: the mean comes back whole (rows without keys stay 0)
         restored = _grouped_heads(out.astype(mx.float32), spec) + v_mean[:, :, None]
-        restored = restored.reshape(out.shape)
-        out = mx.where((lse == -mx.inf)[..., None], 0.0, restored).astype(v.dtype)
+        out = mx.where((lse == -mx.inf)[..., None], 0.0, restored.reshape(out.shape))
     if quant.k_mean is not None:
         lse = lse + lse_correction(q, quant.k_mean, spec)
-    return out, lse
+    return out.astype(v.dtype), lse
+
+
+def check_sage_options(qk_quant_gran: str = "per_block", pv_accum_dtype: str = "fp32", smooth_k: bool = True,
+                       smooth_v: bool = False, path: str = "auto") -> Dict[str, Any]:
+    """:func:`sageattn`'s keyword options, checked (an error naming the bad one); returns them as a dict."""
+    check_granularity(qk_quant_gran)
+    return {
+        "qk_quant_gran": qk_quant_gran,
+        "pv_accum_dtype": check_choice("pv_accum_dtype", pv_accum_dtype, PV_ACCUM_DTYPES),
+        "smooth_k": check_bool("smooth_k", smooth_k),
+        "smooth_v": check_bool("smooth_v", smooth_v),
+        "path": check_choice("path", path, PATHS),
+    }
 
 
 def sageattn(
@@ -127,37 +160,43 @@ def sageattn(
             ``num_kv_heads`` (GQA/MQA).
         v: like k.
         tensor_layout: ``"HND"`` or ``"NHD"``.
-        is_causal: bottom-right aligned causal mask (query i sees keys ``j <= i + k_len - q_len``).
-        sm_scale: softmax scale, default ``1 / sqrt(head_dim)``.
+        is_causal: bottom-right aligned causal mask (query i sees keys ``j <= i + k_len - q_len``); a bool.
+        sm_scale: softmax scale (a Python or NumPy real number), default ``1 / sqrt(head_dim)``.
         return_lse: also return the natural log-sum-exp of the scores ``(batch, num_heads, q_len)``
             float32, corrected for the smoothing (that of the unsmoothed scores), ``-inf`` for rows
             without keys.
-        qk_quant_gran: ``"per_block"`` (64 tokens per scale), ``"per_warp"`` (16 queries, 64 keys) or
-            ``"per_thread"`` (one scale per token).
-        pv_accum_dtype: ``"fp32"`` (fp32 accumulation of PV) or ``"fp16"`` (each key block's PV
-            rounded to fp16 before joining the fp32 output; float16 inputs only; reference path).
+        qk_quant_gran: ``"per_block"`` (one scale per 64 queries and per 64 keys), ``"per_warp"``
+            (16 queries, 64 keys) or ``"per_thread"`` (one scale per token: per query and per key,
+            finer than upstream's per-thread groups, so its scale shapes differ from upstream's).
+        pv_accum_dtype: ``"fp32"`` (P and V in the input dtype, fp32 accumulation: the kernel) or
+            ``"fp16"`` (upstream's fully fp16 accumulation: V cast to fp16, bf16 inputs too; the
+            accumulator rounded to fp16 every 16 keys and at every rescale, see the module docstring;
+            the output keeps the input dtype). ``"fp16"`` is simulated on the reference path, also
+            on a GPU (the kernel has no fp16 accumulator): it is slower, never faster.
         smooth_k: subtract the mean of k over the sequence before quantizing (no effect on the
             softmax; removes per-channel offsets that ruin INT8).
-        smooth_v: subtract the mean of v before PV and add it back after.
+        smooth_v: subtract the mean of v over the sequence before PV and add it back to the output.
+            It matters with ``pv_accum_dtype="fp16"``, where a large offset in v overflows the fp16
+            accumulator (inf) or costs its precision; with fp32 accumulation it changes next to
+            nothing (one more rounding of v) and costs a pass over v.
         path: ``"auto"``, ``"kernel"`` (ValueError where it can't run) or ``"reference"``.
 
     Returns:
         ``out`` in q's layout and dtype, or ``(out, lse)`` with ``return_lse``.
     """
+    options = check_sage_options(qk_quant_gran, pv_accum_dtype, smooth_k, smooth_v, path)
+    return _sageattn(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, **options)
+
+
+def _sageattn(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, qk_quant_gran, pv_accum_dtype, smooth_k,
+              smooth_v, path):
+    """:func:`sageattn` after its options were checked (``pv_accum_dtype`` may also be ``"full"``)."""
     layout = check_layout(tensor_layout)
-    gran = qk_quant_gran
-    check_granularity(gran)
-    if pv_accum_dtype not in PV_ACCUM_DTYPES:
-        raise ValueError(f"pv_accum_dtype must be one of {PV_ACCUM_DTYPES}; got {pv_accum_dtype!r}")
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}; got {path!r}")
-    if sm_scale is not None and (not isinstance(sm_scale, (int, float)) or not math.isfinite(sm_scale)):
-        raise TypeError(f"sm_scale must be a finite float or None; got {sm_scale!r}")
-    spec = describe_attention(q, k, v, layout=layout, scale=sm_scale, causal=bool(is_causal))
-    if pv_accum_dtype == "fp16" and spec.dtype != mx.float16:
-        raise ValueError(f"pv_accum_dtype='fp16' needs float16 inputs; got {spec.dtype}")
+    scale = None if sm_scale is None else check_real("sm_scale", sm_scale)
+    return_lse = check_bool("return_lse", return_lse)
+    spec = describe_attention(q, k, v, layout=layout, scale=scale, causal=check_bool("is_causal", is_causal))
     out, lse = _sage(to_bhsd(q, layout), to_bhsd(k, layout), to_bhsd(v, layout), spec,
-                     gran, pv_accum_dtype, smooth_k, smooth_v, path)
+                     qk_quant_gran, pv_accum_dtype, smooth_k, smooth_v, path)
     out = to_bhsd(out, layout)
     return (out, lse) if return_lse else out
 
@@ -182,6 +221,22 @@ def _sage(q, k, v, spec, gran, pv_accum, smooth_k, smooth_v, path):
     return out, lse
 
 
+SEED_SHAPES = "(..., seq_len, head_dim): (seq, dim), (heads, seq, dim), (batch, heads, seq, dim) or more batch dims"
+
+
+def _flatten_batch(q: mx.array, k: mx.array, v: mx.array):
+    """q, k, v of shape ``(..., seq, dim)`` as BHSD: leading dims before ``(heads, seq, dim)`` flattened
+    into one batch axis, missing ones added."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_array(name, x, SEED_SHAPES, min_ndim=2)
+        if x.ndim != q.ndim or x.shape[:-3] != q.shape[:-3]:
+            raise ValueError(f"{name} must have q's leading dims {q.shape[:-3]} and {q.ndim} dims in all, "
+                             f"shape {SEED_SHAPES}; got {x.shape}")
+    if q.ndim <= 4:
+        return [x.reshape((1,) * (4 - x.ndim) + x.shape) for x in (q, k, v)]
+    return [x.reshape((math.prod(x.shape[:-3]),) + x.shape[-3:]) for x in (q, k, v)]
+
+
 def sageattn_mlx(
     q: mx.array,
     k: mx.array,
@@ -193,31 +248,27 @@ def sageattn_mlx(
     pv_dtype: str = "float16",
     smooth_k: bool = True,
 ) -> Union[mx.array, Tuple[mx.array, mx.array]]:
-    """The ``sageattention_mlx`` port's call on :func:`sageattn`.
+    """The ``sageattention_mlx`` port's call on :func:`sageattn` (HND layout).
 
     Args:
-        q: ``(batch, heads, q_len, head_dim)`` or ``(heads, q_len, head_dim)``.
-        k, v: ``(batch, kv_heads, k_len, head_dim)`` or ``(kv_heads, k_len, head_dim)``.
+        q: ``(..., heads, q_len, head_dim)``: ``(q_len, head_dim)``, ``(heads, q_len, head_dim)``,
+            ``(batch, heads, q_len, head_dim)`` or more leading batch dims.
+        k, v: ``(..., kv_heads, k_len, head_dim)`` with q's leading dims.
         is_causal, sm_scale, return_lse, qk_quant_gran, smooth_k: as in :func:`sageattn`.
         pv_dtype: ``"float16"`` (P and V in the input dtype, fp32 accumulation: the kernel) or
             ``"float32"`` (float32 P and V, on the reference path).
+
+    Returns:
+        ``out`` shaped like q, or ``(out, lse)`` with lse ``q.shape[:-1]``.
     """
-    if pv_dtype not in ("float16", "float32"):
-        raise ValueError(f"pv_dtype must be 'float16' or 'float32'; got {pv_dtype!r}")
-    unbatched = isinstance(q, mx.array) and q.ndim == 3
-    if unbatched:
-        q, k, v = (x[None] if isinstance(x, mx.array) else x for x in (q, k, v))
-    if pv_dtype == "float16":
-        result = sageattn(q, k, v, "HND", is_causal, sm_scale, return_lse, qk_quant_gran=qk_quant_gran,
-                          smooth_k=smooth_k)
-    else:
-        check_granularity(qk_quant_gran)
-        spec = describe_attention(q, k, v, scale=sm_scale, causal=bool(is_causal))
-        result = _sage(q, k, v, spec, qk_quant_gran, "full", smooth_k, False, "reference")
-        result = result if return_lse else result[0]
-    if not unbatched:
-        return result
-    return (result[0][0], result[1][0]) if return_lse else result[0]
+    pv_accum = {"float16": "fp32", "float32": "full"}.get(check_choice("pv_dtype", pv_dtype, ("float16", "float32")))
+    options = {**check_sage_options(qk_quant_gran, smooth_k=smooth_k), "pv_accum_dtype": pv_accum}
+    flat = _flatten_batch(q, k, v)
+    shape = q.shape
+    result = _sageattn(*flat, "HND", is_causal, sm_scale, return_lse, **options)
+    if return_lse:
+        return result[0].reshape(shape), result[1].reshape(shape[:-1])
+    return result.reshape(shape)
 
 
 class SageAttention(nn.Module):
@@ -234,25 +285,28 @@ class SageAttention(nn.Module):
         smooth_k (bool): Default: ``True``.
         smooth_v (bool): Default: ``False``.
 
-    Call with ``q``, ``k``, ``v`` in ``layout`` (k and v may have fewer heads) and an optional
-    ``mask``: ``"causal"`` or None (SageAttention takes no mask arrays).
+    The options are those of :func:`sageattn`, checked here. Call with ``q``, ``k``, ``v`` in
+    ``layout`` (k and v may have fewer heads) and an optional ``mask``: ``"causal"`` or None
+    (SageAttention takes no mask arrays).
     """
 
     def __init__(self, num_heads: int, head_dim: int, causal: bool = False, layout: str = "BSHD",
                  scale: Optional[float] = None, qk_quant_gran: str = "per_block", pv_accum_dtype: str = "fp32",
                  smooth_k: bool = True, smooth_v: bool = False):
         super().__init__()
-        if layout not in ("BSHD", "BHSD"):
-            raise ValueError(f"layout must be one of ('BSHD', 'BHSD'); got {layout!r}")
-        check_granularity(qk_quant_gran)
-        self.num_heads, self.head_dim, self.causal, self.layout = num_heads, head_dim, causal, layout
-        self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
-        self.options = {"qk_quant_gran": qk_quant_gran, "pv_accum_dtype": pv_accum_dtype,
-                        "smooth_k": smooth_k, "smooth_v": smooth_v}
+        for name, value in (("num_heads", num_heads), ("head_dim", head_dim)):
+            if check_int(name, value) <= 0:
+                raise ValueError(f"{name} must be a positive int; got {value}")
+        self.layout = check_choice("layout", layout, ("BSHD", "BHSD"))
+        self.num_heads, self.head_dim, self.causal = num_heads, head_dim, check_bool("causal", causal)
+        self.scale = 1.0 / math.sqrt(head_dim) if scale is None else check_real("scale", scale)
+        # A mapping proxy, not a dict: nn.Module would take a dict for a tree of parameters.
+        self.options = MappingProxyType(check_sage_options(qk_quant_gran, pv_accum_dtype, smooth_k, smooth_v))
 
     def _extra_repr(self) -> str:
+        options = ", ".join(f"{name}={value!r}" for name, value in self.options.items())
         return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, causal={self.causal}, "
-                f"layout={self.layout!r}, qk_quant_gran={self.options['qk_quant_gran']!r}")
+                f"layout={self.layout!r}, {options}")
 
     def __call__(self, q: mx.array, k: mx.array, v: mx.array, mask: Optional[str] = None, **options: Any) -> mx.array:
         if mask is not None and not (isinstance(mask, str) and mask == "causal"):

@@ -10,9 +10,10 @@ The granularities give the block sizes of q and k:
 
 * ``"per_block"``: 64 queries, 64 keys;
 * ``"per_warp"``: 16 queries (the rows one warp of the attention kernel owns), 64 keys;
-* ``"per_thread"``: one scale per query and per key, the finest (every score the kernel
-  dequantizes gets its own row and column scale, so nothing is gained by grouping finer than
-  SageAttention's per-thread groups but lost by grouping coarser).
+* ``"per_thread"``: one scale per query and per key (per token), the finest (every score the
+  kernel dequantizes gets its own row and column scale). Upstream SageAttention's per-thread
+  granularity is coarser (one scale per group of tokens one thread holds), so its scale shapes
+  differ and our per_thread accuracy is a best case for it.
 
 Layout is BHSD here; :func:`quantize_qk` also takes NHD tensors.
 """
@@ -25,7 +26,7 @@ import mlx.core as mx
 
 from ..hardware import device_profile
 from ..kernels import sage as sage_kernels
-from ..validation import check_array
+from ..validation import check_array, check_bool, check_choice, check_int
 
 GRANULARITIES = {"per_block": (64, 64), "per_warp": (16, 64), "per_thread": (1, 1)}
 LAYOUTS = {"HND": "BHSD", "NHD": "BSHD"}
@@ -52,11 +53,9 @@ class QuantizedQK(NamedTuple):
     k_block: int
 
 
-def check_granularity(gran: str) -> Tuple[int, int]:
-    """``(q_block, k_block)`` of a granularity name; ValueError naming ``qk_quant_gran`` otherwise."""
-    if gran not in GRANULARITIES:
-        raise ValueError(f"qk_quant_gran must be one of {tuple(GRANULARITIES)}; got {gran!r}")
-    return GRANULARITIES[gran]
+def check_granularity(gran: str, name: str = "qk_quant_gran") -> Tuple[int, int]:
+    """``(q_block, k_block)`` of a granularity name; an error naming the argument ``name`` otherwise."""
+    return GRANULARITIES[check_choice(name, gran, tuple(GRANULARITIES))]
 
 
 def quantize_reference(x: mx.array, block: int, mean: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
@@ -90,13 +89,17 @@ def dequantize(values: mx.array, scales: mx.array, block: int, mean: Optional[mx
     Args:
         values: int8 ``(batch, heads, seq, dim)``.
         scales: float32 ``(batch, heads, ceil(seq / block))``.
-        block: tokens per scale (:data:`GRANULARITIES`).
+        block: tokens per scale (:data:`GRANULARITIES`), a positive int.
         mean: ``(batch, heads, 1, dim)`` to add back (k's ``k_mean``), or None for the smoothed keys.
     """
     check_array("values", values, "(batch, heads, seq, dim) int8", ndim=4, dtypes=(mx.int8,))
-    seq = values.shape[2]
-    expected = values.shape[:2] + (-(-seq // block),)
+    if check_int("block", block) <= 0:
+        raise ValueError(f"block must be a positive int (tokens per scale); got {block!r}")
+    batch, heads, seq, dim = values.shape
+    expected = (batch, heads, -(-seq // block))
     check_array("scales", scales, f"{expected} float32", shape=expected, dtypes=(mx.float32,))
+    if mean is not None:
+        check_array("mean", mean, f"{(batch, heads, 1, dim)}", shape=(batch, heads, 1, dim))
     per_token = mx.repeat(scales, block, axis=-1)[..., :seq, None]
     out = values.astype(mx.float32) * per_token
     return out if mean is None else out + mean
@@ -141,6 +144,8 @@ def quantize_qk(q: mx.array, k: mx.array, gran: str = "per_block", smooth_k: boo
         out.k_block, out.k_mean)`` approximates k.
     """
     layout = check_layout(tensor_layout)
+    check_granularity(gran, "gran")
+    smooth_k = check_bool("smooth_k", smooth_k)
     head_axis = 1 if layout == "BHSD" else 2
     for name, x in (("q", q), ("k", k)):
         check_array(name, x, f"(batch, heads, seq, head_dim) [{tensor_layout}]", ndim=4)
@@ -156,7 +161,5 @@ def quantize_qk(q: mx.array, k: mx.array, gran: str = "per_block", smooth_k: boo
 
 
 def check_layout(tensor_layout: str) -> str:
-    """The internal layout name of ``tensor_layout``; ValueError naming it otherwise."""
-    if tensor_layout not in LAYOUTS:
-        raise ValueError(f"tensor_layout must be one of {tuple(LAYOUTS)}; got {tensor_layout!r}")
-    return LAYOUTS[tensor_layout]
+    """The internal layout name of ``tensor_layout``; an error naming it otherwise."""
+    return LAYOUTS[check_choice("tensor_layout", tensor_layout, tuple(LAYOUTS))]
