@@ -6,10 +6,13 @@ Tables:
 2. features -- ms and TFLOP/s of our dispatcher for plain, causal, window, softcap
    and ALiBi attention, beside sdpa (with an additive mask where it needs one),
    naive attention and the reference path.
-3. issue 5 targets, each in one table: softcap and ALiBi prefill L = 4k-16k against sdpa's plain
+3. scaling -- causal attention time against sequence length for each implementation (sdpa, our
+   dispatcher plain, with softcap and with a window, naive MLX, the reference path), plotted.
+4. issue 5 targets, each in one table: softcap and ALiBi prefill L = 4k-16k against sdpa's plain
    TFLOP/s and the reference path; sliding window L = 16k, W = 1k against sdpa with the additive
-   mask; decode against sdpa on contiguous K/V and on mlx-lm cache slices; the backward pass with
-   softcap through ``flash_attn_func``'s gradient against sdpa's own backward on plain attention.
+   mask; decode against sdpa on contiguous K/V and on mlx-lm cache slices (bandwidth plotted against
+   the device's); the backward pass with softcap through ``flash_attn_func``'s gradient against
+   sdpa's own backward on plain attention.
 """
 
 from __future__ import annotations
@@ -127,6 +130,49 @@ def features_table(quick: bool) -> Table:
     return table
 
 
+# Naive attention materializes (B, H, L, L) float32 scores; past this many bytes its column says n/a.
+NAIVE_MAX_BYTES = 4 << 30
+
+
+def scaling_table(quick: bool) -> Table:
+    """Causal attention ms per implementation against L (one call evaluated at a time), plotted."""
+    gpu = device_profile().is_gpu
+    dtype = mx.float16 if gpu else mx.float32
+    heads, dim, width = (16, 128, 1024) if gpu else (4, 64, 64)
+    if gpu:
+        lengths = (1024, 4096) if quick else (1024, 2048, 4096, 8192, 16384)
+    else:
+        lengths = (64, 128, 256) if quick else (256, 512, 1024)
+    implementations = ("sdpa ms", "ours ms", "ours softcap ms", f"ours window {width} ms", "naive ms",
+                       "reference ms")
+    table = Table(
+        f"Causal attention time vs sequence length, B=1 H={heads} D={dim} {dtype}",
+        ("L",) + implementations,
+        note=f"ours: the dispatcher's route (sdpa for plain causal; softcap 30 and window ({width - 1}, 0) go to "
+             "the flash kernel on a GPU, the reference path elsewhere); naive: materialized softmax(q kT) v, n/a "
+             f"past {NAIVE_MAX_BYTES >> 30} GiB of scores.",
+        x="L", series=implementations,
+    )
+    for length in lengths:
+        q, k, v = _inputs(1, heads, heads, length, dim, dtype)
+        spec = describe_attention(q, k, v, causal=True)
+
+        def ours(**options):
+            return time_ms(lambda: flash_attention(q, k, v, layout="BHSD", causal=True, **options))
+
+        sdpa = time_ms(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=spec.scale, mask="causal"))
+        naive = "n/a"
+        if 4 * heads * length * length <= NAIVE_MAX_BYTES:
+            bias = _bias(spec, dtype)
+            naive = time_ms(lambda: naive_attention(q, k, v, spec.scale, bias), warmup=1, repeats=3)
+            del bias
+        reference = time_ms(lambda: flash_attention(q, k, v, layout="BHSD", causal=True, path="reference"),
+                            warmup=1, repeats=3)
+        table.add(length, sdpa, ours(), ours(softcap=30.0), ours(window_size=(width - 1, 0)), naive, reference)
+        del q, k, v
+    return table
+
+
 def _slopes(heads: int) -> mx.array:
     return mx.array([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)])
 
@@ -197,19 +243,20 @@ def window_target_table(quick: bool) -> Table:
     return table
 
 
-def decode_target_table(quick: bool) -> Table:
-    table = decode.vs_sdpa_table()
+def decode_target_tables(quick: bool) -> List[Table]:
+    """Decode bandwidth against sdpa's and the device's (plotted), and where a call's time goes."""
+    table, times = decode.vs_sdpa_table(), decode.time_table()
     table.title = "Issue 5: " + table.title
     table.note += " Targets: >= 2.0 TB/s, never slower than either sdpa column."
     gpu = device_profile().is_gpu
     shapes = [(b, n) for b in (1, 8, 32) for n in (4096, 32768)] if gpu and not quick else [(1, 4096), (8, 4096)]
     if not gpu:
-        shapes = [(1, 512)]
+        shapes = [(1, 512), (2, 512)]
     for batch, length in shapes:
         q, k, v, seqlens = decode.cache(batch, length)
-        decode.add_vs_sdpa(table, q, k, v, seqlens)
+        decode.add_vs_sdpa(table, times, q, k, v, seqlens)
         del q, k, v
-    return table
+    return [table, times]
 
 
 def backward_target_table(quick: bool) -> Table:
@@ -252,5 +299,5 @@ def backward_target_table(quick: bool) -> Table:
 
 
 def run(quick: bool = False) -> List[Table]:
-    return [overhead_table(quick), features_table(quick), prefill_targets_table(quick), window_target_table(quick),
-            decode_target_table(quick), backward_target_table(quick)]
+    return [overhead_table(quick), features_table(quick), scaling_table(quick), prefill_targets_table(quick),
+            window_target_table(quick), *decode_target_tables(quick), backward_target_table(quick)]

@@ -12,7 +12,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, TypeVar
+from typing import Callable, List, Optional, Sequence, TypeVar, Union
 
 import mlx.core as mx
 
@@ -99,15 +99,18 @@ def eval_us(fn: Callable[[], object], calls: int = 20, rounds: int = 5) -> float
 
 @dataclass
 class Table:
-    """A titled markdown table; ``series`` names the columns a plot draws against ``x``."""
+    """A titled markdown table; ``series`` names the columns a plot draws against ``x``: one column, or
+    several (``("B", "L")``) whose values label each row on a categorical axis. ``limit`` draws the
+    device's limit (in the series' unit) as a horizontal line."""
 
     title: str
     columns: Sequence[str]
     rows: List[Sequence[object]] = field(default_factory=list)
     note: str = ""
-    x: Optional[str] = None
+    x: Union[None, str, Sequence[str]] = None
     series: Sequence[str] = ()
     ylabel: str = "ms"
+    limit: Optional[float] = None
 
     def add(self, *row: object) -> None:
         self.rows.append(row)
@@ -155,14 +158,25 @@ def plot(table: Table, path: str) -> bool:
     except ImportError:
         return False
     cols = list(table.columns)
-    xi = cols.index(table.x)
+    x_names = (table.x,) if isinstance(table.x, str) else tuple(table.x)
+    x_cols = [cols.index(name) for name in x_names]
+
+    def x_of(row):
+        if len(x_cols) == 1:
+            return row[x_cols[0]]
+        return " ".join(f"{name}={row[i]}" for name, i in zip(x_names, x_cols))
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in table.series:
         si = cols.index(name)
-        points = [(r[xi], r[si]) for r in table.rows if isinstance(r[si], (int, float))]
+        points = [(x_of(r), r[si]) for r in table.rows if isinstance(r[si], (int, float))]
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-    ax.set_xlabel(table.x)
+    if table.limit:
+        ax.axhline(table.limit, linestyle="--", color="gray", label=f"device limit ({table.limit:.0f})")
+    if len(x_cols) > 1:
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+    ax.set_xlabel(" x ".join(x_names))
     ax.set_ylabel(table.ylabel)
     ax.set_title(table.title, fontsize=9)
     ax.legend(fontsize=8)

@@ -49,7 +49,9 @@ def check_real(name: str, value) -> float:
 
     Raises TypeError when ``value`` is no real number, ValueError when it is NaN or infinite.
     """
-    if isinstance(value, (bool, mx.array)) or not isinstance(value, numbers.Real):
+    # Plain floats and ints first: isinstance against numbers.Real (an abstract class) is slow.
+    exact = type(value) in (float, int)
+    if not exact and (isinstance(value, (bool, mx.array)) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number (int, float or NumPy scalar); got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite; got {value!r}")
@@ -58,7 +60,7 @@ def check_real(name: str, value) -> float:
 
 def check_int(name: str, value) -> int:
     """``value`` as an int: a Python or NumPy integer, not a bool; TypeError naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if type(value) is not int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
         raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
     return int(value)
 

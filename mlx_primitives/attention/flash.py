@@ -98,8 +98,8 @@ def flash_attn_func(
         k: ``(batch, seqlen_k, nheads_k, headdim)``; ``nheads`` must be a multiple of ``nheads_k``.
         v: ``(batch, seqlen_k, nheads_k, headdim_v)``.
         dropout_p: probability of dropping each attention weight (kept ones are scaled by ``1/(1-p)``).
-        softmax_scale: default ``1 / sqrt(headdim)``.
-        causal: bottom-right aligned causal mask.
+        softmax_scale: a Python or NumPy real number; default ``1 / sqrt(headdim)``.
+        causal: bottom-right aligned causal mask (a bool).
         window_size: ``(left, right)`` keys visible around the aligned position; ``-1`` = unbounded.
         softcap: ``c`` of ``c * tanh(s / c)``; ``0`` disables.
         alibi_slopes: float32 ``(nheads,)`` or ``(batch, nheads)``.
@@ -107,7 +107,8 @@ def flash_attn_func(
         return_attn_probs: also return ``softmax_lse`` and the attention matrix.
         sinks: ``(nheads,)`` learned logits joining each row's softmax denominator (gpt-oss).
         dropout_key: ``mx.random.key`` making dropout reproducible; default draws from MLX's generator.
-        path: ``"auto"``, ``"sdpa"`` or ``"reference"``.
+        path: ``"auto"``, ``"sdpa"``, ``"kernel"`` or ``"reference"`` (``FLASH_ATTENTION_MLX_REF=1`` at import
+            makes ``"auto"`` mean ``"reference"``).
 
     Returns:
         ``out`` ``(batch, seqlen_q, nheads, headdim_v)`` in q's dtype; with ``return_attn_probs``,
@@ -193,7 +194,8 @@ def flash_attention(
             for ``"BHSD"`` (no transposes: what ``mx.fast.scaled_dot_product_attention`` takes).
         causal, scale, window_size, softcap, alibi_slopes, sinks, dropout_p, dropout_key, path:
             as in :func:`flash_attn_func`.
-        mask: ``"causal"`` or a boolean/additive array broadcastable to ``(batch, heads, seq_q, seq_k)``.
+        mask: ``"causal"``, or a boolean (True = visible) or additive float array broadcastable to
+            ``(batch, heads, seq_q, seq_k)``; integer arrays are rejected.
         chunk_size: bound the reference path's blocks (and force it where sdpa would materialize scores).
 
     Returns:
