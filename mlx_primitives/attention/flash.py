@@ -214,19 +214,26 @@ def explain(
     layout: str = "BSHD",
     scale: Optional[float] = None,
     *,
-    return_lse: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[mx.array] = None,
+    sinks: Optional[mx.array] = None,
+    mask: Union[None, str, mx.array] = None,
+    dropout_p: float = 0.0,
     dropout_key: Optional[mx.array] = None,
+    chunk_size: Optional[int] = None,
     path: str = "auto",
-    **options,
+    return_lse: bool = False,
 ) -> Route:
     """Which path :func:`flash_attention` would take for the same arguments, and why.
 
-    Takes :func:`flash_attention`'s arguments (``dropout_key`` does not change the route; the options
-    ``window_size``, ``softcap``, ``alibi_slopes``, ``sinks``, ``mask``, ``dropout_p``, ``chunk_size``
-    go in ``options``), plus ``return_lse``: whether the caller needs the log-sum-exp, as
-    ``flash_attn_func(..., return_attn_probs=True)`` does. :func:`flash_attn_func`'s
-    ``softmax_scale`` is ``scale`` here.
+    Takes :func:`flash_attention`'s arguments (``dropout_key`` does not change the route; for
+    :func:`flash_attn_func`'s ``softmax_scale`` pass ``scale``), plus ``return_lse``: whether the
+    caller needs the log-sum-exp, as ``flash_attn_func(..., return_attn_probs=True)`` does.
     """
     del dropout_key
-    spec = describe_attention(q, k, v, layout=layout, scale=scale, causal=causal, **options)
+    spec = describe_attention(
+        q, k, v, layout=layout, scale=scale, causal=causal, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, sinks=sinks, mask=mask, dropout_p=dropout_p, chunk_size=chunk_size,
+    )
     return choose_route(spec, need_lse=return_lse, path=path)

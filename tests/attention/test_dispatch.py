@@ -129,6 +129,8 @@ def test_explain_takes_flash_attentions_arguments_and_agrees_with_its_route(monk
     assert taken[2].reason == "forced by the caller"
     with pytest.raises(ValueError, match=r"path='sdpa' cannot run this call: softcap is set"):
         explain(q, k, v, layout="BHSD", softcap=5.0, path="sdpa")
+    with pytest.raises(TypeError, match=r"explain\(\) got an unexpected keyword argument 'softmax_scale'"):
+        explain(q, k, v, layout="BHSD", softmax_scale=0.25)
 
 
 def test_reference_environment_variable_forces_the_reference_path_of_auto_calls(monkeypatch):
