@@ -3,20 +3,22 @@
 The scale of a block of values is chosen from its range; values become integers
 ``q = round(x / scale)`` clipped to ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (symmetric) or
 ``q = round(x / scale) + zero`` clipped to ``[0, 2^b - 1]`` (asymmetric, ``zero`` the integer that
-stands for 0.0), and ``dequantize`` gives back ``(q - zero) * scale``. The asymmetric range of a block
-always includes 0 and its zero point is an integer (PyTorch's convention: 0.0 is stored exactly), so
-a block far from 0 (e.g. values near 3.0) gets no finer steps than the symmetric one; MLX's affine
-format (``mx.quantize``, a float bias per group, what :class:`~mlx_primitives.kernels.Int4Linear`
-stores) spans just the block's range. Values are not checked for being finite: an infinity makes
-its block's scale infinite (the block dequantizes to NaN), a NaN is stored as 0. Blocks run along the last
+stands for 0.0), and ``dequantize`` gives back ``(q - zero) * scale``. Blocks run along the last
 axis: ``"tensor"`` is one block, ``"channel"`` one block per row (an output channel of a
 ``(out, in)`` weight, a token of a ``(tokens, features)`` activation), ``"group"`` blocks of
 ``group_size`` consecutive elements of a row.
 
+The asymmetric range of a block always includes 0 and its zero point is an integer (PyTorch's
+convention: 0.0 is stored exactly), so a block far from 0 (e.g. values near 3.0) gets no finer
+steps than the symmetric one; MLX's affine format (a float bias per group) spans just the group's
+range. Values are not checked for being finite: an infinity makes its block's scale infinite (the
+block dequantizes to NaN), a NaN is stored as 0.
+
 Storage: 8-bit values are ``int8`` (symmetric) or ``uint8`` (asymmetric); 4-bit values are packed
 two to a ``uint8`` along the last axis (element ``2i`` in the low nibble), symmetric ones offset by
 8. Scales are float32; zero points uint8. MLX's own formats (``mx.quantize``: affine groups in
-``uint32`` words) are what :class:`~mlx_primitives.kernels.Int4Linear` uses for its matrix products.
+``uint32`` words) are what :class:`~mlx_primitives.kernels.Int4Linear` uses for its matrix products;
+:meth:`QuantizedTensor.to_mlx` writes a group-quantized tensor in it.
 """
 
 from __future__ import annotations
@@ -58,6 +60,24 @@ class QuantizedTensor:
     @property
     def symmetric(self) -> bool:
         return self.zeros is None
+
+    def to_mlx(self) -> Tuple[mx.array, mx.array, mx.array]:
+        """``(weight, scales, biases)`` in MLX's affine format (``mx.quantize``'s, for ``mx.dequantize``,
+        ``mx.quantized_matmul`` or an :class:`~mlx_primitives.kernels.Int4Linear`'s parameters): the same
+        integers, unsigned (symmetric ones offset by ``2^(bits-1)``), packed in ``uint32`` words, with
+        ``bias = -zero * scale``. MLX computes ``q * scale + bias``, equal to :func:`dequantize`'s
+        ``(q - zero) * scale`` up to float32 rounding. Needs ``granularity="group"`` with a group size of
+        32, 64 or 128.
+        """
+        if self.granularity != "group" or self.group_size not in (32, 64, 128):
+            raise ValueError("to_mlx needs granularity='group' with group_size 32, 64 or 128; got "
+                             f"granularity={self.granularity!r}, group_size={self.group_size!r}")
+        offset = 2 ** (self.bits - 1)
+        unsigned = self.values
+        if self.bits == 8 and self.symmetric:  # int8 in [-127, 127]; symmetric 4-bit values are stored offset
+            unsigned = (self.values.astype(mx.int16) + offset).astype(mx.uint8)
+        zeros = mx.full(self.scales.shape, offset, mx.float32) if self.symmetric else self.zeros.astype(mx.float32)
+        return unsigned.view(mx.uint32), self.scales, -zeros * self.scales
 
 
 def _blocks(x: mx.array, granularity: str, group_size: Optional[int]) -> mx.array:

@@ -120,3 +120,17 @@ def test_invalid_arguments_name_what_is_wrong():
         dequantize_int8(x)
     with pytest.raises(TypeError, match="dtype must be float16, bfloat16 or float32"):
         dequantize(quantize_int8(x), mx.int32)
+
+
+@pytest.mark.parametrize("bits, symmetric", [(8, True), (8, False), (4, True), (4, False)])
+def test_to_mlx_gives_mlx_affine_format_of_the_same_values(bits, symmetric):
+    x = mx.random.normal((6, 128)) * 2.0 + 0.3
+    q = QUANTIZE[bits](x, granularity="group", group_size=32, symmetric=symmetric)
+    weight, scales, biases = q.to_mlx()
+    assert weight.dtype == mx.uint32 and weight.shape == (6, 128 * bits // 32) and biases.shape == (6, 4)
+    back = mx.dequantize(weight, scales, biases, group_size=32, bits=bits)
+    # q * scale + bias against (q - zero) * scale: a few float32 roundings of 2^bits * scale
+    atol = 8 * 2**-24 * 2**bits * float(mx.max(q.scales))
+    np.testing.assert_allclose(f64(back), f64(DEQUANTIZE[bits](q)), rtol=0, atol=atol)
+    with pytest.raises(ValueError, match="to_mlx needs granularity='group'"):
+        QUANTIZE[bits](x, granularity="channel", symmetric=symmetric).to_mlx()
