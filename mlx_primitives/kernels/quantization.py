@@ -32,6 +32,7 @@ import mlx.core as mx
 from ..validation import FLOAT_DTYPES, check_array
 
 GRANULARITIES = ("tensor", "channel", "group")
+MLX_GROUP_SIZES = (32, 64, 128)  # the group sizes of mx.quantize's affine format
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class QuantizedTensor:
         ``(q - zero) * scale`` up to float32 rounding. Needs ``granularity="group"`` with a group size of
         32, 64 or 128.
         """
-        if self.granularity != "group" or self.group_size not in (32, 64, 128):
+        if self.granularity != "group" or self.group_size not in MLX_GROUP_SIZES:
             raise ValueError("to_mlx needs granularity='group' with group_size 32, 64 or 128; got "
                              f"granularity={self.granularity!r}, group_size={self.group_size!r}")
         offset = 2 ** (self.bits - 1)

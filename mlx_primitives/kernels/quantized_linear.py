@@ -19,10 +19,8 @@ import mlx.nn as nn
 from ..hardware import device_profile
 from ..validation import check_int
 from .launcher import next_pow2, run_checked, verified
-from .quantization import quantize_int8
+from .quantization import MLX_GROUP_SIZES, quantize_int8
 from .w8a8 import w8a8_linear
-
-GROUP_SIZES = (32, 64, 128)  # the group sizes of mx.quantize's affine format
 
 
 def _dequantized_matmul(x, weight, scales, biases, group_size: int, bits: int) -> mx.array:
@@ -87,7 +85,7 @@ def check_group_size(group_size, input_dims: Optional[int] = None) -> int:
     """``group_size`` of MLX's affine format (32, 64 or 128) that divides ``input_dims`` (when given);
     TypeError or ValueError naming the argument otherwise."""
     check_int("group_size", group_size)
-    if group_size not in GROUP_SIZES:
+    if group_size not in MLX_GROUP_SIZES:
         raise ValueError(f"group_size must be 32, 64 or 128; got {group_size!r}")
     if input_dims is not None and input_dims % group_size:
         raise ValueError(f"input_dims ({input_dims}) must be a multiple of group_size ({group_size})")
