@@ -38,6 +38,7 @@ from ..attention.flash import explain, flash_attention
 from ..attention.flex import create_block_mask, flex_attention
 from ..attention.flex import mods
 from ..attention.sage import sageattn
+from ..memo import CallMemo
 
 KERNELS = ("flash", "sdpa", "reference", "sage", "flex")
 HOOK_NAME = "scaled_dot_product_attention"
@@ -90,8 +91,8 @@ class SwappedAttention:
         self.options = options
         self.original = original
         self.routes: collections.Counter = collections.Counter()
-        self._block_masks: Dict[tuple, Any] = {}
-        self._paths: Dict[tuple, str] = {}  # call signature -> the dispatcher's path
+        self._block_masks = CallMemo(256)  # (q_len, kv_len) -> causal block mask
+        self._paths = CallMemo(256)  # call signature -> the dispatcher's path
 
     def __repr__(self) -> str:
         return f"SwappedAttention(kernel={self.kernel!r}, options={self.options})"
@@ -132,10 +133,8 @@ class SwappedAttention:
         masks = mask if mask is None or isinstance(mask, str) else (mask.shape, mask.dtype)
         key = (queries.shape, keys.shape, values.shape, queries.dtype, scale, masks, softcap,
                None if sinks is None else sinks.shape, path)
-        route = self._paths.get(key)
-        if route is None:
-            route = self._paths[key] = explain(queries, keys, values, layout="BHSD", scale=scale, mask=mask,
-                                               sinks=sinks, softcap=softcap, path=path).path
+        route = self._paths.get(key, lambda: explain(queries, keys, values, layout="BHSD", scale=scale, mask=mask,
+                                                     sinks=sinks, softcap=softcap, path=path).path)
         self.routes[forced or f"flash->{route}{why}"] += 1
         if route == "sdpa" and sinks is None and not softcap and (mask is None or isinstance(mask, str)):
             return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
@@ -149,11 +148,8 @@ class SwappedAttention:
             score_mod = mods.softcap(softcap) if score_mod is None else mods.compose(score_mod, mods.softcap(softcap))
         block_mask = None
         if mask == "causal":
-            key = (q_len, kv_len)
-            if key not in self._block_masks:
-                self._block_masks[key] = create_block_mask(mods.causal(kv_len - q_len), None, None, q_len, kv_len,
-                                                           self.options.get("block_size", 128))
-            block_mask = self._block_masks[key]
+            block_mask = self._block_masks.get((q_len, kv_len), lambda: create_block_mask(
+                mods.causal(kv_len - q_len), None, None, q_len, kv_len, self.options.get("block_size", 128)))
         return flex_attention(queries, keys, values, score_mod=score_mod, block_mask=block_mask, scale=scale,
                               enable_gqa=True)
 
