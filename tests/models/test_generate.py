@@ -131,12 +131,13 @@ def test_generate_needs_a_swapped_model():
         generate(model, [[1, 2]])
 
 
-@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
-def test_batched_paged_decode_logits_equal_mlx_lm_per_sequence(dtype):
-    """Two sequences of different lengths decode together over pages (float16: the decode kernel on a GPU)."""
+@pytest.mark.parametrize("name,dtype", [("gemma2", mx.float32), ("gemma2", mx.float16), ("gemma3_text", mx.float32)])
+def test_batched_paged_decode_logits_equal_mlx_lm_per_sequence(name, dtype):
+    """Two sequences of different lengths decode together over pages (float16: the decode kernel on a GPU;
+    gemma3_text: a sliding window of 8 keys, passed by the 21-token prompt)."""
     from mlx_primitives.models import paged_cache_for, paged_forward
 
-    config = TINY_CONFIGS["gemma2"]
+    config = TINY_CONFIGS[name]
     model = random_model(config, dtype=dtype, std=0.1)
     exact = random_model(config, dtype=mx.float32, std=0.1)
     rng = np.random.default_rng(3)
