@@ -11,7 +11,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlx_primitives import Attention, SageAttention
-from mlx_primitives.attention import dequantize, flash_attention, quantize_qk, sageattn, sageattn_mlx
+from mlx_primitives.attention import (
+    describe_attention,
+    dequantize,
+    flash_attention,
+    quantize_qk,
+    sageattn,
+    sageattn_mlx,
+)
+from mlx_primitives.attention.sage import quantized_reference
 from mlx_primitives.attention.sage_quant import GRANULARITIES
 
 from ..reference import Features, attention64, f64
@@ -86,33 +94,146 @@ def test_nhd_quantization_is_the_hnd_one():
         np.testing.assert_array_equal(np.array(a), np.array(b))
 
 
-def _quantized_attention64(quant, v, scale, causal, p_dtype):
-    """Float64 attention over the integer q and k with their scales; P rounded to ``p_dtype`` for PV."""
+MANTISSA = {mx.float16: 10, mx.bfloat16: 7, mx.float32: 23}
+MIN_NORMAL = {mx.float16: 2.0 ** -14, mx.bfloat16: 2.0 ** -126, mx.float32: 2.0 ** -126}
+
+
+def _round64(x, dtype):
+    """Float64 ``x`` rounded to ``dtype`` (to nearest even; None: not rounded), as float64."""
+    if dtype is None:
+        return x
+    if dtype == mx.float16:
+        return x.astype(np.float16).astype(np.float64)
+    if dtype == mx.bfloat16:  # the top 16 bits of the float32 bit pattern
+        bits = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+    return x
+
+
+def _ulp(x, dtype):
+    """The spacing of ``dtype`` numbers at ``|x|``."""
+    return 2.0 ** (np.floor(np.log2(np.maximum(np.abs(x), MIN_NORMAL[dtype]))) - MANTISSA[dtype])
+
+
+def _rms(x):
+    return float(np.sqrt(np.mean(np.square(x))))
+
+
+def _quantized_attention64(quant, v, scale, causal, p_dtype, fp16_accumulator=False, smooth_v=False, chunk=256):
+    """Float64 simulation of the reference path's math: ``(out, magnitude)`` BHSD.
+
+    Scores from the integer q.k dots times both scales; online softmax over blocks of ``chunk`` keys;
+    P rounded to ``p_dtype`` (None: not rounded) against the running max, and V too (after subtracting
+    its mean with ``smooth_v``); PV accumulated exactly or, with ``fp16_accumulator``, in an fp16
+    number rounded after every 16 keys and after every rescale. ``magnitude`` is ``(P|V|)/denominator``
+    per output element: a rounding of P (or V) to the other neighbour moves it at most
+    ``2^-mantissa * magnitude``.
+    """
     q8, k8 = np.array(quant.q, np.float64), np.array(quant.k, np.float64)
     qs = np.repeat(np.array(quant.q_scale, np.float64), quant.q_block, -1)[..., : q8.shape[2], None]
     ks = np.repeat(np.array(quant.k_scale, np.float64), quant.k_block, -1)[..., : k8.shape[2], None]
     groups = q8.shape[1] // k8.shape[1]
-    k_deq = np.repeat(k8 * ks, groups, axis=1)
-    s = (q8 * qs) @ k_deq.swapaxes(-1, -2) * scale
+    s = (q8 @ np.repeat(k8, groups, axis=1).swapaxes(-1, -2)) * qs * np.repeat(ks, groups, axis=1).swapaxes(-1, -2)
+    s = s * scale
     if causal:
         s = np.where(np.tril(np.ones(s.shape[-2:], bool), s.shape[-1] - s.shape[-2]), s, -np.inf)
-    p = np.exp(s - s.max(axis=-1, keepdims=True))
-    p_low = f64(mx.array(p.astype(np.float32)).astype(p_dtype))
-    return p_low @ np.repeat(f64(v), groups, axis=1) / p.sum(axis=-1, keepdims=True)
+    v64 = np.repeat(f64(v), groups, axis=1)
+    v_mean = v64.mean(axis=2, keepdims=True) if smooth_v else 0.0
+    v_pv = _round64(v64 - v_mean, p_dtype)
+    run_max = np.full(s.shape[:-1] + (1,), -np.inf)
+    denom, acc, magnitude = np.zeros_like(run_max), np.zeros(s.shape[:-1] + v64.shape[-1:]), 0.0
+    with np.errstate(invalid="ignore", over="ignore"):
+        for j0 in range(0, s.shape[-1], chunk):
+            block, v_blk = s[..., j0 : j0 + chunk], v_pv[..., j0 : j0 + chunk, :]
+            new_max = np.maximum(run_max, block.max(axis=-1, keepdims=True))
+            shift = np.where(np.isneginf(new_max), 0.0, new_max)
+            correction, p = np.exp(run_max - shift), np.exp(block - shift)
+            denom = denom * correction + p.sum(axis=-1, keepdims=True)
+            magnitude = magnitude * correction + p @ np.abs(v_blk)
+            p_low = _round64(p, p_dtype)
+            if fp16_accumulator:
+                acc = _round64(acc * correction, mx.float16)
+                for t in range(0, p.shape[-1], 16):
+                    acc = _round64(acc + p_low[..., t : t + 16] @ v_blk[..., t : t + 16, :], mx.float16)
+            else:
+                acc = acc * correction + p_low @ v_blk
+            run_max = new_max
+        seen = denom > 0
+        out = np.where(seen, acc / np.where(seen, denom, 1.0) + v_mean, 0.0)
+    return out, magnitude / np.where(seen, denom, 1.0)
+
+
+def _sage_reference32(q, k, v, causal, pv_accum, smooth_v=False):
+    """The reference path's float32 output before its rounding to the output dtype, and the quantization."""
+    quant = quantize_qk(q, k)
+    v_pv = v.astype(mx.float16) if pv_accum == "fp16" else v
+    spec = describe_attention(q, k, v, causal=causal)
+    out, _ = quantized_reference(quant, v_pv, spec, pv_accum, out_dtype=mx.float32)
+    return out, quant
+
+
+@pytest.mark.parametrize("pv_accum", ["fp32", "fp16"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_reference_path_is_exact_to_the_quantized_math(pv_accum, causal, dtype):
+    q, k, v = _offset_qkv(dtype, q_len=32, k_len=1000)  # four key blocks: P is rounded against running maxima
+    q, k, v = q[:1], k[:1], v[:1]
+    out32, quant = _sage_reference32(q, k, v, causal, pv_accum)
+    fp16_accumulator = pv_accum == "fp16"
+    p_dtype = mx.float16 if fp16_accumulator else dtype
+    simulated, magnitude = _quantized_attention64(quant, v, 1 / 8, causal, p_dtype, fp16_accumulator)
+    error = np.abs(f64(out32) - simulated)
+    # Float32 score arithmetic puts a few P elements (and fp16 accumulator values) on the other side of a
+    # rounding point than float64 does: no element may move further than one such rounding of all of P.
+    assert np.all(error <= 2.0 ** -MANTISSA[p_dtype] * magnitude)
+    # ... and overall we are far closer to the simulation than to the same math without its roundings:
+    # P rounded against the final max (one key block), and unrounded P / an fp32 accumulator.
+    final_max, _ = _quantized_attention64(quant, v, 1 / 8, causal, p_dtype, fp16_accumulator, chunk=1 << 30)
+    coarser, _ = _quantized_attention64(quant, v, 1 / 8, causal, mx.float16 if fp16_accumulator else None)
+    for other in (final_max, coarser):
+        assert _rms(error) <= 0.3 * _rms(other - simulated), (_rms(error), _rms(other - simulated))
+    # The public output is that float32 result rounded once to the input dtype.
+    out = sageattn(q, k, v, is_causal=causal, pv_accum_dtype=pv_accum, path="reference")
+    assert out.dtype == dtype
+    assert mx.array_equal(out, out32.astype(dtype)).item()
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
-def test_reference_path_is_exact_to_the_quantized_math(causal, dtype):
-    q, k, v = _offset_qkv(dtype, q_len=100, k_len=200)  # one key block of the reference: P is final-max based
+def test_reference_path_is_exact_to_the_quantized_math_in_float32(causal):
+    q, k, v = _offset_qkv(mx.float32, q_len=64, k_len=600)
     out = sageattn(q, k, v, is_causal=causal, path="reference")
-    quant = quantize_qk(q, k, "per_block", True)
-    simulated = _quantized_attention64(quant, v, 1 / 8, causal, dtype)
-    exact = attention64(f64(q), f64(k), f64(v), Features(causal=causal))["out"]
-    sim_error = np.abs(f64(out) - simulated).max()
-    # Only the output's own rounding separates us from the simulation; the quantization error is far larger.
-    assert sim_error <= (2 ** -10 if dtype == mx.float16 else 2 ** -7) * np.abs(simulated).max()
-    assert sim_error < 0.2 * np.abs(f64(out) - exact).max()
+    simulated, magnitude = _quantized_attention64(quantize_qk(q, k), v, 1 / 8, causal, None)
+    # Only float32 arithmetic separates us from the simulation (scores of 64-term dots, then exp).
+    assert np.all(np.abs(f64(out) - simulated) <= 4e-6 * magnitude)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_fp16_accumulator_overflows_where_simulated_and_smooth_v_keeps_it_finite(dtype):
+    q, k, v = _offset_qkv(mx.float32, q_len=64, k_len=512)
+    v = v + 2000 * mx.random.uniform(shape=(2, 2, 1, 64))  # per-channel offsets: some outputs overflow
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    quant = quantize_qk(q, k)
+    out = f64(sageattn(q, k, v, pv_accum_dtype="fp16"))
+    simulated, magnitude = _quantized_attention64(quant, v, 1 / 8, False, mx.float16, fp16_accumulator=True)
+    overflow = ~np.isfinite(simulated)
+    assert 0.02 < overflow.mean() < 0.9
+    # Where the simulation overflows, so do we: but for the odd element whose accumulator ends within a
+    # rounding of the fp16 maximum (a per-chunk fp16 rounding, say, misses a fifth of them).
+    assert np.mean(np.isfinite(out) == overflow) <= 1e-3 * overflow.mean()
+    with np.errstate(invalid="ignore"):  # inf - inf where both overflow
+        error = np.abs(out - simulated)
+    # The output's rounding, plus a P and an accumulator rounding gone the other way (see above).
+    both = np.isfinite(out) & ~overflow
+    assert np.all(error[both] <= (_ulp(simulated, dtype) + 2.0 ** -9 * magnitude)[both])
+    assert np.all(np.isfinite(f64(sageattn(q, k, v))))  # fp32 accumulation
+
+    smoothed = f64(sageattn(q, k, v, pv_accum_dtype="fp16", smooth_v=True))
+    simulated, magnitude = _quantized_attention64(quant, v, 1 / 8, False, mx.float16, True, smooth_v=True)
+    assert np.all(np.isfinite(simulated))
+    assert np.all(np.abs(smoothed - simulated) <= _ulp(simulated, dtype) + 2.0 ** -10 * magnitude)
+    exact = attention64(f64(q), f64(k), f64(v))["out"]
+    assert np.abs(smoothed - exact).max() <= 2 * _ulp(np.abs(exact).max(), dtype)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -135,9 +256,10 @@ def test_reference_path_matches_the_quantized_math_on_random_shapes(shape, head_
         out = out.swapaxes(1, 2)
     else:
         out = sageattn(q, k, v, "HND", causal, qk_quant_gran=gran)
-    simulated = _quantized_attention64(quantize_qk(q, k, gran), v, head_dim ** -0.5, causal, dtype)
-    tolerance = (2 ** -10 if dtype == mx.float16 else 2 ** -7) * max(np.abs(simulated).max(), 1e-3)
-    assert np.abs(f64(out) - simulated).max() <= tolerance
+    simulated, magnitude = _quantized_attention64(quantize_qk(q, k, gran), v, head_dim ** -0.5, causal, dtype)
+    # The output's own rounding, plus P roundings gone the other way (see the test above).
+    tolerance = _ulp(simulated, dtype) + 2.0 ** -MANTISSA[dtype] * magnitude
+    assert np.all(np.abs(f64(out) - simulated) <= tolerance)
 
 
 def test_reference_path_peak_memory_grows_linearly_in_sequence_length():
@@ -226,6 +348,20 @@ def test_sageattn_mlx_takes_the_seed_call():
         sageattn_mlx(q, k, v, pv_dtype="int8")
 
 
+def test_sageattn_mlx_takes_any_leading_dims():
+    q, k, v = (mx.random.normal((2, 3, heads, 16, 32)).astype(mx.float16) for heads in (4, 2, 2))
+    out, lse = sageattn_mlx(q, k, v, is_causal=True, return_lse=True)
+    flat_out, flat_lse = sageattn(*(x.reshape(6, -1, 16, 32) for x in (q, k, v)), is_causal=True, return_lse=True)
+    assert out.shape == q.shape and lse.shape == q.shape[:-1]
+    assert mx.array_equal(out, flat_out.reshape(q.shape)).item() and mx.array_equal(lse, flat_lse.reshape(lse.shape)).item()
+    single = sageattn_mlx(q[0, 0, 0], k[0, 0, 0], v[0, 0, 0])  # (seq, dim)
+    assert mx.array_equal(single, sageattn(q[:1, 0, :1], k[:1, 0, :1], v[:1, 0, :1])[0, 0]).item()
+    with pytest.raises(ValueError, match=r"q must have shape \(\.\.\., seq_len, head_dim\)"):
+        sageattn_mlx(q[0, 0, 0, 0], k[0, 0, 0, 0], v[0, 0, 0, 0])
+    with pytest.raises(ValueError, match="k must have q's leading dims"):
+        sageattn_mlx(q, k.reshape(3, 2, 2, 16, 32), v)
+
+
 def test_layers():
     q, k, v = (mx.random.normal((1, 33, heads, 32)).astype(mx.float16) for heads in (4, 2, 2))
     layer = SageAttention(num_heads=4, head_dim=32, causal=True)
@@ -249,6 +385,20 @@ def test_layers():
         block(x, mask=mx.zeros((20, 20)))
 
 
+def test_attention_block_forwards_sage_options():
+    options = {"qk_quant_gran": "per_thread", "smooth_k": False}
+    block = Attention(dims=64, num_heads=4, num_kv_heads=2, rope=False, kernel="sage", sage_options=options)
+    assert "per_thread" in repr(block)
+    x = mx.random.normal((2, 20, 64)) + 3 * mx.random.normal((64,))
+    q, k, v = (proj(x).reshape(2, 20, -1, 16) for proj in (block.q_proj, block.k_proj, block.v_proj))
+    direct = sageattn(q, k, v, "NHD", is_causal=True, sm_scale=0.25, **options)
+    expected = block.o_proj(direct.reshape(2, 20, 64))
+    assert mx.array_equal(block(x, mask="causal"), expected).item()
+    default = Attention(dims=64, num_heads=4, num_kv_heads=2, rope=False, kernel="sage")
+    default.update(block.parameters())
+    assert not mx.array_equal(default(x, mask="causal"), expected).item()
+
+
 @pytest.mark.parametrize("call,error,match", [
     (lambda q, k, v: sageattn(q, k, v, tensor_layout="BHSD"), ValueError, "tensor_layout"),
     (lambda q, k, v: sageattn(q, k, v, qk_quant_gran="per_row"), ValueError, "qk_quant_gran"),
@@ -264,11 +414,36 @@ def test_layers():
     (lambda q, k, v: quantize_qk(q.astype(mx.int8), k), TypeError, "q must have dtype"),
     (lambda q, k, v: dequantize(q, mx.ones((1,)), 64), TypeError, "values must have dtype int8"),
     (lambda q, k, v: dequantize(mx.zeros((1, 4, 8, 64), mx.int8), mx.ones((1, 4, 2)), 64), ValueError, "scales"),
+    (lambda q, k, v: sageattn(q, k, v, is_causal="no"), TypeError, "is_causal must be a bool"),
+    (lambda q, k, v: sageattn(q, k, v, return_lse=1), TypeError, "return_lse must be a bool"),
+    (lambda q, k, v: sageattn(q, k, v, smooth_k="False"), TypeError, "smooth_k must be a bool"),
+    (lambda q, k, v: sageattn(q, k, v, smooth_v="x"), TypeError, "smooth_v must be a bool"),
+    (lambda q, k, v: sageattn(q, k, v, sm_scale=True), TypeError, "sm_scale must be a real number"),
+    (lambda q, k, v: sageattn(q, k, v, qk_quant_gran=["per_block"]), TypeError, "qk_quant_gran must be one of"),
+    (lambda q, k, v: sageattn(q, k, v, tensor_layout=["HND"]), TypeError, "tensor_layout must be one of"),
+    (lambda q, k, v: quantize_qk(q, k, "per_row"), ValueError, "^gran must be one of"),
+    (lambda q, k, v: quantize_qk(q, k, smooth_k="no"), TypeError, "smooth_k must be a bool"),
+    (lambda q, k, v: dequantize(mx.zeros((1, 2, 8, 64), mx.int8), mx.ones((1, 2, 1)), 0), ValueError, "block must"),
+    (lambda q, k, v: dequantize(mx.zeros((1, 2, 8, 64), mx.int8), mx.ones((1, 2, 1)), 64.0), TypeError, "block must"),
+    (lambda q, k, v: dequantize(mx.zeros((1, 2, 8, 64), mx.int8), mx.ones((1, 2, 1)), 64, mx.ones((1, 2, 8, 64))),
+     ValueError, r"mean must have shape \(1, 2, 1, 64\)"),
+    (lambda q, k, v: SageAttention(4, 64, pv_accum_dtype="fp8"), ValueError, "pv_accum_dtype"),
+    (lambda q, k, v: SageAttention(4, 64, smooth_v="x"), TypeError, "smooth_v"),
+    (lambda q, k, v: SageAttention(0, 64), ValueError, "num_heads must be a positive int"),
+    (lambda q, k, v: SageAttention(4, 64, causal=1), TypeError, "causal must be a bool"),
+    (lambda q, k, v: Attention(64, 4, kernel="sage", sage_options={"qk_quant_gran": "x"}), ValueError, "qk_quant_gran"),
+    (lambda q, k, v: Attention(64, 4, sage_options={"smooth_k": False}), ValueError, "sage_options need kernel='sage'"),
 ])
 def test_bad_input_names_the_argument(call, error, match):
     q, k, v = _offset_qkv(mx.float16, q_len=8, k_len=8)
     with pytest.raises(error, match=match):
         call(q[:1], k[:1], v[:1])
+
+
+def test_numpy_scalars_are_accepted():
+    q, k, v = _offset_qkv(mx.float16, q_len=8, k_len=8)
+    out = sageattn(q, k, v, is_causal=np.bool_(True), sm_scale=np.float32(0.125))
+    assert mx.array_equal(out, sageattn(q, k, v, is_causal=True, sm_scale=0.125)).item()
 
 
 def test_default_scale_and_float32_inputs():
