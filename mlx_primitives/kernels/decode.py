@@ -362,6 +362,7 @@ def bind_decode(
     block_table: Optional[mx.array] = None,
     softmax_scale: Optional[float] = None,
     causal: bool = True,
+    window_size: Tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
 ) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
     """:func:`decode_attention` with the lengths, block table and options of one model step fixed.
@@ -374,7 +375,7 @@ def bind_decode(
     Returns:
         ``call(q, k_cache, v_cache) -> out`` ``(batch, seqlen_q, num_heads, head_dim)``.
     """
-    run = _memoized(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, (-1, -1), softcap,
+    run = _memoized(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, window_size, softcap,
                     None, None, "auto", None, None, ())
     table = no_block_table() if block_table is None else block_table
     bound = (q.shape, q.dtype, k_cache.shape, k_cache.dtype, v_cache.shape, v_cache.dtype)
@@ -382,7 +383,8 @@ def bind_decode(
     def call(q: mx.array, k_cache: mx.array, v_cache: mx.array) -> mx.array:
         if (q.shape, q.dtype, k_cache.shape, k_cache.dtype, v_cache.shape, v_cache.dtype) != bound:
             return decode_attention(q, k_cache, v_cache, cache_seqlens, block_table=block_table,
-                                    softmax_scale=softmax_scale, causal=causal, softcap=softcap)
+                                    softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                                    softcap=softcap)
         return run(q, k_cache, v_cache, cache_seqlens, table)[0]
 
     return call

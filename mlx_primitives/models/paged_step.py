@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 
 from ..attention.kvcache import flash_attn_with_kvcache
 from ..cache import PagedKVCache
-from ..kernels.decode import MAX_Q_LEN, bind_decode, decode_attention
+from ..kernels.decode import MAX_Q_LEN, bind_decode
 from ..validation import FLOAT_DTYPES
 
 Window = Tuple[int, int]  # flash-attention's (left, right) window_size; (-1, -1) unbounded
@@ -44,11 +44,8 @@ def bind_paged_decode(queries: mx.array, k_pool: mx.array, v_pool: mx.array, len
                       window: Window) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
     """:func:`~mlx_primitives.kernels.decode.bind_decode` of one step's causal decode over page pools;
     ``call(q, k_pool, v_pool)`` with ``q`` ``(batch, new, heads, head_dim)``."""
-    if window != FULL:  # bind_decode takes no window: decode_attention's own memo prepares the call
-        return lambda q, k, v: decode_attention(q, k, v, lengths, block_table=block_table, softmax_scale=scale,
-                                                causal=True, window_size=window, softcap=softcap)
     return bind_decode(queries, k_pool, v_pool, lengths, block_table=block_table, softmax_scale=scale, causal=True,
-                       softcap=softcap)
+                       window_size=window, softcap=softcap)
 
 
 class StepDecode:
