@@ -129,15 +129,27 @@ def _read(path: Path) -> str:
     return "\n".join(line for line in path.read_text().split("\n") if not line.lstrip().startswith("//"))
 
 
-@functools.lru_cache(maxsize=None)
 def compiled(kernel: Kernel, backend: str, shared_memory: int = 0):
     """The ``mx.fast`` kernel object of ``kernel`` on ``backend`` (built once per process and size of
     dynamic shared memory, which MLX fixes per object); on CUDA its text comes as ``#include`` lines
-    where NVRTC reads them (:mod:`.source_files`)."""
+    where NVRTC reads them (:mod:`.source_files`; until that is known, e.g. while ``mx.compile``
+    traces the first call, as text)."""
+    return _compiled(kernel, backend, shared_memory, backend == "cuda" and source_files.nvrtc_reads_files())
+
+
+def warm_up() -> None:
+    """Settle, outside any transformation, what the launcher evaluates once per process: call before
+    tracing kernels into an ``mx.compile``'d function, whose graph keeps the kernel objects it saw."""
+    if device_profile().backend == "cuda":
+        source_files.nvrtc_reads_files()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(kernel: Kernel, backend: str, shared_memory: int, includes: bool):
     extra = {"shared_memory": shared_memory} if shared_memory else {}
     make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
     source, header = kernel.source(backend), kernel.header(backend)
-    if backend == "cuda" and source_files.nvrtc_reads_files():
+    if includes:
         source, header = source_files.include_stubs(source, header, kernel.inputs) or (source, header)
     return make(
         name=kernel.name,

@@ -72,12 +72,20 @@ class _Recorder:
 def test_the_launcher_hands_cuda_the_stubs_only_where_nvrtc_reads_files(monkeypatch, reads):
     recorder = _Recorder()
     monkeypatch.setattr(mx.fast, "cuda_kernel", recorder)
-    monkeypatch.setattr(source_files, "nvrtc_reads_files", lambda: reads)
     kernel = PLANS["rms_norm"][0].kernel
-    launcher.compiled.__wrapped__(kernel, "cuda")
+    launcher._compiled.__wrapped__(kernel, "cuda", 0, reads)
     made = recorder.made[-1]
     expected = _stubs(kernel) if reads else (kernel.source("cuda"), kernel.header("cuda"))
     assert (made["source"], made["header"]) == expected
+
+
+@pytest.mark.parametrize("backend, reads, includes", [("cuda", True, True), ("cuda", False, False),
+                                                      ("metal", True, False)])
+def test_kernel_objects_are_kept_per_probe_outcome(monkeypatch, backend, reads, includes):
+    monkeypatch.setattr(source_files, "nvrtc_reads_files", lambda: reads)
+    monkeypatch.setattr(launcher, "_compiled", lambda *args: args)
+    kernel = PLANS["rms_norm"][0].kernel
+    assert launcher.compiled(kernel, backend) == (kernel, backend, 0, includes)
 
 
 @pytest.mark.parametrize("outcome, expected", [(mx.array([2.0]), True), (mx.array([1.0]), False),
