@@ -27,7 +27,7 @@ Window = Tuple[int, int]  # flash-attention's (left, right) window_size; (-1, -1
 FULL: Window = (-1, -1)
 
 
-class SlidingWindow(NamedTuple):
+class WindowMask(NamedTuple):
     """The mask :meth:`PagedLayerCache.make_mask` gives a sliding-window layer (mlx-lm's
     ``window_size``): each query sees itself and the ``size - 1`` keys before it."""
 
@@ -35,8 +35,14 @@ class SlidingWindow(NamedTuple):
 
 
 def window_of(mask: Any) -> Window:
-    """The ``window_size`` of a mask from :meth:`PagedLayerCache.make_mask` (None: plain causal)."""
-    return (mask.size - 1, 0) if isinstance(mask, SlidingWindow) else FULL
+    """The ``window_size`` of a mask from :meth:`PagedLayerCache.make_mask` (None or ``"causal"``: plain
+    causal); ValueError for any other mask (an array), which paged attention cannot apply."""
+    if isinstance(mask, WindowMask):
+        return (mask.size - 1, 0)
+    if mask is None or (isinstance(mask, str) and mask == "causal"):
+        return FULL
+    raise ValueError(f"paged attention masks causally per sequence (within make_mask's sliding window); got a "
+                     f"mask it cannot apply ({type(mask).__name__})")
 
 
 def bind_paged_decode(queries: mx.array, k_pool: mx.array, v_pool: mx.array, lengths: mx.array,
@@ -128,12 +134,12 @@ class PagedLayerCache:
         self._new = (keys.swapaxes(1, 2), values.swapaxes(1, 2))
         return keys, values
 
-    def make_mask(self, *args: Any, window_size: Optional[int] = None, **kwargs: Any) -> Optional[SlidingWindow]:
-        """None (:meth:`attend` masks causally per sequence), or a :class:`SlidingWindow` of ``window_size``."""
-        return None if window_size is None else SlidingWindow(window_size)
+    def make_mask(self, *args: Any, window_size: Optional[int] = None, **kwargs: Any) -> Optional[WindowMask]:
+        """None (:meth:`attend` masks causally per sequence), or a :class:`WindowMask` of ``window_size``."""
+        return None if window_size is None else WindowMask(window_size)
 
     def attend(self, queries: mx.array, scale: float, softcap: float = 0.0, sinks: Optional[mx.array] = None,
-               mask: Optional[SlidingWindow] = None) -> mx.array:
+               mask: Optional[WindowMask] = None) -> mx.array:
         """Write the new keys into the pages, then attend ``queries`` ``(batch, heads, new, head_dim)``
         causally (within ``mask``'s sliding window, from :meth:`make_mask`).
 
@@ -142,9 +148,10 @@ class PagedLayerCache:
         """
         if sinks is not None:
             raise ValueError("paged generation takes no attention sinks")
+        window = window_of(mask)
         step, (k_new, v_new) = self.step, self._new
         k_pool, v_pool = step.k_pools[self.layer], step.v_pools[self.layer]
-        queries, window = queries.swapaxes(1, 2), window_of(mask)
+        queries = queries.swapaxes(1, 2)
         if queries.shape[1] > MAX_Q_LEN:
             out = flash_attn_with_kvcache(queries, k_pool, v_pool, k=k_new, v=v_new, cache_seqlens=step.cache_seqlens,
                                           block_table=step.block_table, softmax_scale=scale, causal=True,

@@ -131,6 +131,26 @@ def test_generate_needs_a_swapped_model():
         generate(model, [[1, 2]])
 
 
+def test_paged_layers_take_make_masks_window_and_refuse_mask_arrays():
+    """make_mask gives a sliding-window layer its window; a mask array (which the pages cannot apply) is refused
+    before any key is written."""
+    from mlx_primitives.models import PagedLayerCache, PagedStep, paged_cache_for
+
+    model = random_model(TINY_CONFIGS["llama"])
+    swap_attention(model)
+    cache = paged_cache_for(model, num_pages=4, page_size=4)
+    seq = cache.add_sequence()
+    layer = PagedLayerCache(PagedStep(cache, [seq], 3), 0)
+    assert layer.make_mask(3) is None and layer.make_mask(3, window_size=8).size == 8
+    heads, kv_heads, dim = cache.k_pools[0].shape[2] * 2, cache.k_pools[0].shape[2], cache.k_pools[0].shape[3]
+    layer.update_and_fetch(*(mx.ones((1, kv_heads, 3, dim)) for _ in range(2)))
+    with pytest.raises(ValueError, match=r"got a mask it cannot apply \(array\)"):
+        layer.attend(mx.ones((1, heads, 3, dim)), 0.1, mask=mx.ones((3, 3), mx.bool_))
+    assert not mx.any(cache.k_pools[0]).item()
+    out = layer.attend(mx.ones((1, heads, 3, dim)), 0.1, mask=layer.make_mask(3, window_size=2))
+    assert out.shape == (1, heads, 3, dim) and mx.any(cache.k_pools[0]).item()
+
+
 @pytest.mark.parametrize("name,dtype", [("gemma2", mx.float32), ("gemma2", mx.float16), ("gemma3_text", mx.float32)])
 def test_batched_paged_decode_logits_equal_mlx_lm_per_sequence(name, dtype):
     """Two sequences of different lengths decode together over pages (float16: the decode kernel on a GPU;
