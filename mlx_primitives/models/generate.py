@@ -11,8 +11,8 @@ size), or ``paged_forward`` with ``compiled=False``.
 from __future__ import annotations
 
 import time
-from numbers import Integral
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import FrozenSet, Iterable, List, Optional, Sequence, Union
 
 import mlx.core as mx

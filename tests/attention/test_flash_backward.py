@@ -19,13 +19,11 @@ from mlx_primitives.attention.spec import describe_attention
 from mlx_primitives.hardware import dynamic_shared_memory
 from mlx_primitives.kernels import catalog
 from mlx_primitives.kernels import flash_attention as fa
-from mlx_primitives.kernels import flash_backward
 from mlx_primitives.kernels.flash_backward import dkdv_shared_memory_bytes, dq_shared_memory_bytes
 from tests.attention.test_flash_kernel import no_fallback  # noqa: F401 (fixture)
 from tests.attention.test_gradients import check_gradients
 from tests.reference import (
     FEATURE_SETS,
-    Features,
     as_flash_attention_kwargs,
     assert_within_rule,
     attention64,
