@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Optional, Tuple, Union
 
 import mlx.core as mx
-from mlx.utils import tree_map
 
 Mask = Union[None, str, mx.array]
 
@@ -89,11 +88,13 @@ class Cache:
                              f"(the cached keys' length)")
 
     def keys_and_values(self):
-        """Every cached position: what the last ``update_and_fetch`` returned."""
+        """Every cached position: what the last ``update_and_fetch`` returned (every layer of a decode
+        step asks, so no tree walk: a quantized cache's tuples have their own)."""
         if self.keys is None:
             return None, None
-        return tree_map(lambda x: x if self.offset >= x.shape[2] else x[..., : self.offset, :],
-                        (self.keys, self.values))
+        if self.offset >= self.keys.shape[2]:
+            return self.keys, self.values
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
     def size(self) -> int:
         return self.offset

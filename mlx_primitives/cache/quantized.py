@@ -108,6 +108,14 @@ class QuantizedKVCache(Cache):
         self.keys, self.values = (None, None) if keys is None else (tuple(keys), tuple(values))
         self.offset, self.group_size, self.bits = offset, group_size, bits
 
+    def keys_and_values(self) -> Tuple[Optional[Quantized], Optional[Quantized]]:
+        """Every cached position as ``(packed, scales, biases)`` tuples: what ``update_and_fetch`` returned."""
+        if self.keys is None:
+            return None, None
+        if self.offset >= self.keys[0].shape[2]:
+            return self.keys, self.values
+        return tuple(tuple(x[..., : self.offset, :] for x in parts) for parts in (self.keys, self.values))
+
     def dequantized(self) -> Tuple[mx.array, mx.array]:
         """Every cached position as float keys and values ``(batch, kv_heads, offset, head_dim)``."""
         keys, values = self.keys_and_values()
