@@ -99,7 +99,7 @@ class TracedStep(StepDecode):
         self.offset, self.lengths = positions[0], positions[1]
         self.slots = (positions[2], positions[3])
         self.block_table, self.k_pools, self.v_pools = block_table, k_pools, v_pools
-        self._decode: Dict[Tuple[float, float], Callable] = {}
+        self._decode: Dict[Tuple[float, float, Window], Callable] = {}  # (scale, softcap, window) -> bound call
 
     def write(self, pool: mx.array, new: mx.array) -> None:
         """Scatter ``new`` ``(batch, 1, kv_heads, head_dim)`` into ``pool`` at the step's slots."""
