@@ -62,7 +62,7 @@ OPTIONS: Dict[str, Tuple[str, ...]] = {"flash": ("path",), "sdpa": (), "referenc
                                        "sage": _keyword_options(sageattn), "flex": ("score_mod", "block_size")}
 
 
-def check_options(kernel: str, options: Dict[str, Any]) -> None:
+def check_kernel_options(kernel: str, options: Dict[str, Any]) -> None:
     """Raise ValueError for an unknown ``kernel``, or an option ``kernel`` does not take (:data:`OPTIONS`)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}")
@@ -86,7 +86,7 @@ class SwappedAttention:
     """
 
     def __init__(self, kernel: str, original: Optional[Callable] = None, **options: Any):
-        check_options(kernel, options)
+        check_kernel_options(kernel, options)
         self.kernel = kernel
         self.options = options
         self.original = original
@@ -223,7 +223,7 @@ def swap_attention(model: nn.Module, kernel: str = "flash", **options: Any) -> L
             to swap (mlx_primitives' own :class:`~mlx_primitives.models.Transformer` included: it
             already runs our attention).
     """
-    check_options(kernel, options)
+    check_kernel_options(kernel, options)
     restore_attention(model)
     replaced, others = [], []
     swapped_classes: Dict[type, type] = {}
