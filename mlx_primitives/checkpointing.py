@@ -80,10 +80,10 @@ def _outermost(modules: Sequence[nn.Module]) -> List[nn.Module]:
     return [m for m in unique if id(m) not in inner]
 
 
-def _host_key() -> Optional[Tuple[int, int]]:
-    """The global random key as two ints, or ``None`` where it is traced (``mx.compile`` of the random state)."""
+def _host_key(key: mx.array) -> Optional[Tuple[int, int]]:
+    """The random key ``key`` as two ints, or ``None`` where it is traced (``mx.compile`` of the random state)."""
     try:
-        return tuple(mx.random.state[0].tolist())
+        return tuple(key.tolist())
     except ValueError as error:
         if "transformation" in str(error):
             return None
@@ -110,16 +110,18 @@ def _recomputed(blocks: Sequence[Callable], modules: Sequence[nn.Module], preser
     def call(*args: Any, **kwargs: Any):
         live = [c for c in cells if isinstance(c.cell_contents, mx.array)
                 and mx.issubdtype(c.cell_contents.dtype, mx.inexact)]
-        key = _host_key() if preserve_rng_state else None
+        # The forward's key stays an array: it is read on the host only where a backward pass recomputes.
+        key = mx.random.state[0] if preserve_rng_state else None
         replays = itertools.count()
 
         def run(params, arrays, *args, **kwargs):
             # The first run is the forward; later ones recompute it from the forward's random key.
-            restore_key = _host_key() if next(replays) and key is not None else None
+            forward_key = _host_key(key) if next(replays) and key is not None else None
+            restore_key = _host_key(mx.random.state[0]) if forward_key is not None else None
             saved = [m.trainable_parameters() for m in modules], [c.cell_contents for c in live]
             try:
                 if restore_key is not None:
-                    _set_key(key)
+                    _set_key(forward_key)
                 for module, p in zip(modules, params):
                     module.update(p)
                 for cell, array in zip(live, arrays):
@@ -165,8 +167,9 @@ def checkpoint(fn: Callable, *args: Any, modules: Sequence[nn.Module] = (), pres
         *args, **kwargs: arrays (or trees of arrays) to call the checkpointed ``fn`` with at once.
         modules (nn.Module or sequence): more layers whose trainable parameters ``fn`` reads. Default: none.
         preserve_rng_state (bool): recompute with the forward's global random key, so random draws
-            (dropout) repeat; reads the key on the host once per call (not where ``mx.compile`` traces
-            the random state). Default: ``True``.
+            (dropout) repeat; each recomputation reads that key and the current one on the host (a call
+            that is never differentiated reads nothing; not where ``mx.compile`` traces the random
+            state). Default: ``True``.
 
     Returns:
         a callable with ``fn``'s signature and outputs, or its outputs on ``args``/``kwargs``.

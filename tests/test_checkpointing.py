@@ -7,7 +7,7 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_primitives import checkpoint, checkpoint_sequential
+from mlx_primitives import checkpoint, checkpoint_sequential, checkpointing
 
 
 def _blocks(count=8, width=256):
@@ -142,6 +142,19 @@ def test_checkpoint_recomputes_dropout_with_the_forwards_mask():
     ours = value_grad_and_next_draw(checkpoint(lambda v, w: dropout(v * w)))
     # d/dw of sum(mask * w / keep) at w = 1 is the value itself: the recomputed mask is the forward's.
     assert ours[0] == ours[1] and ours == plain
+
+
+def test_checkpoint_reads_the_random_key_only_to_recompute(monkeypatch):
+    """A call that is never differentiated (inference) syncs nothing; a recomputation reads the forward's
+    key and the current one."""
+    reads = []
+    monkeypatch.setattr(checkpointing, "_host_key", lambda key: reads.append(key) or tuple(key.tolist()))
+    block = checkpoint(nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5)))
+    x = mx.random.normal((2, 8))
+    mx.eval(block(x))
+    assert reads == []
+    mx.eval(mx.grad(lambda x: block(x).sum())(x))
+    assert len(reads) == 2
 
 
 def test_checkpoint_with_arguments_calls_at_once():
