@@ -27,6 +27,8 @@ from .launcher import BoundLaunch, Launch
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
 DTYPES = (mx.float16, mx.bfloat16)
+
+
 def shared_memory_bytes(head_dim: int, config: Dict[str, int], itemsize: int = 2) -> int:
     """Bytes of the kernel's one shared buffer (see the comment block of ``flash_fwd.kern``)."""
     rows = max(2 * config["BK"], 16 * config["WARPS"])

@@ -145,11 +145,11 @@ class Int8Linear(_AffineLinear):
 class W8A8Linear(nn.Module):
     """A Linear layer in W8A8: int8 weights and per-token int8 activations.
 
-    The weight ``(out, in)`` is int8 with one scale per output channel (``scales``, float32; a
-    ``set_dtype`` that casts them is undone at the call), and each call quantizes every token of ``x``
-    to int8 with its own scale, then runs :func:`~.w8a8.w8a8_linear` (the s8 matrix-unit kernel on the
-    GPU). MLX has no format for it, so it is not an ``nn.QuantizedLinear``; :meth:`to_float` gives the
-    ``nn.Linear`` it stands for.
+    The weight ``(out, in)`` is int8 with one scale per output channel (``scales``, float32; where a
+    ``set_dtype`` has rounded them to a half type, the call takes them back to float32 as rounded), and
+    each call quantizes every token of ``x`` to int8 with its own scale, then runs
+    :func:`~.w8a8.w8a8_linear` (the s8 matrix-unit kernel on the GPU). MLX has no format for it, so it
+    is not an ``nn.QuantizedLinear``; :meth:`to_float` gives the ``nn.Linear`` it stands for.
 
     Args:
         input_dims (int): input features.
