@@ -306,11 +306,13 @@ class PagedKVCache:
         if not isinstance(state, (tuple, list)) or len(state) != 3:
             raise ValueError("PagedKVCache.state must be (k_pools, v_pools, layout)")
         k_pools, v_pools, layout = state
-        pools = list(k_pools) + list(v_pools)
-        if not k_pools or len(k_pools) != len(v_pools) or \
-                any(p.shape != pools[0].shape or p.dtype != pools[0].dtype or p.ndim != 4 for p in pools):
+        listed = all(isinstance(p, (tuple, list)) for p in (k_pools, v_pools))
+        pools = [*k_pools, *v_pools] if listed else [k_pools, v_pools]
+        arrays = listed and k_pools and len(k_pools) == len(v_pools) and all(isinstance(p, mx.array) for p in pools)
+        if not arrays or any(p.shape != pools[0].shape or p.dtype != pools[0].dtype or p.ndim != 4 for p in pools):
+            got = [(tuple(p.shape), str(p.dtype)) if isinstance(p, mx.array) else type(p).__name__ for p in pools]
             raise ValueError(f"PagedKVCache.state: k_pools and v_pools must be as many 4-d pools (one per layer) of "
-                             f"one shape and dtype; got {[(tuple(p.shape), str(p.dtype)) for p in pools]}")
+                             f"one shape and dtype; got {got}")
         meta = _layout(layout, pools[0].shape[1])
         num_pages, page_size, heads, head_dim = pools[0].shape
         cache = cls(num_pages, page_size, heads, head_dim, num_layers=len(k_pools), dtype=pools[0].dtype)

@@ -174,6 +174,12 @@ def test_pools_of_another_shape_in_one_paged_cache_are_refused(tmp_path):
         load_cache(path)
 
 
+@pytest.mark.parametrize("pools", [(None, None), ([1], [1]), (mx.zeros((2, 4, 1, 8)), mx.zeros((2, 4, 1, 8)))])
+def test_paged_state_whose_pools_are_not_lists_of_arrays_is_refused(pools):
+    with pytest.raises(ValueError, match="k_pools and v_pools must be as many 4-d pools"):
+        PagedKVCache.from_state((*pools, "{}"))
+
+
 def test_format_1_files_still_load(tmp_path):
     """Files of the earlier format kept the scalars in ``meta_state`` and only arrays in the state."""
     plain, rotating, quantized, paged = filled_caches()
