@@ -33,6 +33,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from .validation import check_int
+
 
 def _walk(roots: Sequence[Any]) -> Tuple[List[nn.Module], List[Any]]:
     """The layers and the closure cells (holding arrays) reachable from ``roots`` (see the module docstring)."""
@@ -201,7 +203,7 @@ def checkpoint_sequential(blocks: Sequence[Callable], segments: int, *, modules:
         raise TypeError(f"blocks must be a non-empty list or tuple of callables; got {blocks!r}")
     for i, block in enumerate(blocks):
         _check_callable(f"blocks[{i}]", block)
-    if not isinstance(segments, int) or isinstance(segments, bool) or not 1 <= segments <= len(blocks):
+    if not 1 <= check_int("segments", segments) <= len(blocks):
         raise ValueError(f"segments must be an int in [1, {len(blocks)}] (the number of blocks); got {segments!r}")
     modules = _check_modules(modules)
     size, extra = divmod(len(blocks), segments)

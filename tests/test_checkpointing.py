@@ -172,6 +172,8 @@ def test_checkpoint_with_arguments_calls_at_once():
     (lambda: checkpoint_sequential([abs, 3], 1), r"blocks\[1\]"),
     (lambda: checkpoint_sequential([abs, abs], 3), "segments"),
     (lambda: checkpoint_sequential([abs, abs], 0), "segments"),
+    (lambda: checkpoint_sequential([abs, abs], True), "segments"),
+    (lambda: checkpoint_sequential([abs, abs], 1.0), "segments"),
     (lambda: checkpoint(abs, modules=[abs]), "modules"),
 ])
 def test_bad_arguments_name_the_argument(call, name):

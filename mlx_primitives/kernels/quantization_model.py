@@ -25,7 +25,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from ..validation import check_int
+from ..validation import check_choice, check_int
 from .quantized_linear import Int4Linear, Int8Linear, W8A8Linear, check_group_size
 
 FORMAT = "mlx_primitives.quantized"
@@ -78,9 +78,7 @@ def _settings(bits, group_size, mode) -> dict:
     """Checked ``{"bits", "group_size", "mode"}`` of :func:`quantize_model` (``mode`` defaulted by ``bits``)."""
     if check_int("bits", bits) not in (4, 8):
         raise ValueError(f"bits must be 4 or 8; got {bits!r}")
-    mode = mode or ("w8a8" if bits == 8 else "weight_only")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    mode = check_choice("mode", mode or ("w8a8" if bits == 8 else "weight_only"), MODES)
     if bits == 4 and mode == "w8a8":
         raise ValueError("mode='w8a8' needs bits=8; 4-bit weights are weight_only")
     check_group_size(group_size)

@@ -113,6 +113,10 @@ def test_invalid_arguments():
         quantize_model(model(), bits=4, group_size=48)
     with pytest.raises(TypeError, match="bits must be an int"):
         quantize_model(model(), bits="8")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        quantize_model(model(), bits=8, mode="int8")
+    with pytest.raises(TypeError, match="mode must be one of"):
+        quantize_model(model(), bits=8, mode=["w8a8"])
 
 
 ROUND_TRIPS = [(8, "w8a8", mx.float32), (8, "weight_only", mx.float16), (4, "weight_only", mx.bfloat16)]
