@@ -19,8 +19,10 @@ Captured state (what gets gradients):
   constant of the recomputation: its gradient is zero. Pass it as an argument instead.
 
 A layer found is passed whole: a closure over a whole model (``lambda y: self.layers[i](y)``) passes every
-parameter of the model to each checkpoint, and the backward pass adds a zero gradient for each of them;
-close over the block (``layer = self.layers[i]``) or checkpoint the block itself.
+parameter of the model to each checkpoint, and each checkpoint's backward pass makes a gradient of the
+whole model, zero outside its block (16 checkpointed blocks of a 32 MiB model: 3x the peak memory of
+no checkpointing, on the CPU); close over the block (``layer = self.layers[i]``) or checkpoint the block
+itself.
 """
 
 from __future__ import annotations
