@@ -19,8 +19,11 @@ The choice is observable: :func:`choose_route` returns it with its reason, and
 every call logs it at DEBUG level on the ``mlx_primitives.dispatch`` logger.
 
 The environment variable ``FLASH_ATTENTION_MLX_REF=1`` (the switch of flash-attention's MLX port)
-sends every ``path="auto"`` call to the reference path; an explicit ``path=`` still wins. It is read
-once, at import (set it before starting Python; within a program, pass ``path="reference"``).
+sends every ``path="auto"`` call that this dispatcher routes (``flash_attention``, ``flash_attn_func``
+and the attention layers; not ``decode_attention``, nor the decode-sized calls of
+``flash_attn_with_kvcache``, which go to the decode kernel directly) to the reference path; an explicit
+``path=`` still wins. It is read once, at import (set it before starting Python; within a program, pass
+``path="reference"``).
 """
 
 from __future__ import annotations
