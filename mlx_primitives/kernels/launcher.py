@@ -132,16 +132,8 @@ def _read(path: Path) -> str:
 def compiled(kernel: Kernel, backend: str, shared_memory: int = 0):
     """The ``mx.fast`` kernel object of ``kernel`` on ``backend`` (built once per process and size of
     dynamic shared memory, which MLX fixes per object); on CUDA its text comes as ``#include`` lines
-    where NVRTC reads them (:mod:`.source_files`; until that is known, e.g. while ``mx.compile``
-    traces the first call, as text)."""
+    where NVRTC reads them (:mod:`.source_files`; as text until that is known)."""
     return _compiled(kernel, backend, shared_memory, backend == "cuda" and source_files.nvrtc_reads_files())
-
-
-def warm_up() -> None:
-    """Settle, outside any transformation, what the launcher evaluates once per process: call before
-    tracing kernels into an ``mx.compile``'d function, whose graph keeps the kernel objects it saw."""
-    if device_profile().backend == "cuda":
-        source_files.nvrtc_reads_files()
 
 
 @functools.lru_cache(maxsize=None)

@@ -34,14 +34,19 @@ def shape_flags(source: str, inputs: Sequence[str]) -> Tuple[Tuple[bool, ...], .
 
 def write_source(text: str) -> Path:
     """``text`` in a file named by its SHA-256 under the cache directory (written once, atomically)."""
-    directory = Path(cache_dir()) / "cuda_sources"
+    directory = Path(cache_dir()).absolute() / "cuda_sources"
     path = directory / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.cuh"
     if not path.exists():
         directory.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)
+        try:
+            with os.fdopen(handle, "w") as file:
+                file.write(text)
+            os.chmod(temporary, 0o644)  # mkstemp's 0o600 would hide it from other users of a shared cache
+            os.replace(temporary, path)
+        except OSError:
+            os.unlink(temporary)
+            raise
     return path
 
 
@@ -76,8 +81,8 @@ _reads_files: Optional[bool] = None
 
 def nvrtc_reads_files() -> bool:
     """Whether a kernel whose body is an ``#include`` compiles and runs on this CUDA device (checked
-    once per process by a one-thread probe kernel; not decided while a transformation such as
-    ``mx.compile`` is tracing, where nothing can be evaluated)."""
+    once per process by a one-thread probe kernel on the GPU stream; left undecided where MLX refuses
+    to evaluate during a transformation)."""
     global _reads_files
     if _reads_files is None:
         stubs = include_stubs("  out[0] = inp[0] + 1.0f;\n", "", ("inp",))
@@ -88,7 +93,7 @@ def nvrtc_reads_files() -> bool:
                                     source=stubs[0], header=stubs[1])
         try:
             out = probe(inputs=[mx.array([1.0])], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(1,)],
-                        output_dtypes=[mx.float32])[0]
+                        output_dtypes=[mx.float32], stream=mx.gpu)[0]
             _reads_files = out.item() == 2.0
         except (RuntimeError, ValueError) as error:
             if "transformation" in str(error):

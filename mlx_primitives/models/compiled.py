@@ -27,7 +27,6 @@ from ..attention.spec import describe_attention
 from ..cache import PagedKVCache
 from ..hardware import device_profile
 from ..kernels.decode import unsupported
-from ..kernels.launcher import warm_up
 from .paged_step import FULL, PagedLayerCache, StepDecode, Window, bind_paged_decode
 from .swap import require_swapped
 
@@ -136,7 +135,6 @@ class CompiledDecode:
         self.width = cache.allocator.num_pages if max_pages is None else max_pages
         if not isinstance(self.width, int) or self.width < 1:
             raise ValueError(f"max_pages must be a positive int; got {max_pages!r}")
-        warm_up()  # the trace keeps the kernel objects it builds
         self._compiled = mx.compile(self._step)
 
     def __call__(self, seqs: Sequence[int], tokens: mx.array) -> mx.array:

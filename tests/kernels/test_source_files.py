@@ -39,6 +39,15 @@ def test_files_are_named_by_content_and_written_once():
     assert source_files.write_source("int y;\n") != first
 
 
+def test_files_have_absolute_paths_and_are_readable_by_all(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLX_PRIMITIVES_CACHE_DIR", "relative_cache")
+    path = source_files.write_source("int z;\n")
+    assert path.is_absolute() and path.parent.parent == tmp_path / "relative_cache"
+    assert path.stat().st_mode & 0o444 == 0o444
+    assert not list(path.parent.glob("*.tmp"))
+
+
 def test_no_stubs_where_the_cache_cannot_be_written(tmp_path, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
