@@ -143,12 +143,11 @@ def static_shared_memory(backend: Optional[str] = None) -> int:
     return _STATIC_SHARED_MEMORY.get(backend or device_profile().backend, _STATIC_SHARED_MEMORY["cuda"])
 
 
-def dynamic_shared_memory(backend: Optional[str] = None) -> int:
-    """Bytes of shared memory a kernel taking dynamic shared memory may use on ``backend`` (default: the
-    current device; a CUDA backend other than the current device's counts as an unlisted GPU)."""
-    profile = device_profile()
-    backend = backend or profile.backend
-    if backend == "metal":
+def dynamic_shared_memory(profile: Optional[DeviceProfile] = None) -> int:
+    """Bytes of shared memory a kernel taking dynamic shared memory may use on the device of ``profile``
+    (default: the current device)."""
+    profile = profile or device_profile()
+    if profile.backend == "metal":
         return _STATIC_SHARED_MEMORY["metal"]
     family = profile.family.rstrip("af") if profile.backend == "cuda" else ""
     return _CUDA_DYNAMIC_SHARED_MEMORY.get(family, 64) * 1024

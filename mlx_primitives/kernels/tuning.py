@@ -43,7 +43,7 @@ def _flash_backward_invalid(name: str, config: Config, profile, problem) -> Opti
     from .flash_backward import SHARED_MEMORY
 
     needed = SHARED_MEMORY[name](problem["D"], config)
-    limit = dynamic_shared_memory(profile.backend)
+    limit = dynamic_shared_memory(profile)
     return f"needs {needed} bytes of shared memory, the limit is {limit}" if needed > limit else None
 
 

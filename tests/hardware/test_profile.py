@@ -2,7 +2,7 @@
 
 import pytest
 
-from mlx_primitives.hardware import device_profile, profile_from_info
+from mlx_primitives.hardware import device_profile, dynamic_shared_memory, profile_from_info, static_shared_memory
 
 FIXTURES = [
     ("metal", {"device_name": "Apple M3 Max", "architecture": "applegpu_g15s", "memory_size": 128 * 2**30},
@@ -36,3 +36,15 @@ def test_local_profile_is_cached_and_consistent():
     assert first is device_profile()
     assert first.backend in ("metal", "cuda", "cpu")
     assert first.name
+
+
+@pytest.mark.parametrize("backend, info, dynamic", [
+    ("cuda", {"device_name": "NVIDIA H100 80GB HBM3", "architecture": "sm_90a"}, 227 * 1024),
+    ("cuda", {"device_name": "NVIDIA A100-SXM4-80GB", "architecture": "sm_80"}, 163 * 1024),
+    ("cuda", {"device_name": "NVIDIA T4", "architecture": "sm_75"}, 64 * 1024),
+    ("metal", {"device_name": "Apple M3 Max"}, 32 * 1024),
+])
+def test_shared_memory_limits_follow_the_profile(backend, info, dynamic):
+    profile = profile_from_info(backend, info)
+    assert dynamic_shared_memory(profile) == dynamic
+    assert static_shared_memory(backend) == {"cuda": 48 * 1024, "metal": 32 * 1024}[backend]
