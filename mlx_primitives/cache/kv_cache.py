@@ -6,6 +6,7 @@ from typing import Optional, Sequence, Tuple
 
 import mlx.core as mx
 
+from ..validation import check_int
 from .base import Cache, mlx_lm_cache
 
 
@@ -19,9 +20,9 @@ class KVCache(Cache):
     state_fields = ("keys", "values", "offset")
 
     def __init__(self, step: int = 256):
-        if not isinstance(step, int) or step < 1:
+        self.step = check_int("step", step)
+        if self.step < 1:
             raise ValueError(f"step must be an int >= 1; got {step!r}")
-        self.step = step
         self.keys = None
         self.values = None
         self.offset = 0

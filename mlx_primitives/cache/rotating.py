@@ -7,14 +7,18 @@ from typing import Optional, Sequence, Tuple
 
 import mlx.core as mx
 
+from ..validation import check_int
 from .base import Cache, Mask, causal_mask, mlx_lm_cache
 
 
-def _check_sizes(max_size: int, keep: int) -> None:
-    if not isinstance(max_size, int) or max_size < 1:
+def _check_sizes(max_size: int, keep: int) -> Tuple[int, int]:
+    """``(max_size, keep)`` as ints, checked: ``max_size >= 1``, ``0 <= keep < max_size``."""
+    max_size, keep = check_int("max_size", max_size), check_int("keep", keep)
+    if max_size < 1:
         raise ValueError(f"max_size must be an int >= 1; got {max_size!r}")
-    if not isinstance(keep, int) or not 0 <= keep < max_size:
+    if not 0 <= keep < max_size:
         raise ValueError(f"keep must be an int in [0, max_size={max_size}); got {keep!r}")
+    return max_size, keep
 
 
 class RotatingKVCache(Cache):
@@ -35,9 +39,7 @@ class RotatingKVCache(Cache):
     state_fields = ("keys", "values", "offset", "keep", "max_size", "_idx")
 
     def __init__(self, max_size: int, keep: int = 0):
-        _check_sizes(max_size, keep)
-        self.max_size = max_size
-        self.keep = keep
+        self.max_size, self.keep = _check_sizes(max_size, keep)
         self.keys = None
         self.values = None
         self.offset = 0
@@ -111,7 +113,7 @@ class RotatingKVCache(Cache):
     @state.setter
     def state(self, value) -> None:
         keys, values, offset, keep, max_size, idx = self._unpack_state(value)
-        _check_sizes(max_size, keep)
+        max_size, keep = _check_sizes(max_size, keep)
         length = self._check_arrays(keys, values)
         if not isinstance(offset, int) or offset < 0 or (length == 0 and offset):
             raise ValueError(f"RotatingKVCache.state: offset = {offset!r} must be an int >= 0 (0 without keys)")
