@@ -112,3 +112,12 @@ def test_to_quantized_raises_as_mlx_lm_does():
 def test_keep_must_leave_room_for_the_ring():
     with pytest.raises(ValueError, match="keep"):
         RotatingKVCache(max_size=4, keep=4)
+
+
+def test_sizes_are_ints():
+    assert RotatingKVCache(np.int64(8), keep=np.int32(2)).max_size == 8
+    for bad in (True, 8.0):
+        with pytest.raises(TypeError, match="max_size must be an int"):
+            RotatingKVCache(bad)
+    with pytest.raises(ValueError, match="keep must be an int in"):
+        RotatingKVCache(4, keep=4)
