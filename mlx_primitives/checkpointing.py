@@ -27,6 +27,7 @@ itself.
 
 from __future__ import annotations
 
+import dis
 import functools
 import itertools
 import types
@@ -62,7 +63,7 @@ def _walk(roots: Sequence[Any]) -> Tuple[List[nn.Module], List[Any]]:
                     cells.append(cell)
                 else:
                     pending.append(value)
-            pending += [obj.__globals__[name] for name in _names(obj.__code__) if name in obj.__globals__]
+            pending += [obj.__globals__[name] for name in _global_names(obj.__code__) if name in obj.__globals__]
             pending += [*(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values()]
         elif isinstance(obj, (list, tuple)):
             pending += obj
@@ -71,10 +72,13 @@ def _walk(roots: Sequence[Any]) -> Tuple[List[nn.Module], List[Any]]:
     return modules, cells
 
 
-def _names(code: types.CodeType) -> List[str]:
-    """The global and attribute names ``code`` and the code nested in it (lambdas, comprehensions) read."""
+@functools.lru_cache(maxsize=1024)
+def _global_names(code: types.CodeType) -> Tuple[str, ...]:
+    """The global names ``code`` and the code nested in it (lambdas, comprehensions) read (not attribute
+    names: ``self.attention`` does not reach a global called ``attention``)."""
     nested = [c for c in code.co_consts if isinstance(c, types.CodeType)]
-    return [*code.co_names, *(name for c in nested for name in _names(c))]
+    own = (i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME"))
+    return (*own, *(name for c in nested for name in _global_names(c)))
 
 
 def _outermost(modules: Sequence[nn.Module]) -> List[nn.Module]:

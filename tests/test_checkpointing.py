@@ -179,3 +179,21 @@ def test_checkpoint_with_arguments_calls_at_once():
 def test_bad_arguments_name_the_argument(call, name):
     with pytest.raises((TypeError, ValueError), match=rf"^{name}"):
         call()
+
+
+proj = nn.Linear(4, 4)  # a global named like the attribute below: not what the method reads
+
+
+class _UsesAttribute(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def run(self, x):
+        return self.proj(x)
+
+
+def test_attribute_names_do_not_reach_globals():
+    block = _UsesAttribute()
+    modules, _ = checkpointing._walk([block.run])
+    assert any(m is block for m in modules) and not any(m is proj for m in modules)
