@@ -1,5 +1,7 @@
 """CUDA sources as include files: the same kernels, a few hundred bytes per call."""
 
+import dataclasses
+
 import mlx.core as mx
 import pytest
 
@@ -123,3 +125,21 @@ def test_stubs_compile_to_the_same_cubin(name):
     text, stubbed = cuda_check.cubins([cuda_check.cuda_source(plan),
                                        cuda_check.cuda_source(plan, stub_source, stub_header)])
     assert text == stubbed
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["rms_norm", "flash_attention_fwd"])
+def test_cuda_kernels_run_the_same_from_include_files(name):
+    from mlx_primitives.hardware import device_profile
+
+    if device_profile().backend != "cuda":
+        pytest.skip("include files are a CUDA path")
+    assert source_files.nvrtc_reads_files()
+    plan = PLANS[name][0]
+    inputs = [mx.random.uniform(shape=a.shape).astype(a.dtype) if mx.issubdtype(a.dtype, mx.floating) else a
+              for a in plan.inputs]
+    plan = dataclasses.replace(plan, inputs=inputs)
+    text = plan.call(launcher._compiled(plan.kernel, "cuda", plan.shared_memory, False))
+    stubbed = plan.call(launcher._compiled(plan.kernel, "cuda", plan.shared_memory, True))
+    for a, b in zip(text, stubbed):
+        assert mx.array_equal(a, b, equal_nan=True).item()
