@@ -9,6 +9,7 @@
 from . import mods
 from .api import FlexRoute, flex_attention, flex_route
 from .block_mask import BlockMask, create_block_mask
+from .mods import and_masks, noop_mask, or_masks
 from .reference import flex_reference
 from .trace import Untraceable
 
@@ -16,9 +17,12 @@ __all__ = [
     "BlockMask",
     "FlexRoute",
     "Untraceable",
+    "and_masks",
     "create_block_mask",
     "flex_attention",
     "flex_reference",
     "flex_route",
     "mods",
+    "noop_mask",
+    "or_masks",
 ]

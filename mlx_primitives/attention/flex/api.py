@@ -16,6 +16,7 @@ import mlx.core as mx
 
 from ...hardware import device_profile
 from ...memo import CallMemo
+from ...validation import check_bool, check_real
 from ...kernels import flash_attention
 from ..spec import AttentionSpec, describe_attention
 from .block_mask import BlockMask
@@ -33,6 +34,8 @@ class FlexRoute(NamedTuple):
 
 
 def _describe(query, key, value, score_mod, block_mask, scale, enable_gqa) -> AttentionSpec:
+    enable_gqa = check_bool("enable_gqa", enable_gqa)
+    scale = None if scale is None else check_real("scale", scale)
     spec = describe_attention(query, key, value, layout="BHSD", scale=scale)
     if spec.num_heads != spec.num_kv_heads and not enable_gqa:
         raise ValueError(
@@ -60,6 +63,8 @@ def _describe(query, key, value, score_mod, block_mask, scale, enable_gqa) -> At
 
 def _kernel_plan(spec: AttentionSpec, score_mod, block_mask):
     """``(route, traced)``: the route and, for the kernel, ``(score code, mask code, captures, config)``."""
+    if spec.q_len == 0:
+        return FlexRoute("reference", "the call has no queries"), None
     if device_profile().backend not in ("metal", "cuda"):
         return FlexRoute("reference", f"MLX runs on the {device_profile().backend}"), None
     blocker = flash_attention.unsupported(spec)
@@ -186,6 +191,7 @@ def flex_attention(
         ``(out, lse)``, ``lse`` float32 ``(batch, num_heads, q_len)`` (natural log). A row that sees
         no key gives zeros and ``lse = -inf``.
     """
+    return_lse = check_bool("return_lse", return_lse)
     prepared = _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa)
     if prepared.route.path == "kernel":
         out, lse = _on_kernel(query, key, value, prepared, score_mod, block_mask)

@@ -79,6 +79,26 @@ class BlockMask:
         )
 
 
+def mod_output(name: str, value, shape: Tuple[int, ...]) -> mx.array:
+    """What a mod returned, as an ``mx.array`` broadcast to its index grids' ``shape``.
+
+    A mod may return a Python or NumPy scalar (``noop_mask``'s ``True``) or an ``mx.array`` that
+    broadcasts with the grids it received; anything else is a TypeError, a shape that does not
+    broadcast a ValueError, both naming ``name``.
+    """
+    if isinstance(value, (bool, int, float, np.generic)):
+        value = mx.array(value)
+    if not isinstance(value, mx.array):
+        raise TypeError(f"{name} must return an mx.array or a Python scalar; got {type(value).__name__}")
+    try:
+        return mx.broadcast_to(value, shape)
+    except ValueError:
+        raise ValueError(
+            f"{name} returned shape {tuple(value.shape)}, which does not broadcast to the shape {tuple(shape)} "
+            "of its index grids (b, h, q_idx, kv_idx)"
+        ) from None
+
+
 def _positive_int(name: str, value) -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive int; got {value!r}")
@@ -110,7 +130,7 @@ def _block_states(mask_mod: Callable, b: int, h: int, q_len: int, kv_len: int, q
         rows = mx.arange(first * qb, (first + n) * qb, dtype=mx.int32)
         row_valid = None if (first + n) * qb <= q_len else (rows < q_len).reshape(1, 1, n, qb, 1, 1)
         rows = mx.minimum(rows, q_len - 1).reshape(1, 1, n, qb, 1, 1)
-        visible = mx.array(mask_mod(batch, heads, rows, keys))
+        visible = mod_output("mask_mod", mask_mod(batch, heads, rows, keys), (b, h, n, qb, nk, kb))
         if visible.dtype != mx.bool_:
             visible = visible != 0
         valid = row_valid if key_valid is None else (key_valid if row_valid is None else row_valid & key_valid)

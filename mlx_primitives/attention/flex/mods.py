@@ -20,6 +20,11 @@ ScoreMod = Callable[..., object]
 MaskMod = Callable[..., object]
 
 
+def noop_mask(b, h, q_idx, kv_idx) -> bool:
+    """Every key visible (PyTorch's ``noop_mask``): a mask mod to pass where one is required."""
+    return True
+
+
 def causal(offset: int = 0) -> MaskMod:
     """Query ``i`` sees keys ``j <= i + offset`` (``offset = KV_LEN - Q_LEN`` aligns bottom-right)."""
 

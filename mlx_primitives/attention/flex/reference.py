@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..reference import OnlineSoftmax, _after
-from .block_mask import FULL, HIDDEN, BlockMask
+from .block_mask import FULL, HIDDEN, BlockMask, mod_output
 
 CHUNK = 256
 
@@ -69,6 +69,8 @@ def flex_reference(
     """
     batch, heads, q_len, _ = q.shape
     kv_heads, k_len, v_dim = k.shape[1], k.shape[2], v.shape[3]
+    if q_len == 0:
+        return mx.zeros((batch, heads, 0, v_dim), q.dtype), mx.zeros((batch, heads, 0), mx.float32)
     groups = heads // kv_heads
     q32 = (q.astype(mx.float32) * scale).reshape(batch, kv_heads, groups, q_len, -1)
     k32, v32 = k.astype(mx.float32)[:, :, None], v.astype(mx.float32)[:, :, None]
@@ -97,10 +99,9 @@ def flex_reference(
             s = q_blk @ k_blk.swapaxes(-1, -2)
             kv_grid = mx.arange(j0, j1, dtype=mx.int32).reshape(1, 1, 1, 1, -1)
             if score_mod is not None:
-                s = mx.broadcast_to(mx.array(score_mod(s, b_grid, h_grid, q_grid, kv_grid)), s.shape)
-                s = s.astype(mx.float32)
+                s = mod_output("score_mod", score_mod(s, b_grid, h_grid, q_grid, kv_grid), s.shape).astype(mx.float32)
             if needs_mask and mask_mod is not None:
-                visible = mx.array(mask_mod(b_grid, h_grid, q_grid, kv_grid))
+                visible = mod_output("mask_mod", mask_mod(b_grid, h_grid, q_grid, kv_grid), s.shape)
                 s = mx.where(visible if visible.dtype == mx.bool_ else visible != 0, s, -mx.inf)
             state.fold(s, v32[..., j0:j1, :])
         out, lse = state.result()

@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_primitives.attention.flex import BlockMask, create_block_mask, mods
+from mlx_primitives.attention.flex import BlockMask, create_block_mask, mods, noop_mask
 from mlx_primitives.attention.flex import block_mask as block_mask_module
 
 
@@ -83,3 +83,24 @@ def test_bad_arguments_name_themselves(kwargs, match):
         create_block_mask(**args)
     with pytest.raises(TypeError, match="mask_mod must be a function"):
         create_block_mask(3, None, None, 64, 64)
+
+
+@pytest.mark.parametrize("mask_mod, state", [
+    (noop_mask, 2), (mods.and_masks(), 2), (mods.or_masks(), 0), (lambda b, h, q_idx, kv_idx: mx.array(False), 0),
+])
+def test_constant_mask_mods_give_uniform_blocks(mask_mod, state):
+    """A mask mod returning a scalar (PyTorch's noop_mask) broadcasts over the grid, lengths a multiple
+    of the block size or not."""
+    for q_len, k_len in ((64, 96), (50, 70)):
+        block_mask = create_block_mask(mask_mod, None, 2, q_len, k_len, BLOCK_SIZE=32)
+        np.testing.assert_array_equal(np.array(block_mask.to_dense()), np.full((1, 2, 2, 3), state))
+
+
+@pytest.mark.parametrize("returned, error, match", [
+    (None, TypeError, "mask_mod must return an mx.array or a Python scalar; got NoneType"),
+    (np.ones(3, bool), TypeError, "got ndarray"),
+    (mx.ones((3,), mx.bool_), ValueError, r"mask_mod returned shape \(3,\), which does not broadcast"),
+])
+def test_mask_mod_results_that_are_no_mask_name_the_mod(returned, error, match):
+    with pytest.raises(error, match=match):
+        create_block_mask(lambda b, h, q_idx, kv_idx: returned, None, None, 64, 64, BLOCK_SIZE=32)

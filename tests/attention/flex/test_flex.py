@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_primitives.attention.flex import create_block_mask, flex_attention, flex_route, mods
+from mlx_primitives.attention.flex import create_block_mask, flex_attention, flex_route, mods, noop_mask
 from tests.attention.flex.oracle import KERNEL_FALLBACK_IS_AN_ERROR, default_scale, flex64, grids, naive_flex
 from tests.reference import assert_within_rule, random_qkv
 
@@ -23,6 +23,29 @@ def test_validation_names_the_argument():
         flex_attention(q, k, v, score_mod=2.0, enable_gqa=True)
     with pytest.raises(ValueError, match="q must have shape"):
         flex_attention(q[0], k, v)
+    with pytest.raises(TypeError, match="scale must be a real number"):
+        flex_attention(q, k, v, scale="0.5", enable_gqa=True)
+    with pytest.raises(TypeError, match="enable_gqa must be a bool"):
+        flex_attention(q, k, v, enable_gqa="yes")
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        flex_attention(q, k, v, enable_gqa=True, return_lse="no")
+    with pytest.raises(TypeError, match="score_mod must return an mx.array or a Python scalar; got NoneType"):
+        flex_attention(q, k, v, score_mod=lambda score, b, h, q_idx, kv_idx: None, enable_gqa=True)
+    with pytest.raises(ValueError, match=r"score_mod returned shape \(3,\), which does not broadcast"):
+        flex_attention(q, k, v, score_mod=lambda score, b, h, q_idx, kv_idx: mx.zeros(3), enable_gqa=True)
+
+
+def test_constant_mods_and_empty_queries():
+    """Mods returning scalars broadcast (PyTorch's noop_mask); a call without queries returns empty arrays."""
+    q, k, v = random_qkv(2, 32, 48, 2, 1, 16, layout="BHSD")
+    block_mask = create_block_mask(noop_mask, None, None, 32, 48, BLOCK_SIZE=16)
+    out = flex_attention(q, k, v, score_mod=lambda score, b, h, q_idx, kv_idx: 0.0, block_mask=block_mask,
+                         enable_gqa=True)
+    uniform = lambda s, b, h, qi, ki: np.zeros_like(s)  # noqa: E731
+    ref = flex64(q, k, v, default_scale(16), uniform)["out"]
+    assert_within_rule(out, ref, naive_flex(q, k, v, default_scale(16), uniform), mx.float32)
+    out, lse = flex_attention(q[:, :, :0], k, v, enable_gqa=True, return_lse=True)
+    assert out.shape == (2, 2, 0, 16) and lse.shape == (2, 2, 0) and lse.dtype == mx.float32
 
 
 def test_rows_that_see_no_key_give_zeros_and_minus_inf_lse():
