@@ -16,7 +16,7 @@ import mlx.core as mx
 from . import catalog
 from .launcher import Kernel, Launch, div_vec, float_bits, launch, next_pow2, with_reference_vjp
 from .tuning import config_for
-from ..validation import check_array, check_same_dtype
+from ..validation import check_array, check_real, check_same_dtype
 
 PATHS = ("auto", "kernel", "fast", "reference")
 
@@ -70,8 +70,9 @@ def plan(inputs, eps: float, layer_norm: bool, config: Optional[dict] = None) ->
     )
 
 
-def reference(x, residual, weight, bias, eps: float, layer_norm: bool):
-    """The norm in MLX ops, float32 statistics; returns ``out`` or ``(out, x + residual)``."""
+def reference(x, residual, weight, bias, eps: float, layer_norm: bool, out_dtype: Optional[mx.Dtype] = None):
+    """The norm in MLX ops, float32 statistics; returns ``out`` (dtype ``out_dtype``, default that of ``x``)
+    or ``(out, x + residual)``."""
     h = x if residual is None else x + residual
     h32 = h.astype(mx.float32)
     if layer_norm:
@@ -82,7 +83,7 @@ def reference(x, residual, weight, bias, eps: float, layer_norm: bool):
     y = y * weight.astype(mx.float32)
     if bias is not None:
         y = y + bias.astype(mx.float32)
-    out = y.astype(x.dtype)
+    out = y.astype(out_dtype or x.dtype)
     return out if residual is None else (out, h)
 
 
@@ -120,13 +121,21 @@ def _as_list(result):
     return list(result) if isinstance(result, tuple) else [result]
 
 
+def _cast_out(result, dtype: mx.Dtype):
+    """``result`` (``out`` or ``(out, h)``) with ``out`` in ``dtype``; ``h`` keeps the dtype of ``x``."""
+    if isinstance(result, tuple):
+        return result[0].astype(dtype), result[1]
+    return result.astype(dtype)
+
+
 def _run(x, residual, weight, bias, eps, layer_norm, path, config):
     name = "layer_norm" if layer_norm else "rms_norm"
     check_array("x", x, "(..., dims)", min_ndim=1)
     dims = x.shape[-1]
     if dims == 0:
         raise ValueError(f"x must have a non-empty last axis (dims); got {tuple(x.shape)}")
-    weight = mx.ones((dims,), x.dtype) if weight is None else weight
+    if weight is None:
+        weight = mx.ones((dims,), x.dtype if bias is None else bias.dtype)
     check_array("weight", weight, f"(dims,) = ({dims},)", shape=(dims,))
     if bias is not None:
         check_array("bias", bias, f"(dims,) = ({dims},)", shape=(dims,))
@@ -134,24 +143,27 @@ def _run(x, residual, weight, bias, eps, layer_norm, path, config):
     if residual is not None:
         check_array("residual", residual, f"x's shape {tuple(x.shape)}", shape=x.shape)
         check_same_dtype(("x", "residual"), (x, residual))
-    if not isinstance(eps, (int, float)) or not eps > 0:
+    if not check_real("eps", eps) > 0:
         raise ValueError(f"eps must be a positive float; got {eps!r}")
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}; got {path!r}")
+    out_dtype = mx.result_type(*(a for a in (x, weight, bias) if a is not None))
     if layer_norm and bias is None:
         bias = mx.zeros((dims,), weight.dtype)
 
-    if path == "auto":
-        path = "fast" if dims > MAX_DIMS else auto_path(name, residual is not None, x.size)
+    if path == "auto":  # the kernel writes x's dtype: a wider weight goes to mx.fast, which writes out_dtype
+        mixed = out_dtype != x.dtype
+        path = "fast" if dims > MAX_DIMS or mixed else auto_path(name, residual is not None, x.size)
     if path == "reference":
-        return reference(x, residual, weight, bias, float(eps), layer_norm)
+        return reference(x, residual, weight, bias, float(eps), layer_norm, out_dtype)
     if path == "fast":
-        return _fast(x, residual, weight, bias, float(eps), layer_norm)
+        return _cast_out(_fast(x, residual, weight, bias, float(eps), layer_norm), out_dtype)
     if dims > MAX_DIMS:
         raise ValueError(f"{name} kernel supports dims <= {MAX_DIMS}; got x of shape {tuple(x.shape)}")
     arrays = [a for a in (x, residual, weight, bias) if a is not None]
     key = tuple(sorted(config.items())) if config else None
-    return _function(float(eps), layer_norm, residual is not None, key)(*arrays)
+    result = _function(float(eps), layer_norm, residual is not None, key)(*arrays)
+    return result if out_dtype == x.dtype else _cast_out(result, out_dtype)
 
 
 def rms_norm(
@@ -176,7 +188,9 @@ def rms_norm(
         config (dict, optional): template values of the kernel, e.g. ``{"TPR": 256}``.
 
     Returns:
-        ``out`` of the shape and dtype of ``x``, or ``(out, h)`` with a residual. Statistics in float32.
+        ``out`` of the shape of ``x``, or ``(out, h)`` with a residual. Statistics in float32. ``out`` has
+        the dtype MLX gives ``x`` with ``weight`` (``mx.result_type``, as ``mx.fast.rms_norm`` and
+        ``nn.RMSNorm``: float16 ``x`` with a float32 weight gives float32); ``h`` has the dtype of ``x``.
     """
     return _run(x, residual, weight, None, eps, False, path, config)
 
@@ -204,7 +218,8 @@ def layer_norm(
         config (dict, optional): template values of the kernel, e.g. ``{"TPR": 256}``.
 
     Returns:
-        ``out`` of the shape and dtype of ``x``, or ``(out, h)`` with a residual.
+        ``out`` of the shape of ``x`` and the dtype ``mx.result_type(x, weight, bias)`` of the arrays
+        given (as ``nn.LayerNorm``), or ``(out, h)`` with a residual, ``h`` in the dtype of ``x``.
     """
     return _run(x, residual, weight, bias, eps, True, path, config)
 

@@ -5,6 +5,7 @@ import mlx.nn as nn
 import pytest
 
 from mlx_primitives import GeGLU, LayerNorm, RMSNorm, SwiGLU
+from mlx_primitives.kernels import norms
 
 from .helpers import random
 
@@ -24,6 +25,17 @@ def test_rmsnorm_matches_mlx_layer_and_fuses_residual():
 def test_layernorm_matches_mlx_layer(affine):
     x = random((3, 48), mx.float32)
     assert mx.allclose(LayerNorm(48, affine=affine)(x), nn.LayerNorm(48, affine=affine)(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("ours, theirs", [(RMSNorm, nn.RMSNorm), (LayerNorm, nn.LayerNorm)])
+def test_norm_layers_keep_mlx_output_dtype_whichever_path_runs(ours, theirs, monkeypatch):
+    """A fresh layer has float32 weights: on float16 input MLX's layers return float32, at any size."""
+    x = random((2, 3, 32), mx.float16)
+    for min_elements in (1 << 40, 0):  # mx.fast route, then the kernel route of path="auto"
+        monkeypatch.setattr(norms, "AUTO_MIN_ELEMENTS", min_elements)
+        got, want = ours(32)(x), theirs(32)(x)
+        assert got.dtype == want.dtype == mx.float32
+        assert mx.allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("layer, act", [(SwiGLU, nn.silu), (GeGLU, nn.gelu)])

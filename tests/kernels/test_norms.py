@@ -4,9 +4,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_primitives.kernels import layer_norm, rms_norm
+from mlx_primitives.kernels import layer_norm, norms, rms_norm
 
-from .helpers import DTYPES, assert_accurate, f64, layer_norm64, random, rms_norm64
+from .helpers import DTYPES, FLOOR, assert_accurate, f64, layer_norm64, max_error, random, rms_norm64
 
 
 def _naive(x, residual, weight, bias, eps):
@@ -50,6 +50,31 @@ def test_auto_path_matches_float64(layer):
     _check((4, 64), mx.float32, layer, False, "auto")
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("layer", [False, True])
+@pytest.mark.parametrize("path", ["auto", "kernel", "fast", "reference"])
+def test_float32_weight_on_half_input_gives_mlx_result_dtype_on_every_path(layer, path, monkeypatch):
+    monkeypatch.setattr(norms, "AUTO_MIN_ELEMENTS", 0)  # path="auto" would pick the kernel at any size
+    x, r = random((3, 64), mx.float16, 2.0), random((3, 64), mx.float16)
+    w, b = random((64,), mx.float32) + 1, random((64,), mx.float32)
+    if layer:
+        out, h = layer_norm(x, w, b, residual=r, path=path)
+        exact = layer_norm64(f64(x + r), f64(w), f64(b), 1e-5)
+    else:
+        out, h = rms_norm(x, w, residual=r, path=path)
+        exact = rms_norm64(f64(x + r), f64(w), 1e-5)
+    assert out.dtype == mx.float32 and h.dtype == mx.float16 and mx.array_equal(h, x + r)
+    # path="kernel" writes float16 and casts; every other path computes the float32 result directly
+    assert max_error(out, exact) <= (FLOOR[mx.float16] * 8 if path == "kernel" else FLOOR[mx.float32])
+
+
+def test_layer_norm_without_weight_takes_the_bias_dtype():
+    x, b = random((2, 8), mx.float16), random((8,), mx.float32)
+    out = layer_norm(x, None, b, path="reference")
+    assert out.dtype == mx.float32
+    assert max_error(out, layer_norm64(f64(x), np.ones(8), f64(b), 1e-5)) <= FLOOR[mx.float32]
+
+
 def test_validation_names_argument_and_shape():
     x = random((2, 8), mx.float16)
     with pytest.raises(ValueError, match=r"weight must have shape \(dims,\) = \(8,\)"):
@@ -64,8 +89,15 @@ def test_validation_names_argument_and_shape():
         rms_norm(np.zeros((2, 8)), None)
     with pytest.raises(ValueError, match=r"eps must be a positive float"):
         rms_norm(x, None, eps=0.0)
+    with pytest.raises(TypeError, match=r"eps must be a real number"):
+        rms_norm(x, None, eps=True)
     with pytest.raises(ValueError, match=r"bias must have shape \(dims,\)"):
         layer_norm(x, None, mx.zeros((3,), mx.float16))
+
+
+def test_eps_accepts_numpy_scalars():
+    x, w = random((2, 8), mx.float32), random((8,), mx.float32)
+    assert mx.array_equal(rms_norm(x, w, np.float32(1e-3), path="reference"), rms_norm(x, w, 1e-3, path="reference"))
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
