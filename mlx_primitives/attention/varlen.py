@@ -6,33 +6,47 @@ from typing import List, Optional, Tuple
 
 import mlx.core as mx
 
+from ..validation import check_array, check_int
 from .dispatch import run_attention
 from .dropout import draw_seed
 from .flash import Output
 from .spec import describe_attention
 
+CU_SEQLENS_DTYPES = (mx.int32, mx.int64)
+
 
 def _check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: str) -> List[int]:
-    if not isinstance(cu_seqlens, mx.array) or cu_seqlens.ndim != 1 or cu_seqlens.size < 2:
-        got = cu_seqlens.shape if isinstance(cu_seqlens, mx.array) else type(cu_seqlens).__name__
-        raise ValueError(f"{name} must be an int32 mx.array of shape (batch + 1,); got {got}")
-    if cu_seqlens.dtype != mx.int32:
-        raise TypeError(f"{name} must be int32; got {cu_seqlens.dtype}")
+    """The offsets of ``cu_seqlens`` as Python ints, checked against ``total`` tokens and ``max_seqlen``."""
+    check_array(name, cu_seqlens, "(batch + 1,)", ndim=1, dtypes=CU_SEQLENS_DTYPES)
+    if cu_seqlens.size < 2:
+        raise ValueError(f"{name} must have shape (batch + 1,) with batch >= 1; got {tuple(cu_seqlens.shape)}")
+    max_seqlen = check_int(max_name, max_seqlen)
     bounds = cu_seqlens.tolist()
-    if bounds[0] != 0 or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
-        raise ValueError(f"{name} must start at 0 and be non-decreasing; got {bounds}")
+    if bounds[0] != 0:
+        raise ValueError(f"{name}[0] must be 0; got {bounds[0]}")
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if b < a:
+            raise ValueError(f"{name} must be non-decreasing; got {name}[{i}] = {a} > {name}[{i + 1}] = {b}")
     if bounds[-1] != total:
         raise ValueError(f"{name}[-1] must equal the number of packed tokens ({total}); got {bounds[-1]}")
     longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-    if not isinstance(max_seqlen, int) or max_seqlen < longest:
-        raise ValueError(f"{max_name} must be an int >= the longest sequence ({longest}); got {max_seqlen!r}")
+    if max_seqlen < longest:
+        raise ValueError(f"{max_name} must be >= the longest sequence ({longest}); got {max_seqlen}")
     return bounds
 
 
-def _check_packed(name: str, x, expected: str) -> None:
-    if not isinstance(x, mx.array) or x.ndim != 3:
-        got = x.shape if isinstance(x, mx.array) else type(x).__name__
-        raise ValueError(f"{name} must have shape {expected}; got {got}")
+def _check_packed(q, k, v) -> None:
+    """``q``, ``k``, ``v`` packed ``(total, heads, dim)`` with ``k``/``v`` agreeing on tokens and heads and
+    ``q``/``k`` on the head dimension."""
+    check_array("q", q, "(total_q, nheads, headdim)", ndim=3)
+    check_array("k", k, "(total_k, nheads_k, headdim)", ndim=3)
+    check_array("v", v, "(total_k, nheads_k, headdim_v)", ndim=3)
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"k must have shape (total_k, nheads_k, headdim={q.shape[2]}) as q; got {tuple(k.shape)}")
+    if v.shape[:2] != k.shape[:2]:
+        raise ValueError(
+            f"v must have shape (total_k={k.shape[0]}, nheads_k={k.shape[1]}, headdim_v) as k; got {tuple(v.shape)}"
+        )
 
 
 def flash_attn_varlen_func(
@@ -62,9 +76,10 @@ def flash_attn_varlen_func(
         q: ``(total_q, nheads, headdim)``: the queries of all sequences, one after another.
         k: ``(total_k, nheads_k, headdim)``.
         v: ``(total_k, nheads_k, headdim_v)``.
-        cu_seqlens_q: int32 ``(batch + 1,)`` offsets of each sequence in ``q`` (0 first, ``total_q`` last).
-        cu_seqlens_k: int32 ``(batch + 1,)`` offsets in ``k`` and ``v``.
-        max_seqlen_q, max_seqlen_k: upper bounds on the sequence lengths.
+        cu_seqlens_q: int32 (or int64) ``(batch + 1,)`` offsets of each sequence in ``q`` (0 first,
+            non-decreasing, ``total_q`` last).
+        cu_seqlens_k: int32 (or int64) ``(batch + 1,)`` offsets in ``k`` and ``v``.
+        max_seqlen_q, max_seqlen_k: upper bounds on the sequence lengths (Python or NumPy ints).
         The other arguments are those of :func:`flash_attn_func`; causal and window
         alignment is bottom-right within each sequence, and ``alibi_slopes`` may be ``(batch, nheads)``.
 
@@ -74,9 +89,7 @@ def flash_attn_varlen_func(
         (the dense matrix of packed sequences is not formed).
     """
     del deterministic
-    _check_packed("q", q, "(total_q, nheads, headdim)")
-    _check_packed("k", k, "(total_k, nheads_k, headdim)")
-    _check_packed("v", v, "(total_k, nheads_k, headdim_v)")
+    _check_packed(q, k, v)
     q_bounds = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
     k_bounds = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
     if len(q_bounds) != len(k_bounds):

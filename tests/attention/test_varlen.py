@@ -165,3 +165,15 @@ def test_varlen_gradients_match_per_sequence_float64(path):
         ref = attention64(qb, kb, vb, f, grad_out=wb)
         for ours, name in ((dq[qs], "dq"), (dk[ks], "dk"), (dv[ks], "dv")):
             np.testing.assert_allclose(f64(ours[None]).swapaxes(1, 2), ref[name], atol=2e-5)
+
+
+def test_int64_offsets_and_numpy_lengths_are_accepted():
+    """Offsets built with NumPy (int64) and NumPy ints for the maxima give the int32 call's output."""
+    q, cu_q = pack([3, 5], 2, 16, mx.float32)
+    k, cu_k = pack([4, 2], 2, 16, mx.float32)
+    v, _ = pack([4, 2], 2, 16, mx.float32)
+    expected = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 5, 4, causal=True)
+    out = flash_attn_varlen_func(q, k, v, cu_q.astype(mx.int64), mx.array(np.cumsum([0, 4, 2])), np.int64(5),
+                                 np.int32(4), causal=True)
+    assert mx.array_equal(out, expected)
+    per_sequence_check(out, None, q, k, v, [3, 5], [4, 2], lambda b: Features(causal=True))
