@@ -48,6 +48,11 @@ class BlockMask:
     mask_mod: Optional[Callable] = None
 
     @property
+    def BLOCK_SIZE(self) -> Tuple[int, int]:  # noqa: N802 (PyTorch's name)
+        """``(Q_BLOCK, KV_BLOCK)``, as PyTorch's ``BlockMask.BLOCK_SIZE``."""
+        return self.block_size
+
+    @property
     def shape(self) -> Tuple[int, int, int, int]:
         """``(Bm, Hm, Q_LEN, KV_LEN)``."""
         return tuple(self.kv_num_blocks.shape[:2]) + tuple(self.seq_lengths)
@@ -107,6 +112,11 @@ def _positive_int(name: str, value) -> int:
 
 def block_sizes(BLOCK_SIZE: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
     """``(Q_BLOCK, KV_BLOCK)`` from an int or a pair."""
+    if isinstance(BLOCK_SIZE, str):
+        raise TypeError(
+            f"BLOCK_SIZE must be an int or a pair (Q_BLOCK, KV_BLOCK); got {BLOCK_SIZE!r} (the sixth argument is "
+            "BLOCK_SIZE here: pass PyTorch's device by keyword, device=...)"
+        )
     if isinstance(BLOCK_SIZE, (tuple, list)):
         if len(BLOCK_SIZE) != 2:
             raise ValueError(f"BLOCK_SIZE must be an int or a pair (Q_BLOCK, KV_BLOCK); got {BLOCK_SIZE!r}")
@@ -172,6 +182,8 @@ def create_block_mask(
     Q_LEN: int,
     KV_LEN: int,
     BLOCK_SIZE: Union[int, Tuple[int, int]] = 128,
+    *,
+    device=None,
 ) -> BlockMask:
     """The :class:`BlockMask` of ``mask_mod`` for queries ``0..Q_LEN-1`` and keys ``0..KV_LEN-1``.
 
@@ -184,10 +196,13 @@ def create_block_mask(
         KV_LEN: key length.
         BLOCK_SIZE: tile size, an int or ``(Q_BLOCK, KV_BLOCK)``. The kernel needs ``Q_BLOCK`` a
             multiple of 64 and ``KV_BLOCK`` of 32 (the default 128 fits); others run on the reference.
+        device: accepted for PyTorch compatibility (``device="cuda"``) and ignored: MLX arrays live in
+            unified memory and run on the default device.
 
     Returns:
         A :class:`BlockMask` with batch and head axes of size ``B``/``H`` (1 where None).
     """
+    del device
     if mask_mod is not None and not callable(mask_mod):
         raise TypeError(
             f"mask_mod must be a function mask_mod(b, h, q_idx, kv_idx) or None; got {type(mask_mod).__name__}"

@@ -104,3 +104,14 @@ def test_constant_mask_mods_give_uniform_blocks(mask_mod, state):
 def test_mask_mod_results_that_are_no_mask_name_the_mod(returned, error, match):
     with pytest.raises(error, match=match):
         create_block_mask(lambda b, h, q_idx, kv_idx: returned, None, None, 64, 64, BLOCK_SIZE=32)
+
+
+def test_pytorch_spellings_device_and_BLOCK_SIZE():
+    """PyTorch code passes device= (ignored here: unified memory) and reads BlockMask.BLOCK_SIZE."""
+    block_mask = create_block_mask(mods.causal(), B=None, H=None, Q_LEN=96, KV_LEN=64, BLOCK_SIZE=(32, 16),
+                                   device="cuda")
+    q, k = np.arange(96)[:, None], np.arange(64)[None, :]
+    _check_lists(block_mask, _states64((q >= k)[None, None], 32, 16))
+    assert block_mask.BLOCK_SIZE == (32, 16)
+    with pytest.raises(TypeError, match="pass PyTorch's device by keyword"):
+        create_block_mask(mods.causal(), None, None, 64, 64, "cuda")
