@@ -169,7 +169,8 @@ def show_tuning() -> None:
     entries = tuning_cache().entries()
     rows = []
     for key, entry in sorted(entries.items()):
-        device, backend, version, kernel, dtype, bucket = key.split("|", 5)
+        parts = key.split("|", 5)  # device|backend|mlx version|kernel|dtype|bucket, as cache_key writes it
+        device, _, version, kernel, dtype, bucket = parts if len(parts) == 6 else [key, "", "?", "?", "?", "?"]
         config = " ".join(f"{k}={v}" for k, v in entry["config"].items())
         speedup = entry.get("default_ms", float("nan")) / entry["ms"] if entry.get("ms") else float("nan")
         rows.append((device, version, kernel, dtype, bucket, config, speedup))
@@ -194,6 +195,13 @@ def main(argv: Sequence[str] = None) -> int:
     bench = sub.add_parser("bench", help="run the benchmark suites (from a source checkout)")
     bench.add_argument("args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.command == "tune":
+        from .kernels.tuning import check_kernel_names
+
+        try:
+            check_kernel_names(args.kernels)
+        except ValueError as error:
+            parser.error(str(error))
     if args.command == "info":
         print("\n".join(info_lines()))
     elif args.command == "demo":
@@ -202,8 +210,12 @@ def main(argv: Sequence[str] = None) -> int:
         if args.clear:
             from .hardware.tuning import tuning_cache
 
-            tuning_cache().clear()
-            print(f"removed {tuning_cache().path}")
+            path = tuning_cache().path
+            try:
+                print(f"removed {path}" if tuning_cache().clear() else f"no tuning cache at {path}")
+            except OSError as error:
+                print(f"could not remove the tuning cache: {error}", file=sys.stderr)
+                return 1
         elif args.show:
             show_tuning()
         else:

@@ -85,7 +85,7 @@ def cache_dir() -> str:
 
 
 def autotune_enabled() -> bool:
-    return os.environ.get("MLX_PRIMITIVES_AUTOTUNE", "1") not in ("0", "false", "no", "off")
+    return os.environ.get("MLX_PRIMITIVES_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 class TuningCache:
@@ -143,8 +143,22 @@ class TuningCache:
             yield
 
     def store(self, updates: Mapping[str, dict]) -> None:
-        """Merge ``updates`` into the file (re-read under the lock) and replace it atomically."""
-        with self._lock, self._file_lock():
+        """Merge ``updates`` into the file (re-read under the lock) and replace it atomically.
+
+        Where the file can't be written (read-only or missing directory, a file in the directory's
+        place), ``updates`` are kept for this process only, with one warning naming the path.
+        """
+        with self._lock:
+            try:
+                self._entries = self._write(updates)
+            except OSError as error:
+                warnings.warn(f"could not write tuning cache {self.path} ({error}); tuned configurations are "
+                              "kept for this process only (set MLX_PRIMITIVES_CACHE_DIR to a writable directory)",
+                              stacklevel=2)
+                self._entries = {**(self._entries or {}), **updates}
+
+    def _write(self, updates: Mapping[str, dict]) -> Dict[str, dict]:
+        with self._file_lock():
             merged = self._read_file()
             merged.update(updates)
             payload = {"format": FORMAT, "version": FORMAT_VERSION, "entries": merged}
@@ -158,21 +172,26 @@ class TuningCache:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
-            self._entries = merged
+            return merged
 
-    def clear(self) -> None:
+    def clear(self) -> bool:
+        """Remove the file (and its lock file); whether there was a file to remove."""
         with self._lock:
+            existed = os.path.lexists(self.path)
             for path in (self.path, self.path + ".lock"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
             self._entries = {}
+            return existed
 
 
 def _valid_entry(entry) -> bool:
+    """A dict with a ``config`` of str -> int (bools are no ints here) and, if present, numeric timings."""
     return (
         isinstance(entry, dict)
         and isinstance(entry.get("config"), dict)
-        and all(isinstance(k, str) and isinstance(v, int) for k, v in entry["config"].items())
+        and all(isinstance(k, str) and type(v) is int for k, v in entry["config"].items())
+        and all(type(entry.get(t, 0.0)) in (int, float) for t in ("ms", "default_ms"))
     )
 
 

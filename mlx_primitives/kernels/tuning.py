@@ -123,8 +123,16 @@ def flash_backward_tasks(dtype, length: int = 4096, heads: int = 16, head_dims: 
     return tasks
 
 
+def check_kernel_names(kernels: Optional[Sequence[str]]) -> None:
+    """Raise ValueError naming the kernels of ``kernels`` that have no tuning space."""
+    unknown = set(kernels or ()) - set(SPACES)
+    if unknown:
+        raise ValueError(f"unknown kernels {sorted(unknown)}; choose from {sorted(SPACES)}")
+
+
 def tuning_tasks(quick: bool = False, kernels: Optional[Sequence[str]] = None) -> List[TuningTask]:
     """Representative problems of every tunable kernel (LLM-sized, float16)."""
+    check_kernel_names(kernels)
     from ..attention.spec import describe_attention
     from .flash_attention import flash_attention, tuning_problem
     from .glu import swiglu
@@ -177,8 +185,5 @@ def tuning_tasks(quick: bool = False, kernels: Optional[Sequence[str]] = None) -
     if not kernels or {catalog.FLASH_BWD_DQ.name, catalog.FLASH_BWD_DKDV.name} & set(kernels):
         tasks += flash_backward_tasks(dtype, length=2048 if quick else 4096)
     if kernels:
-        unknown = set(kernels) - set(SPACES)
-        if unknown:
-            raise ValueError(f"unknown kernels {sorted(unknown)}; choose from {sorted(SPACES)}")
         tasks = [t for t in tasks if t.space.kernel in kernels]
     return tasks

@@ -108,6 +108,31 @@ def test_entries_with_non_integer_configs_are_dropped(tmp_path):
     assert cache.get("bad") is None and cache.get("worse") is None
 
 
+def test_entries_with_bool_configs_or_non_numeric_timings_are_dropped(tmp_path):
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps({"format": tuning.FORMAT, "version": tuning.FORMAT_VERSION, "entries": {
+        "good": {"config": {"TILE": 32}, "ms": 1, "default_ms": 2.5}, "flag": {"config": {"TILE": True}},
+        "slow": {"config": {"TILE": 32}, "ms": "fast"}}}))
+    cache = tuning.TuningCache(str(path))
+    assert set(cache.entries()) == {"good"}
+
+
+def test_unwritable_cache_warns_and_keeps_the_result_for_this_process(tmp_path, monkeypatch):
+    (tmp_path / "blocker").write_text("a file where the cache directory should be")
+    monkeypatch.setenv("MLX_PRIMITIVES_CACHE_DIR", str(tmp_path / "blocker" / "cache"))
+    with pytest.warns(UserWarning, match=r"could not write tuning cache .*blocker.*kept for this process only"):
+        result = autotune(SPACE, _make_call, {"D": 128}, mx.float16, "L=1024", repeats=1)
+    assert choose_config(SPACE, mx.float16, "L=1024") == result.config
+
+
+@pytest.mark.parametrize("value", ["OFF", "False", " 0 "])
+def test_autotune_switch_ignores_case_and_spaces(monkeypatch, value):
+    key = tuning.cache_key(SPACE, mx.float16, "L=2048")
+    tuning_cache().store({key: {"config": {"TILE": 64, "VEC": 8}, "ms": 1.0, "default_ms": 2.0}})
+    monkeypatch.setenv("MLX_PRIMITIVES_AUTOTUNE", value)
+    assert choose_config(SPACE, mx.float16, "L=2048") == SPACE.default_for(device_profile())
+
+
 def _writer(path, prefix, count):
     cache = tuning.TuningCache(path)
     for i in range(count):
