@@ -14,7 +14,7 @@ from .reference import reference_attention
 from .sage import SageAttention, sageattn, sageattn_mlx
 from .sage_quant import QuantizedQK, dequantize, quantize_qk
 from .spec import AttentionSpec, describe_attention
-from .varlen import flash_attn_varlen_func
+from .varlen import flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func
 from .kvcache import flash_attn_with_kvcache
 
 __all__ = [
@@ -37,6 +37,8 @@ __all__ = [
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
     "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
     "flex_attention",
     "quantize_qk",

@@ -19,6 +19,7 @@ from typing import Optional, Tuple, Union
 import mlx.core as mx
 
 from ..memo import CallMemo
+from ..validation import check_array
 from .dispatch import Route, choose_route, run_attention
 from .dropout import draw_seed
 from .reference import attention_probabilities
@@ -120,12 +121,13 @@ def flash_attn_func(
     return _attend(q, k, v, spec, "BSHD", return_attn_probs, dropout_key, path)
 
 
-def _unpack(packed: mx.array, name: str, count: int, shape_text: str) -> Tuple[mx.array, ...]:
-    """Split a packed ``(batch, seqlen, count, heads, headdim)`` tensor along its third axis."""
-    if not isinstance(packed, mx.array) or packed.ndim != 5 or packed.shape[2] != count:
-        got = packed.shape if isinstance(packed, mx.array) else type(packed).__name__
-        raise ValueError(f"{name} must have shape {shape_text}; got {got}")
-    return tuple(packed[:, :, i] for i in range(count))
+def split_packed(packed: mx.array, name: str, count: int, shape_text: str, axis: int = 2) -> Tuple[mx.array, ...]:
+    """Split a packed tensor holding ``count`` tensors along ``axis`` (``(batch, seqlen, count, heads, headdim)``
+    with ``axis=2``, varlen's ``(total, count, heads, headdim)`` with ``axis=1``)."""
+    check_array(name, packed, shape_text, ndim=axis + 3)
+    if packed.shape[axis] != count:
+        raise ValueError(f"{name} must have shape {shape_text}; got {tuple(packed.shape)}")
+    return tuple(packed[(slice(None),) * axis + (i,)] for i in range(count))
 
 
 def flash_attn_qkvpacked_func(
@@ -141,7 +143,7 @@ def flash_attn_qkvpacked_func(
     **options,
 ) -> Output:
     """:func:`flash_attn_func` on packed ``qkv`` of shape ``(batch, seqlen, 3, nheads, headdim)``."""
-    q, k, v = _unpack(qkv, "qkv", 3, "(batch, seqlen, 3, nheads, headdim)")
+    q, k, v = split_packed(qkv, "qkv", 3, "(batch, seqlen, 3, nheads, headdim)")
     return flash_attn_func(
         q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
         alibi_slopes, deterministic, return_attn_probs, **options,
@@ -162,7 +164,7 @@ def flash_attn_kvpacked_func(
     **options,
 ) -> Output:
     """:func:`flash_attn_func` with packed ``kv`` of shape ``(batch, seqlen_k, 2, nheads_k, headdim)``."""
-    k, v = _unpack(kv, "kv", 2, "(batch, seqlen_k, 2, nheads_k, headdim)")
+    k, v = split_packed(kv, "kv", 2, "(batch, seqlen_k, 2, nheads_k, headdim)")
     return flash_attn_func(
         q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
         deterministic, return_attn_probs, **options,

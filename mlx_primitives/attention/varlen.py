@@ -9,7 +9,7 @@ import mlx.core as mx
 from ..validation import check_array, check_int
 from .dispatch import run_attention
 from .dropout import draw_seed
-from .flash import Output
+from .flash import Output, split_packed
 from .spec import describe_attention
 
 CU_SEQLENS_DTYPES = (mx.int32, mx.int64)
@@ -123,3 +123,51 @@ def flash_attn_varlen_func(
         return out
     lse = mx.concatenate(lses, axis=1) if lses else mx.zeros((q.shape[1], 0), dtype=mx.float32)
     return out, lse, None
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv: mx.array,
+    cu_seqlens: mx.array,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[mx.array] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    **options,
+) -> Output:
+    """:func:`flash_attn_varlen_func` on packed ``qkv`` of shape ``(total, 3, nheads, headdim)``;
+    ``cu_seqlens`` and ``max_seqlen`` serve queries and keys alike."""
+    q, k, v = split_packed(qkv, "qkv", 3, "(total, 3, nheads, headdim)", axis=1)
+    return flash_attn_varlen_func(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+        softcap, alibi_slopes, deterministic, return_attn_probs, **options,
+    )
+
+
+def flash_attn_varlen_kvpacked_func(
+    q: mx.array,
+    kv: mx.array,
+    cu_seqlens_q: mx.array,
+    cu_seqlens_k: mx.array,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[mx.array] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    **options,
+) -> Output:
+    """:func:`flash_attn_varlen_func` with packed ``kv`` of shape ``(total_k, 2, nheads_k, headdim)``."""
+    k, v = split_packed(kv, "kv", 2, "(total_k, 2, nheads_k, headdim)", axis=1)
+    return flash_attn_varlen_func(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+        window_size, softcap, alibi_slopes, deterministic, return_attn_probs, **options,
+    )

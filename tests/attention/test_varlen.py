@@ -4,7 +4,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_primitives.attention import flash_attn_func, flash_attn_varlen_func
+from mlx_primitives.attention import (
+    flash_attn_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
 from mlx_primitives.attention.dropout import draw_seed, keep_mask
 from tests.reference import (
     DTYPES,
@@ -177,3 +182,23 @@ def test_int64_offsets_and_numpy_lengths_are_accepted():
                                  np.int32(4), causal=True)
     assert mx.array_equal(out, expected)
     per_sequence_check(out, None, q, k, v, [3, 5], [4, 2], lambda b: Features(causal=True))
+
+
+def test_packed_varlen_functions_equal_the_unpacked_call():
+    """flash-attn's varlen qkv/kv-packed spellings: (total, 3 or 2, heads, dim) split on axis 1."""
+    lengths = [3, 6, 2]
+    qkv, cu = pack(lengths, 3 * 2, 16, mx.float32)
+    qkv = qkv.reshape(-1, 3, 2, 16)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    out, lse, _ = flash_attn_varlen_qkvpacked_func(qkv, cu, 6, causal=True, softcap=3.0, return_attn_probs=True)
+    expected, expected_lse, _ = flash_attn_varlen_func(q, k, v, cu, cu, 6, 6, causal=True, softcap=3.0,
+                                                       return_attn_probs=True)
+    assert mx.array_equal(out, expected) and mx.array_equal(lse, expected_lse)
+    per_sequence_check(out, lse, q, k, v, lengths, lengths, lambda b: Features(causal=True, softcap=3.0))
+    kv = mx.stack([k[:, :1], v[:, :1]], axis=1)  # MQA: one KV head
+    out = flash_attn_varlen_kvpacked_func(q, kv, cu, cu, 6, 6, window_size=(2, 0))
+    assert mx.array_equal(out, flash_attn_varlen_func(q, k[:, :1], v[:, :1], cu, cu, 6, 6, window_size=(2, 0)))
+    with pytest.raises(ValueError, match=r"qkv must have shape \(total, 3, nheads, headdim\)"):
+        flash_attn_varlen_qkvpacked_func(qkv[:, :2], cu, 6)
+    with pytest.raises(TypeError, match=r"kv must be an mx.array of shape \(total_k, 2, nheads_k, headdim\)"):
+        flash_attn_varlen_kvpacked_func(q, [k, v], cu, cu, 6, 6)
