@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Optional, Tuple, Union
 
 import mlx.core as mx
@@ -17,7 +18,7 @@ import mlx.core as mx
 from . import catalog
 from .launcher import Launch, float_bits, launch, with_reference_vjp
 from .tuning import config_for
-from ..validation import check_array, check_same_dtype
+from ..validation import check_array, check_bool, check_choice, check_int, check_real, check_same_dtype
 
 PATHS = ("auto", "kernel", "fast", "reference")
 
@@ -114,7 +115,8 @@ def rope(
         traditional (bool): rotate pairs ``(2j, 2j+1)`` instead of ``(j, j + dims/2)``. Default: ``False``.
         base (float): base of the angular frequencies. Default: ``10000``.
         scale (float): multiplies the positions. Default: ``1``.
-        offset (int or array): first position, one int or an int array ``(batch,)``.
+        offset (int or array): first position: an int, or an int array ``(batch,)`` (one per batch
+            entry, as mlx-lm's batched caches hold it), ``(1,)`` or ``()``.
         path (str): ``"auto"`` (the kernel for large q and k, two ``mx.fast.rope`` calls for decode
             sizes), ``"kernel"``, ``"fast"`` or ``"reference"`` (MLX ops).
         config (dict, optional): template values, e.g. ``{"HPT": 4, "THREADS": 256}``.
@@ -128,33 +130,40 @@ def rope(
     if k.shape[0] != batch or k.shape[2] != length or k.shape[3] != dim:
         raise ValueError(f"k must have shape ({batch}, kv_heads, {length}, {dim}) to match q; got {tuple(k.shape)}")
     check_same_dtype(("q", "k"), (q, k))
-    if not isinstance(dims, int) or dims <= 0 or dims % 2 or dims > dim:
+    dims = check_int("dims", dims)
+    if dims <= 0 or dims % 2 or dims > dim:
         raise ValueError(f"dims must be an even int in [2, head_dim={dim}]; got {dims!r}")
-    if not (isinstance(base, (int, float)) and base > 0):
+    traditional = check_bool("traditional", traditional)
+    base, scale = check_real("base", base), check_real("scale", scale)
+    if base <= 0:
         raise ValueError(f"base must be a positive float; got {base!r}")
-    if not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float; got {type(scale).__name__}")
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}; got {path!r}")
-    if isinstance(offset, mx.array):
-        check_array("offset", offset, f"(batch,) = ({batch},)", shape=(batch,), dtypes=(mx.int32, mx.int64, mx.uint32))
-        offsets = offset.astype(mx.int32)
-    elif isinstance(offset, int):
-        offsets = mx.full((batch,), offset, mx.int32)
-    else:
-        raise TypeError(f"offset must be an int or an int array of shape ({batch},); got {type(offset).__name__}")
+    check_choice("path", path, PATHS)
+    offset, offsets = _offsets(offset, batch)
 
     if path == "auto":
         path = "kernel" if q.size + k.size >= AUTO_MIN_ELEMENTS else "fast"
     if path == "fast":
-        fast_offset = offset if isinstance(offset, int) else offsets
-        return tuple(mx.fast.rope(t, dims, traditional=traditional, base=base, scale=scale, offset=fast_offset)
+        return tuple(mx.fast.rope(t, dims, traditional=traditional, base=base, scale=scale, offset=offset)
                      for t in (q, k))
     if path == "reference" or q.size == 0 or k.size == 0:
-        return (reference(q, offsets, dims, traditional, float(base), float(scale)),
-                reference(k, offsets, dims, traditional, float(base), float(scale)))
+        return (reference(q, offsets, dims, traditional, base, scale),
+                reference(k, offsets, dims, traditional, base, scale))
     key = tuple(sorted(config.items())) if config else None
-    return _function(dims, traditional, float(base), float(scale), key)(q, k, offsets)
+    return _function(dims, traditional, base, scale, key)(q, k, offsets)
+
+
+def _offsets(offset, batch: int) -> Tuple[Union[int, mx.array], mx.array]:
+    """``offset`` as ``mx.fast.rope`` takes it (an int, or an int32 array) and as int32 offsets ``(batch,)``."""
+    expected = f"(batch,) = ({batch},), (1,) or ()"
+    if isinstance(offset, mx.array):
+        check_array("offset", offset, expected, dtypes=(mx.int32, mx.int64, mx.uint32))
+        if offset.shape not in ((), (1,), (batch,)):
+            raise ValueError(f"offset must have shape {expected}; got {tuple(offset.shape)}")
+        offset = offset.astype(mx.int32)
+        return offset, mx.broadcast_to(offset, (batch,))
+    if type(offset) is not int and (isinstance(offset, bool) or not isinstance(offset, numbers.Integral)):
+        raise TypeError(f"offset must be an int or an int array of shape {expected}; got {type(offset).__name__}")
+    return int(offset), mx.full((batch,), int(offset), mx.int32)
 
 
 def compile_examples():

@@ -6,7 +6,7 @@ import pytest
 
 from mlx_primitives.kernels import rope
 
-from .helpers import DTYPES, assert_accurate, f64, random, rope64
+from .helpers import DTYPES, assert_accurate, f64, max_error, random, rope64
 
 
 def _check(q_shape, hk, dims, dtype, traditional, offset, path, q=None):
@@ -39,6 +39,24 @@ def test_validation_names_argument_and_shape():
         rope(q[0], k, 32)
     with pytest.raises(TypeError, match=r"q and k must share one dtype"):
         rope(q, k.astype(mx.float32), 32)
+    with pytest.raises(ValueError, match=r"scale must be finite"):
+        rope(q, k, 32, scale=float("nan"))
+    with pytest.raises(TypeError, match=r"traditional must be a bool"):
+        rope(q, k, 32, traditional="yes")
+    with pytest.raises(TypeError, match=r"offset must have dtype int32"):
+        rope(q, k, 32, offset=mx.array([1.0, 2.0]))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("path", ["auto", "kernel", "fast", "reference"])
+def test_scalar_offset_arrays_and_numpy_scalars_act_as_the_int(path):
+    """mlx-lm hands the cache offset over as an int, a NumPy int or an mx.array (0-d or per batch entry)."""
+    q, k = random((2, 3, 4, 16), mx.float32), random((2, 1, 4, 16), mx.float32)
+    want = rope64(f64(q), np.array([5.0, 5.0]), 16, True, 500.0, 0.5)
+    for offset in (mx.array(5), mx.array([5]), np.int64(5)):
+        out, _ = rope(q, k, np.int64(16), traditional=np.bool_(True), base=np.float32(500.0),
+                      scale=np.float32(0.5), offset=offset, path=path)
+        assert max_error(out, want) <= 2e-5
 
 
 @pytest.mark.gpu
