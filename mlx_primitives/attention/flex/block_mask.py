@@ -72,15 +72,15 @@ class BlockMask:
         return states
 
     def sparsity(self) -> float:
-        """Fraction of blocks skipped entirely."""
+        """Percentage (0 to 100, as PyTorch's ``BlockMask.sparsity``) of blocks skipped entirely."""
         dense = self.to_dense()
-        return float((dense == HIDDEN).astype(mx.float32).mean())
+        return 100.0 * float((dense == HIDDEN).astype(mx.float32).mean())
 
     def __repr__(self) -> str:
         bm, hm, q_len, kv_len = self.shape
         return (
             f"BlockMask(shape=({bm}, {hm}, {q_len}, {kv_len}), block_size={self.block_size}, "
-            f"sparsity={100 * self.sparsity():.1f}%, mask_mod={getattr(self.mask_mod, '__name__', None)})"
+            f"sparsity={self.sparsity():.1f}%, mask_mod={getattr(self.mask_mod, '__name__', None)})"
         )
 
 

@@ -63,7 +63,7 @@ def test_chunked_evaluation_equals_one_pass(monkeypatch):
     monkeypatch.setattr(block_mask_module, "CHUNK_ELEMENTS", 16 * 16 * 20)  # one query block per step
     chunked = create_block_mask(mods.sliding_window(40), None, None, 300, 300, BLOCK_SIZE=16)
     np.testing.assert_array_equal(np.array(one_pass.to_dense()), np.array(chunked.to_dense()))
-    assert 0.5 < chunked.sparsity() < 1.0
+    assert 50.0 < chunked.sparsity() < 100.0
 
 
 def test_no_mask_mod_lists_every_block_as_full():
@@ -113,5 +113,6 @@ def test_pytorch_spellings_device_and_BLOCK_SIZE():
     q, k = np.arange(96)[:, None], np.arange(64)[None, :]
     _check_lists(block_mask, _states64((q >= k)[None, None], 32, 16))
     assert block_mask.BLOCK_SIZE == (32, 16)
+    assert block_mask.sparsity() == pytest.approx(100.0 * 2 / 12)  # a percentage, as PyTorch: 2 of 12 blocks hidden
     with pytest.raises(TypeError, match="pass PyTorch's device by keyword"):
         create_block_mask(mods.causal(), None, None, 64, 64, "cuda")
