@@ -8,7 +8,7 @@
 
 from . import mods
 from .api import FlexRoute, flex_attention, flex_route
-from .block_mask import BlockMask, create_block_mask
+from .block_mask import BlockMask, create_block_mask, create_mask
 from .mods import and_masks, noop_mask, or_masks
 from .reference import flex_reference
 from .trace import Untraceable
@@ -19,6 +19,7 @@ __all__ = [
     "Untraceable",
     "and_masks",
     "create_block_mask",
+    "create_mask",
     "flex_attention",
     "flex_reference",
     "flex_route",

@@ -175,6 +175,39 @@ def block_mask_from_states(states: mx.array, block_size: Tuple[int, int], seq_le
     return BlockMask(kv_num, kv_indices, full_num, full_indices, tuple(block_size), tuple(seq_lengths), mask_mod)
 
 
+def _grid_sizes(mask_mod, B, H, Q_LEN, KV_LEN) -> Tuple[int, int, int, int]:
+    """Validated ``(b, h, q_len, kv_len)`` of a mask: ``B``/``H`` None count 1."""
+    if mask_mod is not None and not callable(mask_mod):
+        raise TypeError(
+            f"mask_mod must be a function mask_mod(b, h, q_idx, kv_idx) or None; got {type(mask_mod).__name__}"
+        )
+    b = 1 if B is None else _positive_int("B", B)
+    h = 1 if H is None else _positive_int("H", H)
+    return b, h, _positive_int("Q_LEN", Q_LEN), _positive_int("KV_LEN", KV_LEN)
+
+
+def create_mask(mask_mod: Optional[Callable], B: Optional[int], H: Optional[int], Q_LEN: int, KV_LEN: int, *,
+                device=None) -> mx.array:
+    """The dense boolean mask of ``mask_mod`` (True = visible), as PyTorch's ``create_mask``: e.g. the
+    ``mask`` of ``mx.fast.scaled_dot_product_attention`` equivalent to a :class:`BlockMask`.
+
+    Args:
+        mask_mod, B, H, Q_LEN, KV_LEN, device: as in :func:`create_block_mask`.
+
+    Returns:
+        ``(B, H, Q_LEN, KV_LEN)`` bool (a size-1 axis where ``B``/``H`` is None); memory ``O(B H Q_LEN KV_LEN)``.
+    """
+    del device
+    b, h, q_len, kv_len = _grid_sizes(mask_mod, B, H, Q_LEN, KV_LEN)
+    shape = (b, h, q_len, kv_len)
+    if mask_mod is None:
+        return mx.ones(shape, dtype=mx.bool_)
+    grids = [mx.arange(n, dtype=mx.int32).reshape([n if axis == i else 1 for axis in range(4)])
+             for i, n in enumerate(shape)]
+    visible = mod_output("mask_mod", mask_mod(*grids), shape)
+    return visible if visible.dtype == mx.bool_ else visible != 0
+
+
 def create_block_mask(
     mask_mod: Optional[Callable],
     B: Optional[int],
@@ -203,13 +236,7 @@ def create_block_mask(
         A :class:`BlockMask` with batch and head axes of size ``B``/``H`` (1 where None).
     """
     del device
-    if mask_mod is not None and not callable(mask_mod):
-        raise TypeError(
-            f"mask_mod must be a function mask_mod(b, h, q_idx, kv_idx) or None; got {type(mask_mod).__name__}"
-        )
-    b = 1 if B is None else _positive_int("B", B)
-    h = 1 if H is None else _positive_int("H", H)
-    q_len, kv_len = _positive_int("Q_LEN", Q_LEN), _positive_int("KV_LEN", KV_LEN)
+    b, h, q_len, kv_len = _grid_sizes(mask_mod, B, H, Q_LEN, KV_LEN)
     qb, kb = block_sizes(BLOCK_SIZE)
     if mask_mod is None:
         states = mx.full((b, h, -(-q_len // qb), -(-kv_len // kb)), FULL, dtype=mx.int32)

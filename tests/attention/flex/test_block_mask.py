@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_primitives.attention.flex import BlockMask, create_block_mask, mods, noop_mask
+from mlx_primitives.attention.flex import BlockMask, create_block_mask, create_mask, mods, noop_mask
 from mlx_primitives.attention.flex import block_mask as block_mask_module
 
 
@@ -116,3 +116,22 @@ def test_pytorch_spellings_device_and_BLOCK_SIZE():
     assert block_mask.sparsity() == pytest.approx(100.0 * 2 / 12)  # a percentage, as PyTorch: 2 of 12 blocks hidden
     with pytest.raises(TypeError, match="pass PyTorch's device by keyword"):
         create_block_mask(mods.causal(), None, None, 64, 64, "cuda")
+
+
+def test_create_mask_is_the_dense_mask_of_the_mod():
+    """create_mask (PyTorch's) equals the mod on the full grid; its block states are create_block_mask's."""
+    prefix = mx.array([3, 40], mx.int32)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return mods.prefix_lm(prefix)(b, h, q_idx, kv_idx) & (kv_idx >= h * 7)
+
+    dense = create_mask(mask_mod, 2, 3, 50, 70)
+    b, h = np.arange(2).reshape(-1, 1, 1, 1), np.arange(3).reshape(1, -1, 1, 1)
+    q, k = np.arange(50).reshape(1, 1, -1, 1), np.arange(70).reshape(1, 1, 1, -1)
+    visible = ((k < np.array([3, 40])[b]) | (q >= k)) & (k >= h * 7)
+    assert dense.dtype == mx.bool_
+    np.testing.assert_array_equal(np.array(dense), visible)
+    _check_lists(create_block_mask(mask_mod, 2, 3, 50, 70, BLOCK_SIZE=16), _states64(visible, 16, 16))
+    assert create_mask(noop_mask, None, None, 4, 6, device="cuda").shape == (1, 1, 4, 6)
+    with pytest.raises(ValueError, match="KV_LEN must be a positive int"):
+        create_mask(mask_mod, None, None, 4, 0)
