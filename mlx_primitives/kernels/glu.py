@@ -15,11 +15,12 @@ import mlx.core as mx
 from . import catalog
 from .launcher import Launch, div_vec, launch, with_reference_vjp
 from .tuning import config_for
-from ..validation import check_array, check_same_dtype
+from ..validation import check_array, check_choice, check_same_dtype
 
 # The ACT template value of glu.kern per activation.
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 PATHS = ("auto", "kernel", "reference")
+APPROXIMATIONS = ("none", "tanh")  # geglu's approximate: erf GELU, or the tanh approximation
 
 
 def plan(gate, up, activation: str, config=None) -> Launch:
@@ -106,8 +107,7 @@ def geglu(
     Returns:
         array of the shape and dtype of ``gate``.
     """
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"approximate must be 'none' or 'tanh'; got {approximate!r}")
+    check_choice("approximate", approximate, APPROXIMATIONS)
     return _glu(gate, up, "gelu" if approximate == "none" else "gelu_tanh", path, config)
 
 

@@ -7,8 +7,15 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .glu import geglu, swiglu
-from .norms import layer_norm, rms_norm
+from ..validation import check_bool, check_choice, check_int
+from .glu import APPROXIMATIONS, geglu, swiglu
+from .norms import check_eps, layer_norm, rms_norm
+
+
+def _positive_int(name: str, value) -> int:
+    if check_int(name, value) <= 0:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+    return int(value)
 
 
 class RMSNorm(nn.Module):
@@ -24,8 +31,8 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dims: int, eps: float = 1e-5):
         super().__init__()
-        self.weight = mx.ones((dims,))
-        self.eps = eps
+        self.weight = mx.ones((_positive_int("dims", dims),))
+        self.eps = check_eps(eps)
 
     def _extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -46,11 +53,11 @@ class LayerNorm(nn.Module):
 
     def __init__(self, dims: int, eps: float = 1e-5, affine: bool = True, bias: bool = True):
         super().__init__()
-        self.dims = dims
-        self.eps = eps
-        if affine:
+        self.dims = _positive_int("dims", dims)
+        self.eps = check_eps(eps)
+        if check_bool("affine", affine):
             self.weight = mx.ones((dims,))
-            if bias:
+            if check_bool("bias", bias):
                 self.bias = mx.zeros((dims,))
 
     def _extra_repr(self) -> str:
@@ -63,7 +70,8 @@ class LayerNorm(nn.Module):
 class _GatedMLP(nn.Module):
     def __init__(self, dims: int, hidden_dims: int, bias: bool = False):
         super().__init__()
-        self.dims, self.hidden_dims = dims, hidden_dims
+        self.dims, self.hidden_dims = _positive_int("dims", dims), _positive_int("hidden_dims", hidden_dims)
+        bias = check_bool("bias", bias)
         self.gate_proj = nn.Linear(dims, hidden_dims, bias=bias)
         self.up_proj = nn.Linear(dims, hidden_dims, bias=bias)
         self.down_proj = nn.Linear(hidden_dims, dims, bias=bias)
@@ -100,7 +108,7 @@ class GeGLU(_GatedMLP):
 
     def __init__(self, dims: int, hidden_dims: int, bias: bool = False, approximate: str = "none"):
         super().__init__(dims, hidden_dims, bias)
-        self.approximate = approximate
+        self.approximate = check_choice("approximate", approximate, APPROXIMATIONS)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x), approximate=self.approximate))

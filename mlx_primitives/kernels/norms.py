@@ -128,6 +128,13 @@ def _cast_out(result, dtype: mx.Dtype):
     return result.astype(dtype)
 
 
+def check_eps(eps) -> float:
+    """``eps`` as a float: a positive real number; TypeError/ValueError naming ``eps`` otherwise."""
+    if not check_real("eps", eps) > 0:
+        raise ValueError(f"eps must be a positive float; got {eps!r}")
+    return float(eps)
+
+
 def _run(x, residual, weight, bias, eps, layer_norm, path, config):
     name = "layer_norm" if layer_norm else "rms_norm"
     check_array("x", x, "(..., dims)", min_ndim=1)
@@ -143,8 +150,7 @@ def _run(x, residual, weight, bias, eps, layer_norm, path, config):
     if residual is not None:
         check_array("residual", residual, f"x's shape {tuple(x.shape)}", shape=x.shape)
         check_same_dtype(("x", "residual"), (x, residual))
-    if not check_real("eps", eps) > 0:
-        raise ValueError(f"eps must be a positive float; got {eps!r}")
+    eps = check_eps(eps)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}; got {path!r}")
     out_dtype = mx.result_type(*(a for a in (x, weight, bias) if a is not None))
@@ -155,14 +161,14 @@ def _run(x, residual, weight, bias, eps, layer_norm, path, config):
         mixed = out_dtype != x.dtype
         path = "fast" if dims > MAX_DIMS or mixed else auto_path(name, residual is not None, x.size)
     if path == "reference":
-        return reference(x, residual, weight, bias, float(eps), layer_norm, out_dtype)
+        return reference(x, residual, weight, bias, eps, layer_norm, out_dtype)
     if path == "fast":
-        return _cast_out(_fast(x, residual, weight, bias, float(eps), layer_norm), out_dtype)
+        return _cast_out(_fast(x, residual, weight, bias, eps, layer_norm), out_dtype)
     if dims > MAX_DIMS:
         raise ValueError(f"{name} kernel supports dims <= {MAX_DIMS}; got x of shape {tuple(x.shape)}")
     arrays = [a for a in (x, residual, weight, bias) if a is not None]
     key = tuple(sorted(config.items())) if config else None
-    result = _function(float(eps), layer_norm, residual is not None, key)(*arrays)
+    result = _function(eps, layer_norm, residual is not None, key)(*arrays)
     return result if out_dtype == x.dtype else _cast_out(result, out_dtype)
 
 

@@ -36,7 +36,7 @@ def test_validation_names_argument_and_shape():
         swiglu(gate, random((2, 9), mx.float16))
     with pytest.raises(TypeError, match=r"gate and up must share one dtype"):
         swiglu(gate, random((2, 8), mx.float32))
-    with pytest.raises(ValueError, match=r"approximate must be 'none' or 'tanh'"):
+    with pytest.raises(ValueError, match=r"approximate must be one of \('none', 'tanh'\)"):
         geglu(gate, gate, approximate="fast")
 
 

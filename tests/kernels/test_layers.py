@@ -38,6 +38,20 @@ def test_norm_layers_keep_mlx_output_dtype_whichever_path_runs(ours, theirs, mon
         assert mx.allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: RMSNorm(64.0), TypeError, r"dims must be an int; got float"),
+    (lambda: RMSNorm(0), ValueError, r"dims must be a positive int; got 0"),
+    (lambda: RMSNorm(8, eps=-1e-5), ValueError, r"eps must be a positive float"),
+    (lambda: LayerNorm(8, eps="1e-5"), TypeError, r"eps must be a real number"),
+    (lambda: LayerNorm(8, affine=None), TypeError, r"affine must be a bool"),
+    (lambda: SwiGLU(8, 0), ValueError, r"hidden_dims must be a positive int; got 0"),
+    (lambda: GeGLU(8, 16, approximate="precise"), ValueError, r"approximate must be one of \('none', 'tanh'\)"),
+])
+def test_layers_check_their_arguments_at_construction(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
 @pytest.mark.parametrize("layer, act", [(SwiGLU, nn.silu), (GeGLU, nn.gelu)])
 def test_gated_mlp_matches_its_definition_and_quantizes(layer, act):
     mlp = layer(64, 128)
