@@ -48,6 +48,23 @@ class _Block:
         return run_attention(q, k, v, spec, need_lse=need_lse, path=self.path)
 
 
+@mx.custom_function
+def _after(x: mx.array, dependency: mx.array) -> mx.array:
+    """``x``, computed after ``dependency`` in the forward pass and its cotangent after it in the backward pass.
+
+    For a received block this rank does not attend: the sends that carry it on to the next rank must run
+    whatever this rank differentiates (``mx.grad`` only evaluates what this rank's gradient reads, and a
+    plain ``mx.depends`` is not read by the backward pass).
+    """
+    return mx.depends(x, dependency)
+
+
+@_after.vjp
+def _after(primals, cotangent, _):
+    x, dependency = primals
+    return mx.depends(cotangent, dependency), mx.zeros_like(dependency)
+
+
 def _merge(out: mx.array, lse: mx.array, block_out: mx.array, block_lse: mx.array) -> Tuple[mx.array, mx.array]:
     """Fold a partial result into the running one (float32 ``out``; every ``lse`` finite)."""
     new_lse = mx.logaddexp(lse, block_lse)
@@ -79,9 +96,9 @@ def _ring(q: mx.array, k: mx.array, v: mx.array, group: mx.distributed.Group, ca
             out = mx.concatenate([out[:, :, :half], tail_out], axis=2)
             lse = mx.concatenate([lse[:, :, :half], tail_lse], axis=2)
         else:
-            # Nothing to attend (contiguous split, later rank), but the shift must still run here, and its
-            # reverse in the backward pass: the block joins the graph with a zero cotangent.
-            out = mx.depends(out, kv)
+            # Nothing to attend (contiguous split, later rank), but the shift must still run here, in the
+            # forward and the backward pass, and its reverse too: the block joins with a zero cotangent.
+            out = _after(out, kv)
     return out, lse
 
 
