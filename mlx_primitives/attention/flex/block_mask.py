@@ -16,6 +16,8 @@ from typing import Callable, Optional, Tuple, Union
 import mlx.core as mx
 import numpy as np
 
+from ...validation import check_array
+
 HIDDEN, PARTIAL, FULL = 0, 1, 2
 # Elements of the boolean grid one evaluation step may hold (128 Mi: 128 MB of bools).
 CHUNK_ELEMENTS = 1 << 27
@@ -46,6 +48,27 @@ class BlockMask:
     block_size: Tuple[int, int]
     seq_lengths: Tuple[int, int]
     mask_mod: Optional[Callable] = None
+
+    def __post_init__(self):
+        """Check that the lists agree with each other and with the sizes (the kernel indexes them by
+        those sizes): a BlockMask built by hand, as PyTorch's ``from_kv_blocks`` users do, is checked too."""
+        qb, kb = block_sizes(self.block_size)
+        if not isinstance(self.seq_lengths, (tuple, list)) or len(self.seq_lengths) != 2:
+            raise ValueError(f"seq_lengths must be a pair (Q_LEN, KV_LEN); got {self.seq_lengths!r}")
+        q_len, kv_len = (_positive_int(f"seq_lengths[{i}]", n) for i, n in enumerate(self.seq_lengths))
+        object.__setattr__(self, "block_size", (qb, kb))  # an int as PyTorch's BLOCK_SIZE, stored as a pair
+        object.__setattr__(self, "seq_lengths", (q_len, kv_len))
+        nq, nk = -(-q_len // qb), -(-kv_len // kb)
+        check_array("kv_num_blocks", self.kv_num_blocks, f"(Bm, Hm, NQ={nq})", ndim=3, dtypes=(mx.int32,))
+        bm, hm = self.kv_num_blocks.shape[:2]
+        counts, lists = f"({bm}, {hm}, NQ={nq})", f"({bm}, {hm}, NQ={nq}, NK={nk})"
+        for name in ("kv_num_blocks", "full_kv_num_blocks", "kv_indices", "full_kv_indices"):
+            expected = (bm, hm, nq) if name.endswith("num_blocks") else (bm, hm, nq, nk)
+            check_array(name, getattr(self, name), counts if len(expected) == 3 else lists, shape=expected,
+                        dtypes=(mx.int32,))
+        if self.mask_mod is not None and not callable(self.mask_mod):
+            raise TypeError(f"mask_mod must be a function mask_mod(b, h, q_idx, kv_idx) or None; got "
+                            f"{type(self.mask_mod).__name__}")
 
     @property
     def BLOCK_SIZE(self) -> Tuple[int, int]:  # noqa: N802 (PyTorch's name)
@@ -172,7 +195,7 @@ def block_mask_from_states(states: mx.array, block_size: Tuple[int, int], seq_le
     kv_num, kv_indices = _lists(states == PARTIAL)
     full_num, full_indices = _lists(states == FULL)
     mx.eval(kv_num, kv_indices, full_num, full_indices)
-    return BlockMask(kv_num, kv_indices, full_num, full_indices, tuple(block_size), tuple(seq_lengths), mask_mod)
+    return BlockMask(kv_num, kv_indices, full_num, full_indices, block_size, seq_lengths, mask_mod)
 
 
 def _grid_sizes(mask_mod, B, H, Q_LEN, KV_LEN) -> Tuple[int, int, int, int]:

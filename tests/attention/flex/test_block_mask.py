@@ -135,3 +135,19 @@ def test_create_mask_is_the_dense_mask_of_the_mod():
     assert create_mask(noop_mask, None, None, 4, 6, device="cuda").shape == (1, 1, 4, 6)
     with pytest.raises(ValueError, match="KV_LEN must be a positive int"):
         create_mask(mask_mod, None, None, 4, 0)
+
+
+def test_hand_built_block_masks_are_checked():
+    """A BlockMask built from its lists (PyTorch's from_kv_blocks use) works like create_block_mask's; lists
+    that disagree with the sizes, which the kernel indexes by, are refused."""
+    made = create_block_mask(mods.causal(), None, 2, 64, 96, BLOCK_SIZE=32)
+    arrays = [made.kv_num_blocks, made.kv_indices, made.full_kv_num_blocks, made.full_kv_indices]
+    by_hand = BlockMask(*arrays, 32, [64, 96], mods.causal())
+    assert by_hand.block_size == (32, 32) and by_hand.seq_lengths == (64, 96)
+    np.testing.assert_array_equal(np.array(by_hand.to_dense()), np.array(made.to_dense()))
+    with pytest.raises(ValueError, match=r"kv_indices must have shape \(1, 2, NQ=2, NK=3\); got \(1, 2, 2, 2\)"):
+        BlockMask(arrays[0], arrays[1][..., :2], *arrays[2:], 32, (64, 96))
+    with pytest.raises(ValueError, match=r"kv_num_blocks must have shape \(1, 2, NQ=3\); got \(1, 2, 2\)"):
+        BlockMask(*arrays, 32, (96, 96))
+    with pytest.raises(TypeError, match="full_kv_num_blocks must have dtype int32"):
+        BlockMask(arrays[0], arrays[1], arrays[2].astype(mx.int64), arrays[3], 32, (64, 96))
