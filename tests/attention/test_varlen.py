@@ -202,3 +202,12 @@ def test_packed_varlen_functions_equal_the_unpacked_call():
         flash_attn_varlen_qkvpacked_func(qkv[:, :2], cu, 6)
     with pytest.raises(TypeError, match=r"kv must be an mx.array of shape \(total_k, 2, nheads_k, headdim\)"):
         flash_attn_varlen_kvpacked_func(q, [k, v], cu, cu, 6, 6)
+
+
+def test_offsets_traced_by_compile_are_refused_by_name():
+    """cu_seqlens splits the sequences on the host: a traced one is an error naming it; a captured one compiles."""
+    q, cu = pack([4, 6], 2, 16, mx.float32)
+    with pytest.raises(ValueError, match="cu_seqlens_q is read on the host"):
+        mx.compile(lambda q, cu: flash_attn_varlen_func(q, q, q, cu, cu, 6, 6))(q, cu)
+    compiled = mx.compile(lambda q: flash_attn_varlen_func(q, q, q, cu, cu, 6, 6))
+    assert mx.allclose(compiled(q), flash_attn_varlen_func(q, q, q, cu, cu, 6, 6), atol=1e-6)
