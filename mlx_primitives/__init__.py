@@ -12,7 +12,7 @@ from .attention import (
     SlidingWindowAttention,
     flash_attention,
 )
-from .kernels import GeGLU, Int4Linear, Int8Linear, LayerNorm, RMSNorm, SwiGLU, W8A8Linear
+from .kernels import GeGLU, Int4Linear, Int8Linear, LayerNorm, RMSNorm, RoPE, SwiGLU, W8A8Linear
 from .checkpointing import checkpoint, checkpoint_sequential
 from .gather import selective_gather, selective_scatter_add
 from .moe import ExpertDispatch, SparseMoELayer, build_expert_dispatch, compute_load_balancing_loss
@@ -33,6 +33,7 @@ __all__ = [
     "W8A8Linear",
     "LayerNorm",
     "RMSNorm",
+    "RoPE",
     "SwiGLU",
     "associative_scan",
     "selective_scan",

@@ -4,7 +4,7 @@ Functions: ``decode_attention`` (split-KV attention over a contiguous or paged K
 for mlx-lm's cache layout), ``rms_norm``,
 ``layer_norm`` (optionally fused with a residual add), ``rope`` (q and k in
 one launch), ``swiglu``, ``geglu`` and ``tiled_matmul`` (the matrix-unit primitive's proof).
-Layers: ``RMSNorm``, ``LayerNorm``, ``SwiGLU``, ``GeGLU``. Quantization: ``quantize_int8`` / ``quantize_int4``
+Layers: ``RMSNorm``, ``LayerNorm``, ``RoPE``, ``SwiGLU``, ``GeGLU``. Quantization: ``quantize_int8`` / ``quantize_int4``
 and their inverses, ``w8a8_linear`` (INT8 activations x INT8 weights), ``Int8Linear``, ``Int4Linear``,
 ``W8A8Linear``, ``quantize_model``, ``save_quantized``, ``load_quantized``. Kernel bodies live in ``src/``; see
 ``launcher`` for how they are compiled and ``catalog`` for their tile configurations.
@@ -14,7 +14,7 @@ from .decode import decode_attention
 from .decode_heads_first import decode_heads_first
 from .glu import geglu, swiglu
 from .launcher import Kernel, Launch, launch
-from .layers import GeGLU, LayerNorm, RMSNorm, SwiGLU
+from .layers import GeGLU, LayerNorm, RMSNorm, RoPE, SwiGLU
 from .matmul import tiled_matmul
 from .norms import layer_norm, rms_norm
 from .quantization import (
@@ -52,6 +52,7 @@ __all__ = [
     "LayerNorm",
     "Launch",
     "RMSNorm",
+    "RoPE",
     "SwiGLU",
     "decode_attention",
     "geglu",

@@ -1,15 +1,16 @@
-"""Layers over the fused kernels: RMSNorm, LayerNorm (with an optional residual) and the gated MLPs."""
+"""Layers over the fused kernels: RMSNorm, LayerNorm (with an optional residual), RoPE and the gated MLPs."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..validation import check_bool, check_choice, check_int
+from ..validation import check_bool, check_choice, check_int, check_real
 from .glu import APPROXIMATIONS, geglu, swiglu
 from .norms import check_eps, layer_norm, rms_norm
+from .rotary import rope
 
 
 def _positive_int(name: str, value) -> int:
@@ -65,6 +66,44 @@ class LayerNorm(nn.Module):
 
     def __call__(self, x: mx.array, residual: Optional[mx.array] = None):
         return layer_norm(x, self.get("weight"), self.get("bias"), self.eps, residual=residual)
+
+
+class RoPE(nn.Module):
+    """Rotary position embedding: ``nn.RoPE``'s arguments and call, plus queries and keys in one launch.
+
+    ``rope(x, offset)`` is ``nn.RoPE``'s call, ``mx.fast.rope`` on ``x`` of shape ``(..., seq_len,
+    head_dim)``. ``rope.qk(q, k, offset)`` rotates queries ``(batch, q_heads, seq_len, head_dim)`` and
+    keys ``(batch, kv_heads, seq_len, head_dim)`` together (:func:`mlx_primitives.kernels.rope`).
+    ``offset`` is an int or an int array ``(batch,)`` (one start position per batch entry).
+
+    Args:
+        dims (int): rotated features (even); features beyond pass through.
+        traditional (bool): rotate pairs ``(2j, 2j+1)`` instead of ``(j, j + dims/2)``. Default: ``False``.
+        base (float): base of the angular frequencies. Default: ``10000``.
+        scale (float): multiplies the positions. Default: ``1.0``.
+    """
+
+    def __init__(self, dims: int, traditional: bool = False, base: float = 10000, scale: float = 1.0):
+        super().__init__()
+        self.dims = _positive_int("dims", dims)
+        if self.dims % 2:
+            raise ValueError(f"dims must be even; got {dims!r}")
+        self.traditional = check_bool("traditional", traditional)
+        self.base = check_real("base", base)
+        if self.base <= 0:
+            raise ValueError(f"base must be a positive float; got {base!r}")
+        self.scale = check_real("scale", scale)
+
+    def _extra_repr(self) -> str:
+        return f"{self.dims}, traditional={self.traditional}"
+
+    def __call__(self, x: mx.array, offset: Union[int, mx.array] = 0) -> mx.array:
+        return mx.fast.rope(x, self.dims, traditional=self.traditional, base=self.base, scale=self.scale,
+                            offset=offset)
+
+    def qk(self, q: mx.array, k: mx.array, offset: Union[int, mx.array] = 0) -> Tuple[mx.array, mx.array]:
+        """``(self(q, offset), self(k, offset))`` in one kernel launch where that is faster."""
+        return rope(q, k, self.dims, traditional=self.traditional, base=self.base, scale=self.scale, offset=offset)
 
 
 class _GatedMLP(nn.Module):

@@ -2,12 +2,13 @@
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 
-from mlx_primitives import GeGLU, LayerNorm, RMSNorm, SwiGLU
-from mlx_primitives.kernels import norms
+from mlx_primitives import GeGLU, LayerNorm, RMSNorm, RoPE, SwiGLU
+from mlx_primitives.kernels import norms, rotary
 
-from .helpers import random
+from .helpers import f64, max_error, random, rope64
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -38,7 +39,21 @@ def test_norm_layers_keep_mlx_output_dtype_whichever_path_runs(ours, theirs, mon
         assert mx.allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("traditional", [False, True])
+def test_rope_is_a_drop_in_for_mlx_rope_and_fuses_q_and_k(traditional, monkeypatch):
+    ours, theirs = RoPE(16, traditional, 500.0, 0.5), nn.RoPE(16, traditional, 500.0, 0.5)
+    assert repr(ours) == repr(theirs)
+    q, k, offset = random((2, 4, 3, 24), mx.float32), random((2, 2, 3, 24), mx.float32), mx.array([5, 40])
+    assert mx.array_equal(ours(q[0], offset=7), theirs(q[0], offset=7))  # any (..., seq_len, dim)
+    monkeypatch.setattr(rotary, "AUTO_MIN_ELEMENTS", 0)  # path="auto" takes the fused route
+    for x, out in zip((q, k), ours.qk(q, k, offset=offset)):
+        exact = rope64(f64(x), np.array([5.0, 40.0]), 16, traditional, 500.0, 0.5)
+        assert max_error(out, exact) <= 2e-5 and max_error(theirs(x, offset=offset), exact) <= 2e-5
+
+
 @pytest.mark.parametrize("make, error, message", [
+    (lambda: RoPE(15), ValueError, r"dims must be even; got 15"),
+    (lambda: RoPE(16, base=0), ValueError, r"base must be a positive float"),
     (lambda: RMSNorm(64.0), TypeError, r"dims must be an int; got float"),
     (lambda: RMSNorm(0), ValueError, r"dims must be a positive int; got 0"),
     (lambda: RMSNorm(8, eps=-1e-5), ValueError, r"eps must be a positive float"),
