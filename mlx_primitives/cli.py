@@ -47,8 +47,17 @@ def info_lines() -> List[str]:
         "  sdpa         yes (mx.fast.scaled_dot_product_attention)",
         f"  kernels      {custom}",
         "  reference    yes (blockwise MLX ops, any backend)",
+        _tuning_line(),
     ]
     return lines
+
+
+def _tuning_line() -> str:
+    from .hardware.tuning import autotune_enabled, tuning_cache
+
+    cache = tuning_cache()
+    state = "on" if autotune_enabled() else "off (MLX_PRIMITIVES_AUTOTUNE)"
+    return f"tuning         {len(cache.entries())} cached configs in {cache.path}; tuned configs {state}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -37,3 +37,11 @@ def test_clear_says_whether_there_was_a_cache_and_reports_what_it_cannot_remove(
     (tmp_path / "tuning.json").mkdir()
     assert cli.main(["tune", "--clear"]) == 1
     assert "could not remove the tuning cache" in capsys.readouterr().err
+
+
+def test_info_names_the_tuning_cache_and_whether_tuned_configs_are_used(tmp_path, monkeypatch, capsys):
+    tuning.tuning_cache().store({"k": {"config": {"TPR": 64}}})
+    monkeypatch.setenv("MLX_PRIMITIVES_AUTOTUNE", "0")
+    assert cli.main(["info"]) == 0
+    line = [row for row in capsys.readouterr().out.splitlines() if row.startswith("tuning")][0]
+    assert f"1 cached configs in {tmp_path / 'tuning.json'}" in line and "off" in line
