@@ -148,6 +148,19 @@ def block_sizes(BLOCK_SIZE: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
     return size, size
 
 
+def _evaluate(state: mx.array) -> None:
+    try:
+        mx.eval(state)
+    except ValueError as error:
+        if "transformation" not in str(error):
+            raise
+        raise ValueError(
+            "create_block_mask builds its block lists on the host: inside mx.compile or mx.vmap, mask_mod may "
+            "only read arrays the function captures (constants), not its traced arguments; or build the "
+            "BlockMask outside the transformation and pass it in"
+        ) from None
+
+
 def _block_states(mask_mod: Callable, b: int, h: int, q_len: int, kv_len: int, qb: int, kb: int) -> mx.array:
     """``(b, h, NQ, NK)`` int32 states, evaluating ``mask_mod`` a few query blocks at a time."""
     nq, nk = -(-q_len // qb), -(-kv_len // kb)
@@ -176,7 +189,7 @@ def _block_states(mask_mod: Callable, b: int, h: int, q_len: int, kv_len: int, q
         all_visible = everywhere.all(axis=-1).all(axis=-2)
         state = any_visible.astype(mx.int32) + all_visible.astype(mx.int32)
         state = mx.broadcast_to(state, (b, h, n, nk))
-        mx.eval(state)  # one chunk's grid at a time
+        _evaluate(state)  # one chunk's grid at a time
         states.append(state)
     return mx.concatenate(states, axis=2) if len(states) > 1 else states[0]
 

@@ -151,3 +151,13 @@ def test_hand_built_block_masks_are_checked():
         BlockMask(*arrays, 32, (96, 96))
     with pytest.raises(TypeError, match="full_kv_num_blocks must have dtype int32"):
         BlockMask(arrays[0], arrays[1], arrays[2].astype(mx.int64), arrays[3], 32, (64, 96))
+
+
+def test_traced_mask_inputs_are_refused_by_name():
+    """The block lists are built on the host: a mask_mod reading a traced argument of mx.compile is an
+    error saying so; one reading a captured constant compiles."""
+    ids = mx.array([0] * 20 + [1] * 12, mx.int32)
+    with pytest.raises(ValueError, match="create_block_mask builds its block lists on the host"):
+        mx.compile(lambda ids: create_block_mask(mods.document(ids), None, None, 32, 32, 16).kv_num_blocks)(ids)
+    compiled = mx.compile(lambda: create_block_mask(mods.document(ids), None, None, 32, 32, 16).kv_num_blocks)
+    assert compiled().tolist() == [[[1, 2]]]  # query block 1 straddles the documents: both key blocks partial
