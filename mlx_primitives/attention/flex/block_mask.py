@@ -35,7 +35,7 @@ class BlockMask:
         kv_indices: ``(Bm, Hm, NQ, NK)`` int32, their block indices first (ascending), then the rest.
         full_kv_num_blocks: ``(Bm, Hm, NQ)`` int32, number of fully visible KV blocks.
         full_kv_indices: ``(Bm, Hm, NQ, NK)`` int32, their indices first (ascending).
-        block_size: ``(Q_BLOCK, KV_BLOCK)``.
+        block_size: ``(Q_BLOCK, KV_BLOCK)`` (an int given means both).
         seq_lengths: ``(Q_LEN, KV_LEN)``.
         mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` evaluated on partly visible blocks (None:
             every listed block is visible as a whole).
@@ -66,9 +66,7 @@ class BlockMask:
             expected = (bm, hm, nq) if name.endswith("num_blocks") else (bm, hm, nq, nk)
             check_array(name, getattr(self, name), counts if len(expected) == 3 else lists, shape=expected,
                         dtypes=(mx.int32,))
-        if self.mask_mod is not None and not callable(self.mask_mod):
-            raise TypeError(f"mask_mod must be a function mask_mod(b, h, q_idx, kv_idx) or None; got "
-                            f"{type(self.mask_mod).__name__}")
+        _check_mask_mod(self.mask_mod)
 
     @property
     def BLOCK_SIZE(self) -> Tuple[int, int]:  # noqa: N802 (PyTorch's name)
@@ -125,6 +123,13 @@ def mod_output(name: str, value, shape: Tuple[int, ...]) -> mx.array:
             f"{name} returned shape {tuple(value.shape)}, which does not broadcast to the shape {tuple(shape)} "
             "of its index grids (b, h, q_idx, kv_idx)"
         ) from None
+
+
+def _check_mask_mod(mask_mod) -> None:
+    if mask_mod is not None and not callable(mask_mod):
+        raise TypeError(
+            f"mask_mod must be a function mask_mod(b, h, q_idx, kv_idx) or None; got {type(mask_mod).__name__}"
+        )
 
 
 def _positive_int(name: str, value) -> int:
@@ -213,10 +218,7 @@ def block_mask_from_states(states: mx.array, block_size: Tuple[int, int], seq_le
 
 def _grid_sizes(mask_mod, B, H, Q_LEN, KV_LEN) -> Tuple[int, int, int, int]:
     """Validated ``(b, h, q_len, kv_len)`` of a mask: ``B``/``H`` None count 1."""
-    if mask_mod is not None and not callable(mask_mod):
-        raise TypeError(
-            f"mask_mod must be a function mask_mod(b, h, q_idx, kv_idx) or None; got {type(mask_mod).__name__}"
-        )
+    _check_mask_mod(mask_mod)
     b = 1 if B is None else _positive_int("B", B)
     h = 1 if H is None else _positive_int("H", H)
     return b, h, _positive_int("Q_LEN", Q_LEN), _positive_int("KV_LEN", KV_LEN)
