@@ -61,11 +61,16 @@ def plan(q, k, offsets, dims: int, traditional: bool, base: float, scale: float,
     )
 
 
-def reference(x, offsets, dims: int, traditional: bool, base: float, scale: float):
-    """RoPE of x (B, H, L, D) in MLX ops (float32 angles), offsets (B,)."""
+def reference(x, offsets, dims: int, traditional: bool, base: Optional[float], scale: float,
+              freqs: Optional[mx.array] = None):
+    """RoPE of x (B, H, L, D) in MLX ops (float32 angles), offsets (B,); pair j's wavelength is
+    ``freqs[j]`` where given (``mx.fast.rope``'s ``freqs``), else ``base ** (2j / dims)``."""
     half = dims // 2
     positions = (offsets.astype(mx.float32)[:, None] + mx.arange(x.shape[2], dtype=mx.float32)[None]) * scale
-    inv_freq = mx.power(base, -mx.arange(half, dtype=mx.float32) / half)
+    if freqs is None:
+        inv_freq = mx.power(base, -mx.arange(half, dtype=mx.float32) / half)
+    else:
+        inv_freq = 1.0 / freqs.astype(mx.float32)
     theta = positions[:, None, :, None] * inv_freq  # (B, 1, L, half)
     cos, sin = mx.cos(theta), mx.sin(theta)
     x32 = x.astype(mx.float32)
@@ -100,6 +105,7 @@ def rope(
     base: float = 10000.0,
     scale: float = 1.0,
     offset: Union[int, mx.array] = 0,
+    freqs: Optional[mx.array] = None,
     path: str = "auto",
     config: Optional[dict] = None,
 ) -> Tuple[mx.array, mx.array]:
@@ -117,6 +123,9 @@ def rope(
         scale (float): multiplies the positions. Default: ``1``.
         offset (int or array): first position: an int, or an int array ``(batch,)`` (one per batch
             entry, as mlx-lm's batched caches hold it), ``(1,)`` or ``()``.
+        freqs (array, optional): ``(dims // 2,)`` wavelengths replacing ``base ** (2j / dims)``, as
+            ``mx.fast.rope``'s ``freqs`` (mlx-lm's Llama 3, YaRN and LongRoPE scalings); ``base`` is then
+            unused. The kernel computes its angles from ``base``: with ``freqs``, ``"auto"`` runs ``"fast"``.
         path (str): ``"auto"`` (the kernel for large q and k, two ``mx.fast.rope`` calls for decode
             sizes), ``"kernel"``, ``"fast"`` or ``"reference"`` (MLX ops).
         config (dict, optional): template values, e.g. ``{"HPT": 4, "THREADS": 256}``.
@@ -134,20 +143,28 @@ def rope(
     if dims <= 0 or dims % 2 or dims > dim:
         raise ValueError(f"dims must be an even int in [2, head_dim={dim}]; got {dims!r}")
     traditional = check_bool("traditional", traditional)
-    base, scale = check_real("base", base), check_real("scale", scale)
-    if base <= 0:
-        raise ValueError(f"base must be a positive float; got {base!r}")
+    scale = check_real("scale", scale)
     check_choice("path", path, PATHS)
+    if freqs is None:
+        if check_real("base", base) <= 0:
+            raise ValueError(f"base must be a positive float; got {base!r}")
+        base = float(base)
+    else:
+        check_array("freqs", freqs, f"(dims // 2,) = ({dims // 2},)", shape=(dims // 2,))
+        if path == "kernel":
+            raise ValueError("path='kernel' computes its angles from base; with freqs use path 'auto', 'fast' "
+                             "or 'reference'")
+        base = None
     offset, offsets = _offsets(offset, batch)
 
     if path == "auto":
-        path = "kernel" if q.size + k.size >= AUTO_MIN_ELEMENTS else "fast"
+        path = "kernel" if freqs is None and q.size + k.size >= AUTO_MIN_ELEMENTS else "fast"
     if path == "fast":
-        return tuple(mx.fast.rope(t, dims, traditional=traditional, base=base, scale=scale, offset=offset)
-                     for t in (q, k))
+        return tuple(mx.fast.rope(t, dims, traditional=traditional, base=base, scale=scale, offset=offset,
+                                  freqs=freqs) for t in (q, k))
     if path == "reference" or q.size == 0 or k.size == 0:
-        return (reference(q, offsets, dims, traditional, base, scale),
-                reference(k, offsets, dims, traditional, base, scale))
+        return (reference(q, offsets, dims, traditional, base, scale, freqs),
+                reference(k, offsets, dims, traditional, base, scale, freqs))
     key = tuple(sorted(config.items())) if config else None
     return _function(dims, traditional, base, scale, key)(q, k, offsets)
 

@@ -59,6 +59,28 @@ def test_scalar_offset_arrays_and_numpy_scalars_act_as_the_int(path):
         assert max_error(out, want) <= 2e-5
 
 
+@pytest.mark.parametrize("path", ["auto", "fast", "reference"])
+def test_freqs_replace_the_base_as_in_mx_fast_rope(path):
+    """Scaled RoPE (mlx-lm's Llama 3 / YaRN / LongRoPE): pair j's wavelength is freqs[j]."""
+    q, k = random((2, 3, 4, 16), mx.float32), random((2, 1, 4, 16), mx.float32)
+    wavelengths = 10000.0 ** (np.arange(6) / 6) * np.linspace(1.0, 8.0, 6)
+    out, _ = rope(q, k, 12, offset=mx.array([3, 900]), freqs=mx.array(wavelengths, dtype=mx.float32), path=path)
+    x = f64(q)
+    theta = (np.array([3, 900])[:, None, None, None] + np.arange(4)[None, None, :, None]) / wavelengths
+    cos, sin = np.cos(theta), np.sin(theta)
+    exact = x.copy()
+    exact[..., :6], exact[..., 6:12] = x[..., :6] * cos - x[..., 6:12] * sin, x[..., 6:12] * cos + x[..., :6] * sin
+    assert max_error(out, exact) <= 1e-4  # float32 angles of positions up to 903
+
+
+def test_freqs_are_checked_and_not_sent_to_the_kernel():
+    q = random((1, 2, 3, 16), mx.float32)
+    with pytest.raises(ValueError, match=r"freqs must have shape \(dims // 2,\) = \(8,\)"):
+        rope(q, q, 16, freqs=mx.ones((4,)))
+    with pytest.raises(ValueError, match=r"path='kernel' computes its angles from base"):
+        rope(q, q, 16, freqs=mx.ones((8,)), path="kernel")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("traditional", [False, True])
