@@ -16,16 +16,42 @@ Transports (what each backend offers in MLX 0.32):
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
 
+from ..validation import check_array, check_int
+
 TRANSPORTS = ("auto", "ring", "gather")
+ANY_DTYPE = tuple(d for d in vars(mx).values() if isinstance(d, mx.Dtype))
 
 
 def default_transport() -> str:
     """``"gather"`` where MLX runs on CUDA (its NCCL backend has no send/recv), else ``"ring"``."""
     return "gather" if mx.cuda.is_available() else "ring"
+
+
+def resolve_group(group: Optional[mx.distributed.Group]) -> mx.distributed.Group:
+    """``group``, or ``mx.distributed.init()`` (size 1 without a launcher) for ``None``.
+
+    Raises TypeError naming ``group`` for anything that is not an ``mx.distributed.Group``.
+    """
+    if group is None:
+        return mx.distributed.init()
+    if not isinstance(group, mx.distributed.Group):
+        raise TypeError(
+            f"group must be an mx.distributed.Group (or None for mx.distributed.init()); got {type(group).__name__}"
+        )
+    return group
+
+
+def check_axis(name: str, x, axis) -> int:
+    """``axis`` of the array ``x`` (any dtype) as a non-negative int; TypeError/ValueError naming ``name``/``axis``."""
+    check_array(name, x, "(..., seq, ...) with the sequence on axis", min_ndim=1, dtypes=ANY_DTYPE)
+    axis = check_int("axis", axis)
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis must lie in [-{x.ndim}, {x.ndim}) for {name} of shape {tuple(x.shape)}; got {axis}")
+    return axis % x.ndim
 
 
 @lru_cache
@@ -61,12 +87,13 @@ def _ring_shift_fn(group: mx.distributed.Group) -> Callable[[mx.array], mx.array
     return ring_shift_fn
 
 
-def ring_shift(x: mx.array, group: mx.distributed.Group) -> mx.array:
+def ring_shift(x: mx.array, group: Optional[mx.distributed.Group] = None) -> mx.array:
     """Send ``x`` to rank ``r + 1`` and return what rank ``r - 1`` sent (ranks mod group size).
 
-    Every rank of ``group`` must call it with an array of the same shape and dtype.
-    Differentiable: the cotangent travels the ring the other way.
+    Every rank of ``group`` (default ``mx.distributed.init()``) must call it with an array of the same
+    shape and dtype. Differentiable: the cotangent travels the ring the other way.
     """
+    group = resolve_group(group)
     if group.size() == 1:
         return x
     return _ring_shift_fn(group)(x)
@@ -94,12 +121,13 @@ def _all_gather_fn(group: mx.distributed.Group) -> Callable[[mx.array], mx.array
     return all_gather_fn
 
 
-def all_gather(x: mx.array, group: mx.distributed.Group, axis: int = 0) -> mx.array:
+def all_gather(x: mx.array, group: Optional[mx.distributed.Group] = None, axis: int = 0) -> mx.array:
     """Concatenate every rank's ``x`` along ``axis`` (rank order); same shape on every rank.
 
-    Differentiable when each rank differentiates its own loss: the gradient of rank
-    ``r``'s ``x`` sums every rank's cotangent of slice ``r`` (a reduce-scatter).
+    ``group`` defaults to ``mx.distributed.init()``. Differentiable when each rank differentiates its
+    own loss: the gradient of rank ``r``'s ``x`` sums every rank's cotangent of slice ``r`` (a reduce-scatter).
     """
+    group, axis = resolve_group(group), check_axis("x", x, axis)
     if group.size() == 1:
         return x
     moved = mx.moveaxis(x, axis, 0) if axis != 0 else x

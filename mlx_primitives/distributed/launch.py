@@ -21,6 +21,8 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
+from ..validation import check_choice, check_int
+
 BACKENDS = ("ring", "nccl")
 
 
@@ -37,8 +39,9 @@ def _free_ports(count: int) -> List[int]:
 
 def rank_environments(size: int, backend: str, hostfile: str) -> List[Dict[str, str]]:
     """The environment variables of each rank (``hostfile`` is written for the ring backend)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
+    if check_int("size", size) < 1:
+        raise ValueError(f"size must be at least 1 (processes); got {size}")
     if backend == "ring":
         with open(hostfile, "w") as f:
             json.dump([[f"127.0.0.1:{port}"] for port in _free_ports(size)], f)
@@ -68,6 +71,8 @@ def launch_local(size: int, args: Sequence[str], backend: str = "ring", timeout:
     Returns:
         One ``CompletedProcess`` per rank, in rank order.
     """
+    if isinstance(args, str) or not all(isinstance(a, (str, os.PathLike)) for a in args):
+        raise TypeError(f"args must be a list of strings or paths (arguments of the Python interpreter); got {args!r}")
     with tempfile.TemporaryDirectory() as tmp:
         envs = rank_environments(size, backend, os.path.join(tmp, "hosts.json"))
         logs = [(open(os.path.join(tmp, f"{r}.out"), "w+"), open(os.path.join(tmp, f"{r}.err"), "w+"))

@@ -30,8 +30,9 @@ import mlx.core as mx
 
 from ..attention.dispatch import run_attention
 from ..attention.spec import check_layout, describe_attention, to_bhsd
-from .collectives import TRANSPORTS, default_transport, ring_shift
-from .sequence import check_split, chunk_ranges, gather_sequence
+from ..validation import check_bool, check_choice
+from .collectives import TRANSPORTS, default_transport, resolve_group, ring_shift
+from .sequence import check_local_length, check_split, chunk_ranges, gather_sequence
 
 Output = Union[mx.array, Tuple[mx.array, mx.array]]
 
@@ -139,7 +140,8 @@ def ring_attention(
 
     Args:
         q: this rank's queries ``(batch, seqlen_local, nheads, headdim)`` (``layout="BSHD"``)
-            or ``(batch, nheads, seqlen_local, headdim)`` (``"BHSD"``); ``seqlen_local = L / n``.
+            or ``(batch, nheads, seqlen_local, headdim)`` (``"BHSD"``); ``seqlen_local = L / n``. Every
+            rank passes the same shapes (not checked: that would cost a collective per call).
         k: this rank's keys, same layout, ``nheads_k`` heads (GQA/MQA: ``nheads % nheads_k == 0``).
         v: this rank's values, ``headdim_v`` may differ from ``headdim``.
         group: the context-parallel group; default ``mx.distributed.init()``. Size 1 is plain attention.
@@ -159,18 +161,17 @@ def ring_attention(
     """
     check_layout(layout)
     check_split(split)
-    if transport not in TRANSPORTS:
-        raise ValueError(f"transport must be one of {TRANSPORTS}; got {transport!r}")
+    check_choice("transport", transport, TRANSPORTS)
+    return_lse = check_bool("return_lse", return_lse)
     spec = describe_attention(q, k, v, layout=layout, scale=softmax_scale, causal=causal, softcap=softcap)
     if spec.q_len != spec.k_len:
         raise ValueError(
             f"ring_attention attends a split sequence to itself: q and k must hold the same local length; "
             f"got {spec.q_len} and {spec.k_len}"
         )
-    group = group if group is not None else mx.distributed.init()
+    group = resolve_group(group)
     size = group.size()
-    if split == "zigzag" and size > 1 and spec.q_len % 2:
-        raise ValueError(f"split='zigzag' holds two chunks per rank: the local length must be even; got {spec.q_len}")
+    check_local_length("q's sequence length", spec.q_len, size, split)
     transport = default_transport() if transport == "auto" else transport
     block = _Block(spec.scale, softcap, path)
     qh, kh, vh = (to_bhsd(x, layout) for x in (q, k, v))

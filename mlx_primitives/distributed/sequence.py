@@ -16,29 +16,39 @@ from typing import List, Optional, Tuple
 
 import mlx.core as mx
 
-from .collectives import all_gather
+from ..validation import check_choice, check_int
+from .collectives import all_gather, check_axis, resolve_group
 
 SPLITS = ("zigzag", "contiguous")
 
 
 def check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
+    check_choice("split", split, SPLITS)
 
 
-def _group(group: Optional[mx.distributed.Group]) -> mx.distributed.Group:
-    return group if group is not None else mx.distributed.init()
+def check_local_length(name: str, length: int, size: int, split: str) -> None:
+    """Raise ValueError naming ``name`` unless a rank's part of ``length`` tokens fits ``split`` over ``size`` ranks."""
+    if split == "zigzag" and size > 1 and length % 2:
+        raise ValueError(f"split='zigzag' holds two chunks per rank: the local length must be even; "
+                         f"got {name} = {length}")
 
 
 def chunk_ranges(length: int, rank: int, size: int, split: str = "zigzag") -> List[Tuple[int, int]]:
     """Global token ranges ``[(start, stop), ...]`` that ``rank`` holds, in local order.
 
     Args:
-        length: global sequence length; a multiple of ``size`` (``2 * size`` for ``"zigzag"``).
-        rank, size: position in and size of the group.
+        length: global sequence length; a multiple of ``size`` (``2 * size`` for ``"zigzag"``; any
+            length on one rank, which holds the whole sequence).
+        rank, size: position in and size of the group (``0 <= rank < size``).
         split: ``"zigzag"`` or ``"contiguous"``.
     """
     check_split(split)
+    length, rank, size = check_int("length", length), check_int("rank", rank), check_int("size", size)
+    if size < 1 or not 0 <= rank < size or length < 0:
+        raise ValueError(f"need size >= 1, 0 <= rank < size and length >= 0; got length={length}, rank={rank}, "
+                         f"size={size}")
+    if size == 1:
+        return [(0, length)]
     parts = 2 * size if split == "zigzag" else size
     if length % parts:
         raise ValueError(
@@ -62,7 +72,7 @@ def shard_sequence(x: mx.array, group: Optional[mx.distributed.Group] = None, ax
     Returns:
         ``x`` restricted to :func:`chunk_ranges` along ``axis`` (length ``L / size``).
     """
-    group = _group(group)
+    group, axis = resolve_group(group), check_axis("x", x, axis)
     ranges = chunk_ranges(x.shape[axis], group.rank(), group.size(), split)
     index = [slice(None)] * x.ndim
     parts = []
@@ -84,8 +94,9 @@ def gather_sequence(x_local: mx.array, group: Optional[mx.distributed.Group] = N
         The full sequence (length ``size * x_local.shape[axis]``), the same on every rank.
         Differentiable: each rank's gradient sums the cotangents of its part over ranks.
     """
-    group = _group(group)
+    group, axis = resolve_group(group), check_axis("x_local", x_local, axis)
     check_split(split)
+    check_local_length(f"x_local.shape[{axis}]", x_local.shape[axis], group.size(), split)
     gathered = all_gather(x_local, group, axis)
     if split == "contiguous" or group.size() == 1:
         return gathered

@@ -26,8 +26,11 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.nn.layers.distributed import shard_linear
+from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear, shard_linear
 from mlx.utils import tree_map
+
+from ..attention.layers import Attention
+from .collectives import resolve_group
 
 
 def _repeat_heads(linear: nn.Module, heads: int, copies: int) -> nn.Module:
@@ -55,10 +58,14 @@ def shard_attention(attention: nn.Module, group: Optional[mx.distributed.Group] 
         ``attention``, with ``num_heads`` / ``num_kv_heads`` the per-rank counts. Its output, the
         same on every rank, equals the unsharded layer's.
     """
-    group = group if group is not None else mx.distributed.init()
+    if not isinstance(attention, Attention):
+        raise TypeError(f"attention must be an mlx_primitives.Attention; got {type(attention).__name__}")
+    group = resolve_group(group)
     size = group.size()
     if size == 1:
         return attention
+    if isinstance(attention.q_proj, (AllToShardedLinear, QuantizedAllToShardedLinear)):
+        raise ValueError("attention is already sharded (its projections are MLX's sharded linear layers)")
     heads, kv_heads = attention.num_heads, attention.num_kv_heads
     if heads % size:
         raise ValueError(f"num_heads ({heads}) must be a multiple of the group size ({size})")

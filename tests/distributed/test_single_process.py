@@ -4,12 +4,16 @@ import json
 import os
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
 from mlx_primitives import Attention
 from mlx_primitives.attention import flash_attn_func
-from mlx_primitives.distributed import chunk_ranges, gather_sequence, ring_attention, shard_attention, shard_sequence
+from mlx_primitives.distributed import (
+    all_gather, chunk_ranges, gather_sequence, launch_local, ring_attention, ring_shift, shard_attention,
+    shard_sequence,
+)
 from mlx_primitives.distributed.launch import rank_environments
 from mlx_primitives.distributed.sequence import zigzag_chunk_slots
 from tests.reference import random_qkv
@@ -60,6 +64,54 @@ def test_bad_lengths_and_options_name_the_argument():
         ring_attention(q, k, v, transport="nvlink")
     with pytest.raises(ValueError, match="k must have"):
         ring_attention(q, k[:, :, :1, :5], v)
+
+
+def test_one_rank_holds_a_zigzag_sequence_of_any_length():
+    x = mx.random.normal((1, 7, 2))
+    assert chunk_ranges(7, 0, 1) == [(0, 7)]
+    assert np.array_equal(np.array(gather_sequence(shard_sequence(x))), np.array(x))
+
+
+def test_bad_ranges_and_axes_name_the_argument():
+    with pytest.raises(ValueError, match="rank < size"):
+        chunk_ranges(16, 2, 2)
+    with pytest.raises(ValueError, match="length >= 0"):
+        chunk_ranges(-4, 0, 2)
+    with pytest.raises(TypeError, match="length must be an int"):
+        chunk_ranges(8.0, 0, 2)
+    x = mx.random.normal((2, 8, 3))
+    with pytest.raises(ValueError, match=r"axis must lie in \[-3, 3\)"):
+        shard_sequence(x, axis=3)
+    with pytest.raises(ValueError, match="axis must lie"):
+        gather_sequence(x, axis=-4)
+    with pytest.raises(ValueError, match="axis must lie"):
+        all_gather(x, axis=5)
+    with pytest.raises(TypeError, match="x must be an mx.array"):
+        shard_sequence(np.array(x))
+    with pytest.raises(TypeError, match="x_local must be an mx.array"):
+        gather_sequence(np.array(x))
+
+
+def test_group_that_is_no_group_is_named():
+    q, k, v = random_qkv(1, 8, 8, 2, 2, 8)
+    calls = [lambda: ring_attention(q, k, v, group=2), lambda: shard_sequence(q, "world"),
+             lambda: gather_sequence(q, 0), lambda: all_gather(q, 1), lambda: ring_shift(q, 1),
+             lambda: Attention(16, 2).shard(2)]
+    for call in calls:
+        with pytest.raises(TypeError, match="group must be an mx.distributed.Group"):
+            call()
+
+
+def test_bad_options_of_the_layer_and_launcher_are_named():
+    with pytest.raises(TypeError, match="attention must be an mlx_primitives.Attention"):
+        shard_attention(nn.Linear(4, 4))
+    q, k, v = random_qkv(1, 8, 8, 2, 2, 8)
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        ring_attention(q, k, v, return_lse=1)
+    with pytest.raises(ValueError, match="size must be at least 1"):
+        launch_local(0, ["-c", "pass"])
+    with pytest.raises(TypeError, match="args must be a list"):
+        launch_local(1, "-c pass")
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -167,11 +167,23 @@ def check_errors(group) -> None:
     else:
         raise AssertionError("an odd local length was accepted by the zigzag split")
     try:
+        gather_sequence(q, group, split="zigzag")
+    except ValueError as error:
+        assert "must be even; got x_local.shape[1] = 3" in str(error), error
+    else:
+        raise AssertionError("gather_sequence took an odd zigzag part (it would drop tokens)")
+    try:
         Attention(16, 2 * group.size() + 1).shard(group)
     except ValueError as error:
         assert "num_heads" in str(error), error
     else:
         raise AssertionError("heads that do not split across the group were accepted")
+    try:
+        Attention(16, 2 * group.size()).shard(group).shard(group)
+    except ValueError as error:
+        assert "already sharded" in str(error), error
+    else:
+        raise AssertionError("a sharded layer was sharded again")
 
 
 def main(case: str, backend: str = "ring") -> None:
