@@ -103,7 +103,7 @@ class TuningCache:
                 data = json.load(f)
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError, UnicodeDecodeError) as error:
+        except (OSError, ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
             self._warn(f"unreadable ({error.__class__.__name__})")
             return {}
         if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != FORMAT_VERSION:

@@ -84,7 +84,8 @@ def test_cached_config_no_longer_declared_is_ignored():
     assert choose_config(SPACE, mx.float16, "L=2048") == SPACE.default_for(device_profile())
 
 
-@pytest.mark.parametrize("content", [b"{not json", b'{"format": "other", "entries": {}}', b"\xff\xfe", b""])
+@pytest.mark.parametrize("content", [b"{not json", b'{"format": "other", "entries": {}}', b"\xff\xfe", b"",
+                                     b"[" * 100_000])
 def test_corrupt_or_foreign_file_warns_once_and_is_rewritten(tmp_path, content):
     path = tmp_path / "tuning.json"
     path.write_bytes(content)
