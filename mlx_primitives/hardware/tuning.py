@@ -101,7 +101,7 @@ class TuningCache:
         try:
             with open(self.path, "r", encoding="utf-8") as f:
                 data = json.load(f)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no file (a file in a parent directory's place)
             return {}
         except (OSError, ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
             self._warn(f"unreadable ({error.__class__.__name__})")
@@ -155,7 +155,8 @@ class TuningCache:
                 warnings.warn(f"could not write tuning cache {self.path} ({error}); tuned configurations are "
                               "kept for this process only (set MLX_PRIMITIVES_CACHE_DIR to a writable directory)",
                               stacklevel=2)
-                self._entries = {**(self._entries or {}), **updates}
+                known = self._entries if self._entries is not None else self._read_file()
+                self._entries = {**known, **updates}
 
     def _write(self, updates: Mapping[str, dict]) -> Dict[str, dict]:
         with self._file_lock():

@@ -126,6 +126,19 @@ def test_unwritable_cache_warns_and_keeps_the_result_for_this_process(tmp_path, 
     assert choose_config(SPACE, mx.float16, "L=1024") == result.config
 
 
+def test_read_only_cache_keeps_its_entries_and_the_new_ones(tmp_path, monkeypatch):
+    tuning_cache().store({"old": {"config": {"TILE": 32}}})
+    cache = tuning.TuningCache(str(tmp_path / "tuning.json"))  # a new process: nothing read yet
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tuning.tempfile, "mkstemp", read_only)
+    with pytest.warns(UserWarning, match="could not write tuning cache"):
+        cache.store({"new": {"config": {"TILE": 64}}})
+    assert set(cache.entries()) == {"old", "new"}
+
+
 @pytest.mark.parametrize("value", ["OFF", "False", " 0 "])
 def test_autotune_switch_ignores_case_and_spaces(monkeypatch, value):
     key = tuning.cache_key(SPACE, mx.float16, "L=2048")
