@@ -65,7 +65,8 @@ def launch_local(size: int, args: Sequence[str], backend: str = "ring", timeout:
         size: number of processes.
         args: arguments of the Python interpreter (``["-m", "module", ...]`` or ``["script.py", ...]``).
         backend: ``"ring"`` (TCP over loopback, any machine) or ``"nccl"`` (one CUDA GPU per rank).
-        timeout: seconds before every rank still running is killed (``TimeoutExpired`` is raised).
+        timeout: seconds before every rank still running is killed and ``TimeoutExpired`` raised (with
+            ``capture``, its ``output`` and ``stderr`` hold every rank's text, each under its rank).
         capture: keep each rank's stdout and stderr (text) instead of inheriting them.
 
     Returns:
@@ -83,9 +84,12 @@ def launch_local(size: int, args: Sequence[str], backend: str = "ring", timeout:
             for env, (out, err) in zip(envs, logs)
         ]
         deadline = None if timeout is None else time.monotonic() + timeout
+        timed_out = False
         try:
             for proc in procs:
                 proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
         finally:
             for proc in procs:
                 if proc.poll() is None:
@@ -100,4 +104,14 @@ def launch_local(size: int, args: Sequence[str], backend: str = "ring", timeout:
                     text[i] = f.read()
                     f.close()
             results.append(subprocess.CompletedProcess(proc.args, proc.returncode, *text))
+        if timed_out:
+            raise subprocess.TimeoutExpired(procs[0].args, timeout, output=_by_rank(results, "stdout"),
+                                            stderr=_by_rank(results, "stderr"))
         return results
+
+
+def _by_rank(results: Sequence[subprocess.CompletedProcess], stream: str) -> Optional[str]:
+    """Every rank's captured ``stream`` under a ``--- rank r ---`` line (``None`` when nothing was captured)."""
+    if getattr(results[0], stream) is None:
+        return None
+    return "".join(f"--- rank {r} ---\n{getattr(result, stream)}" for r, result in enumerate(results))

@@ -52,6 +52,7 @@ def shard_attention(attention: nn.Module, group: Optional[mx.distributed.Group] 
     Args:
         attention: an :class:`~mlx_primitives.Attention` holding the full (same on every rank) weights;
             its projections may be ``nn.Linear`` or ``nn.QuantizedLinear`` (MLX's ``shard_linear`` takes both).
+            Quantize before sharding: ``nn.quantize`` leaves MLX's sharded linear layers in float (MLX 0.32).
         group: default ``mx.distributed.init()``; size 1 leaves the layer unchanged.
 
     Returns:

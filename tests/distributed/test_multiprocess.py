@@ -5,6 +5,7 @@ differs from the float64 oracle (or from the single-process layer) exits non-zer
 """
 
 import socket
+import subprocess
 
 import mlx.core as mx
 import pytest
@@ -28,10 +29,17 @@ pytestmark = [
 ]
 
 
+def _launch(size, args, backend, timeout):
+    try:
+        return launch_local(size, args, backend=backend, timeout=timeout, capture=True)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"ranks still running after {timeout} s, killed:\n{error.output[-2000:]}\n{error.stderr[-4000:]}")
+
+
 @pytest.mark.parametrize("size", [2, 4])
 @pytest.mark.parametrize("case", ["ring", "tensor"])
 def test_ranks_match_single_process_attention(case, size):
-    ranks = launch_local(size, ["-m", "tests.distributed.worker", case], backend="ring", timeout=120, capture=True)
+    ranks = _launch(size, ["-m", "tests.distributed.worker", case], "ring", 120)
     failed = [f"rank {r}: {p.stderr.strip()[-2000:]}" for r, p in enumerate(ranks) if p.returncode != 0]
     assert not failed, "\n".join(failed)
     assert all(f"{case}: ok" in p.stdout for p in ranks)
@@ -43,8 +51,7 @@ def test_nccl_ranks_match_single_process_attention(case):
     """One GPU per rank over MLX's NCCL backend (2 GPUs; skipped with fewer)."""
     if not mx.distributed.is_available("nccl") or mx.device_count(mx.gpu) < 2:
         pytest.skip("needs MLX's NCCL backend and 2 GPUs")
-    ranks = launch_local(2, ["-m", "tests.distributed.worker", case, "nccl"], backend="nccl", timeout=300,
-                         capture=True)
+    ranks = _launch(2, ["-m", "tests.distributed.worker", case, "nccl"], "nccl", 300)
     failed = [f"rank {r}: {p.stderr.strip()[-2000:]}" for r, p in enumerate(ranks) if p.returncode != 0]
     assert not failed, "\n".join(failed)
     assert all(f"{case}: ok" in p.stdout for p in ranks)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -146,3 +147,10 @@ def test_rank_environments_follow_mlx_launch(tmp_path):
     assert {env["NCCL_NVLS_ENABLE"] for env in nccl} <= {"0", os.environ.get("NCCL_NVLS_ENABLE")}
     with pytest.raises(ValueError, match="backend"):
         rank_environments(2, "gloo", hostfile)
+
+
+def test_ranks_that_time_out_leave_their_output():
+    script = "import os, time; print('rank', os.environ['MLX_RANK'], 'started', flush=True); time.sleep(60)"
+    with pytest.raises(subprocess.TimeoutExpired) as error:
+        launch_local(2, ["-c", script], timeout=3, capture=True)
+    assert "--- rank 1 ---\nrank 1 started" in error.value.output and error.value.stderr is not None
