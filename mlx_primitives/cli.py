@@ -201,9 +201,12 @@ def main(argv: Sequence[str] = None) -> int:
     tune_cmd.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     tune_cmd.add_argument("--show", action="store_true", help="print the tuning cache")
     tune_cmd.add_argument("--clear", action="store_true", help="remove the tuning cache")
-    bench = sub.add_parser("bench", help="run the benchmark suites (from a source checkout)")
-    bench.add_argument("args", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    # bench's options (--suite, --quick, --out, --help) belong to benchmarks.run: passed on as they are
+    sub.add_parser("bench", help="run the benchmark suites (from a source checkout; bench --help lists them)",
+                   add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "tune":
         from .kernels.tuning import check_kernel_names
 
@@ -235,5 +238,5 @@ def main(argv: Sequence[str] = None) -> int:
         except ImportError:
             print("benchmarks/ is not importable: run from a source checkout of mlx_primitives", file=sys.stderr)
             return 1
-        bench_main(args.args)
+        bench_main(rest)
     return 0

@@ -45,3 +45,13 @@ def test_info_names_the_tuning_cache_and_whether_tuned_configs_are_used(tmp_path
     assert cli.main(["info"]) == 0
     line = [row for row in capsys.readouterr().out.splitlines() if row.startswith("tuning")][0]
     assert f"1 cached configs in {tmp_path / 'tuning.json'}" in line and "off" in line
+
+
+def test_bench_passes_its_options_to_the_benchmark_runner(monkeypatch):
+    run = pytest.importorskip("benchmarks.run")
+    seen = []
+    monkeypatch.setattr(run, "main", seen.append)
+    assert cli.main(["bench", "--suite", "kernels", "--quick"]) == 0
+    assert seen == [["--suite", "kernels", "--quick"]]
+    with pytest.raises(SystemExit):
+        cli.main(["info", "--suite", "kernels"])
