@@ -160,7 +160,7 @@ def _run(x, residual, weight, bias, eps, layer_norm, path, config):
     if path == "auto":  # the kernel writes x's dtype: a wider weight goes to mx.fast, which writes out_dtype
         mixed = out_dtype != x.dtype
         path = "fast" if dims > MAX_DIMS or mixed else auto_path(name, residual is not None, x.size)
-    if path == "reference":
+    if path == "reference" or x.size == 0:  # no rows: nothing to launch
         return reference(x, residual, weight, bias, eps, layer_norm, out_dtype)
     if path == "fast":
         return _cast_out(_fast(x, residual, weight, bias, eps, layer_norm), out_dtype)

@@ -95,6 +95,18 @@ def test_validation_names_argument_and_shape():
         layer_norm(x, None, mx.zeros((3,), mx.float16))
 
 
+@pytest.mark.parametrize("layer", [False, True])
+def test_no_rows_launch_nothing(layer, monkeypatch):
+    def no_launch(*args):
+        raise AssertionError("a kernel launch over zero rows")
+
+    monkeypatch.setattr(norms, "launch", no_launch)
+    x, w = mx.zeros((0, 3, 64), mx.float16), mx.ones((64,), mx.float16)
+    out, h = (layer_norm(x, w, None, residual=x, path="kernel") if layer else
+              rms_norm(x, w, residual=x, path="kernel"))
+    assert out.shape == h.shape == (0, 3, 64) and out.dtype == mx.float16
+
+
 def test_eps_accepts_numpy_scalars():
     x, w = random((2, 8), mx.float32), random((8,), mx.float32)
     assert mx.array_equal(rms_norm(x, w, np.float32(1e-3), path="reference"), rms_norm(x, w, 1e-3, path="reference"))
