@@ -52,7 +52,8 @@ def chunk_ranges(length: int, rank: int, size: int, split: str = "zigzag") -> Li
     parts = 2 * size if split == "zigzag" else size
     if length % parts:
         raise ValueError(
-            f"sequence length {length} must be a multiple of {parts} for split={split!r} over {size} ranks"
+            f"sequence length {length} must be a multiple of {parts} for split={split!r} over {size} ranks "
+            f"(pad it at the end: under a causal mask no real token attends to the padding)"
         )
     chunk = length // parts
     chunks = (rank, parts - 1 - rank) if split == "zigzag" else (rank,)
@@ -92,7 +93,9 @@ def gather_sequence(x_local: mx.array, group: Optional[mx.distributed.Group] = N
 
     Returns:
         The full sequence (length ``size * x_local.shape[axis]``), the same on every rank.
-        Differentiable: each rank's gradient sums the cotangents of its part over ranks.
+        Differentiable: each rank's gradient sums the cotangents of its part over ranks, as for a total
+        loss that sums every rank's loss; a loss that every rank computes on the whole gathered sequence
+        then counts ``size`` times (divide it by ``size``).
     """
     group, axis = resolve_group(group), check_axis("x_local", x_local, axis)
     check_split(split)
