@@ -99,7 +99,7 @@ def _ring(q: mx.array, k: mx.array, v: mx.array, group: mx.distributed.Group, ca
         else:
             # Nothing to attend (contiguous split, later rank), but the shift must still run here, in the
             # forward and the backward pass, and its reverse too: the block joins with a zero cotangent.
-            out = _after(out, kv)
+            out, lse = _after(out, kv), _after(lse, kv)
     return out, lse
 
 

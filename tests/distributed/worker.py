@@ -72,6 +72,29 @@ def check_ring_case(group, transport, causal, split, dtype, layout, softcap) -> 
     assert_within_rule(gathered, f64(single), naive_out, dtype, f"{name}: gathered out vs one process")
 
 
+def check_lse_gradient(group, transport: str, split: str) -> None:
+    """Gradients of a loss on the LSE alone (a z-loss) against float64: ``d lse_i / d s_ij = p_ij``."""
+    batch, length, heads, kv_heads, dim = 1, 4 * group.size(), 2, 1, 8
+    q, k, v = (mx.random.normal((batch, h, length, dim)) for h in (heads, kv_heads, kv_heads))
+    weights = mx.random.normal((batch, heads, length))
+    ref = attention64(f64(q), f64(k), f64(v), Features(causal=True))
+    ds = ref["probs"] * f64(weights)[..., None] / np.sqrt(dim)
+    want = (ds @ np.repeat(f64(k), heads // kv_heads, axis=1),
+            (ds.swapaxes(-1, -2) @ f64(q)).reshape(batch, kv_heads, -1, length, dim).sum(axis=2), np.zeros(v.shape))
+
+    def local(x):
+        return shard_sequence(x, group, axis=2, split=split)
+
+    def z_loss(*qkv):
+        lse = ring_attention(*qkv, group, causal=True, layout="BHSD", split=split, transport=transport,
+                             return_lse=True)[1]
+        return (lse * local(weights)).sum()
+
+    grads = mx.grad(z_loss, argnums=(0, 1, 2))(*(local(x) for x in (q, k, v)))
+    for grad, expected, key in zip(grads, want, ("dq", "dk", "dv")):
+        _assert_close(grad, local(mx.array(expected.astype(np.float32))), f"{transport} {split} lse-only {key}")
+
+
 def _assert_close(got: mx.array, want: mx.array, what: str) -> None:
     """Float32 sharded vs unsharded: 1e-4 on the CPU; on a GPU 1e-3 of the outputs' size (MLX's CUDA float32
     matmuls differ by up to 2.3e-4 at outputs of size 1 between the sharded and full shapes, H200, MLX
@@ -197,6 +220,8 @@ def main(case: str, backend: str = "ring") -> None:
         for args in RING_CASES:
             if backend != "nccl" or args[0] == "gather":
                 check_ring_case(group, *args)
+        if backend != "nccl":
+            check_lse_gradient(group, "ring", "contiguous")
     else:
         for kv_heads in (4, 2, 1):
             if kv_heads % group.size() == 0 or group.size() % kv_heads == 0:
