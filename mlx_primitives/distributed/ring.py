@@ -62,7 +62,7 @@ def _after(x: mx.array, dependency: mx.array) -> mx.array:
 
 @_after.vjp
 def _after(primals, cotangent, _):
-    x, dependency = primals
+    _, dependency = primals
     return mx.depends(cotangent, dependency), mx.zeros_like(dependency)
 
 
