@@ -169,6 +169,9 @@ def tune(kernels: Sequence[str], quick: bool) -> None:
     rows = [(r.kernel, r.dtype, r.bucket, " ".join(f"{k}={v}" for k, v in r.config.items()), r.ms, r.default_ms,
              r.speedup) for r in results]
     print(_table(["kernel", "dtype", "shape", "config", "ms", "default ms", "speedup"], rows))
+    untuned = sorted(set(kernels) - {task.space.kernel for task in tasks})
+    if untuned:
+        print(f"no tuning task for {', '.join(untuned)}: they run their default configuration")
     print(f"cache: {tuning_cache().path}")
 
 

@@ -55,3 +55,14 @@ def test_bench_passes_its_options_to_the_benchmark_runner(monkeypatch):
     assert seen == [["--suite", "kernels", "--quick"]]
     with pytest.raises(SystemExit):
         cli.main(["info", "--suite", "kernels"])
+
+
+def test_tune_names_requested_kernels_it_has_no_task_for(monkeypatch, capsys):
+    from mlx_primitives.hardware import profile_from_info
+    from mlx_primitives.kernels import tuning as kernel_tuning
+
+    gpu = profile_from_info("cuda", {"device_name": "NVIDIA H100 80GB HBM3", "architecture": "sm_90"})
+    monkeypatch.setattr(cli, "device_profile", lambda: gpu)
+    monkeypatch.setattr(kernel_tuning, "tuning_tasks", lambda quick, kernels: [])  # no GPU to time on here
+    assert cli.main(["tune", "--kernels", "decode_attention"]) == 0
+    assert "no tuning task for decode_attention: they run their default configuration" in capsys.readouterr().out
