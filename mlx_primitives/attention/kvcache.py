@@ -163,8 +163,8 @@ def flash_attn_with_kvcache(
     With ``rotary_cos``/``rotary_sin`` (only together with ``k``), the new keys are rotated at
     positions ``cache_seqlens[b] - cache_leftpad[b] + i``, and so are the queries when ``causal`` or a
     window is set; otherwise every query row is rotated at ``cache_seqlens[b] - cache_leftpad[b]``.
-    The tables are arbitrary (any base or scaling), so this applies them directly rather than
-    through :func:`mlx_primitives.kernels.rope`, which computes its angles from a base.
+    The tables are arbitrary (any base or scaling: flash-attention's cos/sin tables, not ``rope``'s
+    base or wavelengths), so this applies them directly.
 
     Args:
         q: ``(batch, seqlen_q, nheads, headdim)``, float16, bfloat16 or float32.
