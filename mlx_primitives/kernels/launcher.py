@@ -129,19 +129,15 @@ def _read(path: Path) -> str:
     return "\n".join(line for line in path.read_text().split("\n") if not line.lstrip().startswith("//"))
 
 
+@functools.lru_cache(maxsize=None)
 def compiled(kernel: Kernel, backend: str, shared_memory: int = 0):
     """The ``mx.fast`` kernel object of ``kernel`` on ``backend`` (built once per process and size of
     dynamic shared memory, which MLX fixes per object); on CUDA its text comes as ``#include`` lines
-    where NVRTC reads them (:mod:`.source_files`; as text until that is known)."""
-    return _compiled(kernel, backend, shared_memory, backend == "cuda" and source_files.nvrtc_reads_files())
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled(kernel: Kernel, backend: str, shared_memory: int, includes: bool):
+    where NVRTC reads them (:mod:`.source_files`)."""
     extra = {"shared_memory": shared_memory} if shared_memory else {}
     make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
     source, header = kernel.source(backend), kernel.header(backend)
-    if includes:
+    if backend == "cuda" and source_files.nvrtc_reads_files():
         source, header = source_files.include_stubs(source, header, kernel.inputs) or (source, header)
     return make(
         name=kernel.name,

@@ -13,6 +13,7 @@ launcher keeps handing MLX the text, as before.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -76,27 +77,19 @@ def include_stubs(source: str, header: str, inputs: Sequence[str]) -> Optional[T
     return (stub, head) if shape_flags(stub, inputs) == flags else None
 
 
-_reads_files: Optional[bool] = None
-
-
+@functools.lru_cache(maxsize=1)
 def nvrtc_reads_files() -> bool:
     """Whether a kernel whose body is an ``#include`` compiles and runs on this CUDA device (checked
-    once per process by a one-thread probe kernel on the GPU stream; left undecided where MLX refuses
-    to evaluate during a transformation)."""
-    global _reads_files
-    if _reads_files is None:
-        stubs = include_stubs("  out[0] = inp[0] + 1.0f;\n", "", ("inp",))
-        if stubs is None:
-            _reads_files = False
-            return False
-        probe = mx.fast.cuda_kernel(name="mlx_primitives_include_probe", input_names=["inp"], output_names=["out"],
-                                    source=stubs[0], header=stubs[1])
-        try:
-            out = probe(inputs=[mx.array([1.0])], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(1,)],
-                        output_dtypes=[mx.float32], stream=mx.gpu)[0]
-            _reads_files = out.item() == 2.0
-        except (RuntimeError, ValueError) as error:
-            if "transformation" in str(error):
-                return False
-            _reads_files = False
-    return _reads_files
+    once per process by a one-thread probe kernel on the GPU stream; its constant input evaluates
+    inside ``mx.compile`` too)."""
+    stubs = include_stubs("  out[0] = inp[0] + 1.0f;\n", "", ("inp",))
+    if stubs is None:
+        return False
+    probe = mx.fast.cuda_kernel(name="mlx_primitives_include_probe", input_names=["inp"], output_names=["out"],
+                                source=stubs[0], header=stubs[1])
+    try:
+        out = probe(inputs=[mx.array([1.0])], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(1,)],
+                    output_dtypes=[mx.float32], stream=mx.gpu)[0]
+        return out.item() == 2.0
+    except (RuntimeError, ValueError):
+        return False

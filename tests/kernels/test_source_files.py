@@ -15,7 +15,10 @@ from .test_metal_compile import PLANS
 @pytest.fixture(autouse=True)
 def _cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_PRIMITIVES_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(source_files, "_reads_files", None)
+    source_files.nvrtc_reads_files.cache_clear()
+    yield
+    monkeypatch.undo()  # the real probe back, then its result of these tests' fakes dropped
+    source_files.nvrtc_reads_files.cache_clear()
 
 
 def _stubs(kernel):
@@ -79,24 +82,26 @@ class _Recorder:
         return [self.result]
 
 
-@pytest.mark.parametrize("reads", [True, False])
-def test_the_launcher_hands_cuda_the_stubs_only_where_nvrtc_reads_files(monkeypatch, reads):
+def _made(monkeypatch, backend, reads):
+    """The source and header ``launcher.compiled`` hands MLX on ``backend`` when the probe says ``reads``."""
     recorder = _Recorder()
     monkeypatch.setattr(mx.fast, "cuda_kernel", recorder)
-    kernel = PLANS["rms_norm"][0].kernel
-    launcher._compiled.__wrapped__(kernel, "cuda", 0, reads)
-    made = recorder.made[-1]
-    expected = _stubs(kernel) if reads else (kernel.source("cuda"), kernel.header("cuda"))
-    assert (made["source"], made["header"]) == expected
-
-
-@pytest.mark.parametrize("backend, reads, includes", [("cuda", True, True), ("cuda", False, False),
-                                                      ("metal", True, False)])
-def test_kernel_objects_are_kept_per_probe_outcome(monkeypatch, backend, reads, includes):
+    monkeypatch.setattr(mx.fast, "metal_kernel", recorder)
     monkeypatch.setattr(source_files, "nvrtc_reads_files", lambda: reads)
-    monkeypatch.setattr(launcher, "_compiled", lambda *args: args)
     kernel = PLANS["rms_norm"][0].kernel
-    assert launcher.compiled(kernel, backend) == (kernel, backend, 0, includes)
+    launcher.compiled.__wrapped__(kernel, backend)
+    return kernel, (recorder.made[-1]["source"], recorder.made[-1]["header"])
+
+
+@pytest.mark.parametrize("reads", [True, False])
+def test_the_launcher_hands_cuda_the_stubs_only_where_nvrtc_reads_files(monkeypatch, reads):
+    kernel, made = _made(monkeypatch, "cuda", reads)
+    assert made == (_stubs(kernel) if reads else (kernel.source("cuda"), kernel.header("cuda")))
+
+
+def test_metal_always_gets_the_text(monkeypatch):
+    kernel, made = _made(monkeypatch, "metal", True)
+    assert made == (kernel.source("metal"), kernel.header("metal"))
 
 
 @pytest.mark.parametrize("outcome, expected", [(mx.array([2.0]), True), (mx.array([1.0]), False),
@@ -107,14 +112,6 @@ def test_the_probe_decides_once(monkeypatch, outcome, expected):
     monkeypatch.setattr(mx.fast, "cuda_kernel", recorder)
     assert source_files.nvrtc_reads_files() is expected
     assert source_files.nvrtc_reads_files() is expected and len(recorder.made) == 1
-
-
-def test_the_probe_waits_while_a_transformation_traces(monkeypatch):
-    recorder = _Recorder(error=ValueError("Attempting to eval an array during function transformations"))
-    monkeypatch.setattr(mx.fast, "cuda_kernel", recorder)
-    assert source_files.nvrtc_reads_files() is False
-    recorder.error, recorder.result = None, mx.array([2.0])
-    assert source_files.nvrtc_reads_files() is True
 
 
 @needs_nvcc
@@ -129,7 +126,7 @@ def test_stubs_compile_to_the_same_cubin(name):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["rms_norm", "flash_attention_fwd"])
-def test_cuda_kernels_run_the_same_from_include_files(name):
+def test_cuda_kernels_run_the_same_from_include_files(name, monkeypatch):
     from mlx_primitives.hardware import device_profile
 
     if device_profile().backend != "cuda":
@@ -139,7 +136,8 @@ def test_cuda_kernels_run_the_same_from_include_files(name):
     inputs = [mx.random.uniform(shape=a.shape).astype(a.dtype) if mx.issubdtype(a.dtype, mx.floating) else a
               for a in plan.inputs]
     plan = dataclasses.replace(plan, inputs=inputs)
-    text = plan.call(launcher._compiled(plan.kernel, "cuda", plan.shared_memory, False))
-    stubbed = plan.call(launcher._compiled(plan.kernel, "cuda", plan.shared_memory, True))
+    stubbed = plan.call(launcher.compiled.__wrapped__(plan.kernel, "cuda", plan.shared_memory))
+    monkeypatch.setattr(source_files, "nvrtc_reads_files", lambda: False)
+    text = plan.call(launcher.compiled.__wrapped__(plan.kernel, "cuda", plan.shared_memory))
     for a, b in zip(text, stubbed):
         assert mx.array_equal(a, b, equal_nan=True).item()
