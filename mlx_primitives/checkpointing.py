@@ -36,7 +36,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from .validation import check_int
+from .validation import check_int, host_values
 
 
 def _walk(roots: Sequence[Any]) -> Tuple[List[nn.Module], List[Any]]:
@@ -90,12 +90,8 @@ def _outermost(modules: Sequence[nn.Module]) -> List[nn.Module]:
 
 def _host_key(key: mx.array) -> Optional[Tuple[int, int]]:
     """The random key ``key`` as two ints, or ``None`` where it is traced (``mx.compile`` of the random state)."""
-    try:
-        return tuple(key.tolist())
-    except ValueError as error:
-        if "transformation" in str(error):
-            return None
-        raise
+    values = host_values(key)
+    return None if values is None else tuple(values)
 
 
 def _set_key(key: Tuple[int, int]) -> None:

@@ -35,7 +35,8 @@ import mlx.nn as nn
 
 from .hardware import device_profile
 from .kernels import swiglu
-from .validation import check_array, check_bool, check_choice, check_index_range, check_int, check_real
+from .validation import (check_array, check_bool, check_choice, check_index_range, check_int, check_real,
+                         host_values)
 
 INDEX_DTYPES = (mx.int32, mx.uint32, mx.int64, mx.uint64, mx.int16, mx.uint16, mx.int8, mx.uint8)
 MATMUL_ROUTES = ("auto", "gather", "per_expert", "batched")
@@ -399,12 +400,9 @@ class SparseMoELayer(nn.Module):
         indices = experts.astype(mx.int32)
         flat = indices.reshape(-1)
         ranks, counts = _expert_ranks(indices, self.num_experts)
-        try:
-            counts = counts.tolist()
-        except ValueError as error:
-            if "transformation" in str(error):
-                return None
-            raise
+        counts = host_values(counts)
+        if counts is None:
+            return None
         capacity = _capacity(self.capacity_factor, count, self.num_experts)
         offsets, sizes, width = self._blocks(counts, capacity, route)
         total = sum(sizes) if width is None else self.num_experts * width

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -82,6 +82,17 @@ def check_bool(name: str, value) -> bool:
     return bool(value)
 
 
+def host_values(array: mx.array) -> Optional[Any]:
+    """``array.tolist()``, or None where the host cannot read it: a traced array (inside ``mx.compile``,
+    ``mx.vmap`` or a gradient it depends on)."""
+    try:
+        return array.tolist()
+    except ValueError as error:
+        if "transformation" in str(error):
+            return None
+        raise
+
+
 def check_index_range(name: str, indices: mx.array, size: int, expected: str) -> None:
     """Raise ValueError unless every value of the integer array ``indices`` lies in ``[0, size)``.
 
@@ -91,11 +102,9 @@ def check_index_range(name: str, indices: mx.array, size: int, expected: str) ->
     """
     if not indices.size:
         return
-    try:
-        low, high = mx.stack([indices.min(), indices.max()]).tolist()
-    except ValueError as error:
-        if "transformation" in str(error):
-            return
-        raise
+    extremes = host_values(mx.stack([indices.min(), indices.max()]))
+    if extremes is None:
+        return
+    low, high = extremes
     if low < 0 or high >= size:
         raise ValueError(f"{name} must lie in [0, {size}) ({expected}); got values in [{low}, {high}]")

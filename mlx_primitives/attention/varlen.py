@@ -6,7 +6,7 @@ from typing import List, Optional, Tuple
 
 import mlx.core as mx
 
-from ..validation import check_array, check_int
+from ..validation import check_array, check_int, host_values
 from .dispatch import run_attention
 from .dropout import draw_seed
 from .flash import Output, split_packed
@@ -21,15 +21,12 @@ def _check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen, max_name: s
     if cu_seqlens.size < 2:
         raise ValueError(f"{name} must have shape (batch + 1,) with batch >= 1; got {tuple(cu_seqlens.shape)}")
     max_seqlen = check_int(max_name, max_seqlen)
-    try:
-        bounds = cu_seqlens.tolist()
-    except ValueError as error:
-        if "transformation" not in str(error):
-            raise
+    bounds = host_values(cu_seqlens)
+    if bounds is None:
         raise ValueError(
             f"{name} is read on the host (it splits the packed sequences): inside mx.compile or mx.vmap pass it "
             "as a constant captured by the function, not as an argument of the transformed function"
-        ) from None
+        )
     if bounds[0] != 0:
         raise ValueError(f"{name}[0] must be 0; got {bounds[0]}")
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
