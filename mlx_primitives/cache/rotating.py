@@ -121,7 +121,8 @@ class RotatingKVCache(Cache):
         if length > max_size and idx != length:
             raise ValueError(f"RotatingKVCache.state holds {length} keys, more than max_size = {max_size}, "
                              f"which only a prompt chunk's keys in time order (_idx = {length}) may; _idx = {idx}")
-        self.keys, self.values, self.offset, self.keep, self.max_size, self._idx = value
+        self.keys, self.values, self.offset, self.keep, self.max_size, self._idx = (keys, values, offset, keep, max_size,
+                                                                                     idx)
 
     def is_trimmable(self) -> bool:
         return self.offset < self.max_size
