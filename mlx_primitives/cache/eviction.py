@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..validation import check_array
+from .base import causal_mask
 
 
 class EvictionPolicy(Protocol):
@@ -123,7 +124,5 @@ def received_attention(q: mx.array, k: mx.array, lse: mx.array, scale: Optional[
     logits = mx.einsum("qhd,khd->hqk", q.astype(mx.float32), keys) * (1 / math.sqrt(dim) if scale is None else scale)
     probs = mx.exp(logits - lse[..., None])
     if causal:
-        length = k.shape[0]
-        visible = mx.arange(length)[None] <= mx.arange(length - q_len, length)[:, None]
-        probs = mx.where(visible, probs, 0.0)
+        probs = mx.where(causal_mask(q_len, k.shape[0] - q_len), probs, 0.0)
     return probs.sum(axis=(0, 1))
