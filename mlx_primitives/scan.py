@@ -28,10 +28,6 @@ CUMULATIVE_DTYPES = FLOAT_DTYPES + (mx.bool_, mx.int8, mx.int16, mx.int32, mx.in
                                     mx.uint32, mx.uint64)
 
 
-def _check_path(path: str) -> None:
-    check_choice("path", path, PATHS)
-
-
 def linear_scan_reference(a: mx.array, b: mx.array, axis: int) -> mx.array:
     """``h_t = a_t h_{t-1} + b_t`` along ``axis`` (``h_{-1} = 0``) in MLX ops: Hillis-Steele doubling,
     ``log2(L)`` steps of the operator ``(a1, b1) . (a2, b2) = (a1 a2, a2 b1 + b2)``, float32 inside."""
@@ -89,7 +85,7 @@ def associative_scan(
         ``mx.cumsum`` / ``mx.cumprod`` (x's, bool sums in int32), for ``"ssm"`` ``h`` in b's dtype.
     """
     check_choice("operator", operator, OPERATORS)
-    _check_path(path)
+    check_choice("path", path, PATHS)
     reverse, inclusive = check_bool("reverse", reverse), check_bool("inclusive", inclusive)
     if operator != "ssm":
         if path != "auto" or config is not None:
@@ -284,7 +280,7 @@ def selective_scan(
                     shape=(batch, dims, state_size))
     delta_softplus, return_last_state = check_bool("delta_softplus", delta_softplus), check_bool(
         "return_last_state", return_last_state)
-    _check_path(path)
+    check_choice("path", path, PATHS)
     if splits is not None and check_int("splits", splits) < 1:
         raise ValueError(f"splits must be a positive int; got {splits!r}")
 
@@ -296,7 +292,7 @@ def selective_scan(
     else:
         present = (D is not None, z is not None, delta_bias is not None)
         arrays = [t for t in (x, delta, A, B, C, D, z, delta_bias) if t is not None]
-        function = _selective_scan_function(present, bool(delta_softplus), tuple(sorted(chosen.items())), splits)
+        function = _selective_scan_function(present, delta_softplus, tuple(sorted(chosen.items())), splits)
         y, last = function(*arrays)
     return (y, last) if return_last_state else y
 
