@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .launcher import ENTRY, SRC, Kernel
+from .launcher import ENTRY, Kernel
 
 THREADS_PER_ROW = (32, 64, 128, 256, 512, 1024)
 
@@ -75,7 +75,7 @@ W8A8_WG = Kernel(
     body="w8a8_wg.kern",
     inputs=W8A8.inputs,
     outputs=W8A8.outputs,
-    helpers=("flash_{backend}.inc", "wgmma_{backend}.inc"),
+    helpers=("flash_{backend}.inc", "flash.inc", "wgmma_{backend}.inc"),
     mma=True,
     tunables=(("BN", (128, 256)), ("STAGES", (3, 4))),
 )
@@ -91,12 +91,12 @@ DECODE_COMBINE = Kernel(
 
 @dataclasses.dataclass(frozen=True)
 class _AttentionKernel(Kernel):
-    """A kernel whose header also takes the attention helpers: ``flash_<backend>.inc`` (what differs
-    between backends: register-level P, ldmatrix-style loads, asynchronous copies), then ``flash.inc``."""
+    """A kernel whose header also takes the attention helpers, in front of its own: ``flash_<backend>.inc``
+    (what differs between backends: register-level P, ldmatrix-style loads, asynchronous copies), then
+    ``flash.inc``."""
 
-    def header(self, backend: str) -> str:
-        helpers = (f"flash_{backend}.inc", "flash.inc")
-        return "\n".join([super().header(backend)] + [(SRC / f).read_text() for f in helpers])
+    def helper_files(self):
+        return ("flash_{backend}.inc", "flash.inc") + self.helpers
 
 
 # Prefill attention (flash_attention.py): keys per tile and warps (16 query rows each) per group.
@@ -109,6 +109,19 @@ FLASH_FWD = _AttentionKernel(
     tunables=(("BK", (32, 64)), ("WARPS", (4, 8))),
 )
 
+# Its warpgroup variant (the same body with WG 1, sm_90 only; wgmma_<backend>.inc): keys per tile and
+# warpgroups (64 query rows each, WARPS / 4) per group.
+FLASH_FWD_WG = _AttentionKernel(
+    name="flash_attention_fwd_wg",
+    body="flash_fwd.kern",
+    inputs=FLASH_FWD.inputs,
+    outputs=FLASH_FWD.outputs,
+    helpers=("wgmma_{backend}.inc",),
+    mma=True,
+    defines=(("WG", 1),),
+    tunables=(("BK", (64, 128)), ("WARPS", (4, 8))),
+)
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +132,8 @@ class FlexKernel(_AttentionKernel):
 
     prologue: str = ""
 
-    def header(self, backend: str) -> str:
-        return "\n".join([super().header(backend), (SRC / "flex.inc").read_text()])
+    def helper_files(self):
+        return super().helper_files() + ("flex.inc",)
 
     def source(self, backend: str) -> str:
         return ENTRY[backend] + self.prologue + (self.src_dir / self.body).read_text()
@@ -223,6 +236,9 @@ DEFAULTS = {
     # exceeds shared memory (head dim 256, Apple GPUs) the kernel takes the largest tiles that fit
     # (flash_attention.config_for).
     "flash_attention_fwd": {"BK": 64, "WARPS": 8},
+    # 128 keys by 128 query rows (flash-attention 3's tile at head dim 128); head dim 256 takes 64 keys
+    # (flash_attention.config_for: the registers of its 64 x 256 output block).
+    "flash_attention_fwd_wg": {"BK": 128, "WARPS": 8},
     # 32 keys by 64 query rows, the next tile copied while one is computed: of 9 configs timed on the H100
     # (fp16, B=1, H=16, L=4k, D=128, softcap) the fastest, 0.89 ms against 1.22 for 32 x 32 single-stage
     # (64 x 64 two-stage within 5%). Where it exceeds shared memory the kernel takes the largest tiles
@@ -241,6 +257,6 @@ DEFAULTS = {
 
 KERNELS = (
     RMS_NORM, RMS_NORM_RESIDUAL, LAYER_NORM, LAYER_NORM_RESIDUAL, ROPE, GLU, MATMUL, DECODE, DECODE_COMBINE, FLASH_FWD,
-    FLASH_BWD_DQ, FLASH_BWD_DKDV,
+    FLASH_FWD_WG, FLASH_BWD_DQ, FLASH_BWD_DKDV,
     W8A8, W8A8_WG, SELECTIVE_SCAN, LINEAR_SCAN, SAGE_QUANT, SAGE_ATTN,
 )

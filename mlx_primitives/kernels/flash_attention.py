@@ -22,17 +22,41 @@ from ..attention.spec import AttentionSpec
 from ..hardware import device_profile, dynamic_shared_memory, static_shared_memory
 from ..memo import CallMemo
 from . import flash_backward, tuning
-from .catalog import FLASH_FWD
+from .catalog import FLASH_FWD, FLASH_FWD_WG
 from .launcher import BoundLaunch, Launch
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
 DTYPES = (mx.float16, mx.bfloat16)
+# Head dims of the warpgroup variant (FLASH_FWD_WG): whole 64-element column blocks of its tiles.
+WG_HEAD_DIMS = (64, 128, 256)
 
 
 def shared_memory_bytes(head_dim: int, config: Dict[str, int], itemsize: int = 2) -> int:
     """Bytes of the kernel's one shared buffer (see the comment block of ``flash_fwd.kern``)."""
     rows = max(2 * config["BK"], 16 * config["WARPS"])
     return rows * (head_dim + 8) * itemsize
+
+
+def warpgroup_shared_memory_bytes(head_dim: int, config: Dict[str, int], itemsize: int = 2) -> int:
+    """Dynamic shared memory of the warpgroup variant: the q block, two stages of (K tile, V tile) and
+    1 KiB to align the tiles."""
+    return (16 * config["WARPS"] + 4 * config["BK"]) * head_dim * itemsize + 1024
+
+
+def uses_warpgroup(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> bool:
+    """Whether a call runs the warpgroup variant: on sm_90 (wgmma) at head dims :data:`WG_HEAD_DIMS`,
+    unless ``config`` says ``{"WG": 0}``; ``{"WG": 1}`` asks for it (ValueError where it can't run)."""
+    profile = device_profile()
+    eligible = profile.backend == "cuda" and profile.family == "sm_90" and spec.head_dim in WG_HEAD_DIMS
+    wanted = (config or {}).get("WG")
+    if wanted is None:
+        return eligible
+    if wanted not in (0, 1):
+        raise ValueError(f"config['WG'] must be 0 or 1; got {wanted!r}")
+    if wanted and not eligible:
+        raise ValueError(f"the warpgroup kernel needs sm_90 and head_dim in {WG_HEAD_DIMS}; this is "
+                         f"{profile.family} with head_dim {spec.head_dim}")
+    return bool(wanted)
 
 
 def unsupported(spec: AttentionSpec) -> Optional[str]:
@@ -66,18 +90,37 @@ def _fitting_configs(head_dim: int) -> List[Dict[str, int]]:
     return [c for c in FLASH_FWD.configs() if shared_memory_bytes(head_dim, c) <= static_shared_memory()]
 
 
+def warpgroup_config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> Dict[str, int]:
+    """Tile sizes of a warpgroup launch: tuned (or default) for the call's bucket, overridden by ``config``;
+    head dim 256 takes 64 keys per tile unless ``config`` names BK (a 64 x 256 output block leaves no
+    registers for 128 keys' scores)."""
+    tuned = dict(tuning.config_for(FLASH_FWD_WG, spec.dtype, tuning_problem(spec), exact=("D",)))
+    if spec.head_dim > 128 and "BK" not in (config or {}):
+        tuned["BK"] = 64
+    chosen = {**tuned, **{name: value for name, value in (config or {}).items() if name != "WG"}}
+    if chosen not in FLASH_FWD_WG.configs():
+        raise ValueError(f"the warpgroup kernel takes {dict(FLASH_FWD_WG.tunables)}; got {chosen} "
+                         "(config['WG'] = 0 picks the other kernel)")
+    needed, limit = warpgroup_shared_memory_bytes(spec.head_dim, chosen), dynamic_shared_memory(device_profile())
+    if needed > limit:
+        raise ValueError(f"config {chosen} needs {needed} bytes of shared memory at head_dim {spec.head_dim}; "
+                         f"the limit is {limit}")
+    return chosen
+
+
 def config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> Dict[str, int]:
     """Tile sizes of a launch: the tuned (or default) ones for the call's bucket, overridden by ``config``;
     checked against shared memory. Sliding-window calls take :data:`SLIDING_WINDOW_TILES` in place of
     the default. Where the tuned or default tiles don't fit this head dim and no ``config`` is given,
     the largest tiles that fit."""
+    config = {name: value for name, value in (config or {}).items() if name != "WG"}
     tuned = tuning.config_for(FLASH_FWD, spec.dtype, tuning_problem(spec), exact=("D",))
     if spec.window[0] >= 0 and tuned == tuning.SPACES[FLASH_FWD.name].default_for(device_profile()):
         tuned = SLIDING_WINDOW_TILES
     fitting = _fitting_configs(spec.head_dim)
     if not config and tuned not in fitting and fitting:
         tuned = max(fitting, key=lambda c: c["BK"] * c["WARPS"])
-    chosen = {**tuned, **(config or {})}
+    chosen = {**tuned, **config}
     if chosen["BK"] % 16 or chosen["WARPS"] < 1:
         raise ValueError(f"BK must be a multiple of 16 and WARPS positive; got {chosen}")
     if shared_memory_bytes(spec.head_dim, chosen) > static_shared_memory():
@@ -88,13 +131,16 @@ def config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> 
     return chosen
 
 
-def plan(q, k, v, window, slopes, sinks, rng, spec: AttentionSpec, config: Dict[str, int]) -> Launch:
+def plan(q, k, v, window, slopes, sinks, rng, spec: AttentionSpec, config: Dict[str, int],
+         warpgroup: bool = False) -> Launch:
+    """The forward's launch; ``warpgroup`` picks FLASH_FWD_WG (``config`` from :func:`warpgroup_config_for`)."""
     threads = 32 * config["WARPS"]
     query_blocks = -(-spec.q_len // (16 * config["WARPS"]))
     template = [("T", q.dtype), ("D", spec.head_dim), ("BK", config["BK"]), ("WARPS", config["WARPS"])]
     template += flash_backward.feature_template(spec) + [("SINKS", int(spec.sinks is not None))]
     return Launch(
-        kernel=FLASH_FWD,
+        kernel=FLASH_FWD_WG if warpgroup else FLASH_FWD,
+        shared_memory=warpgroup_shared_memory_bytes(spec.head_dim, config) if warpgroup else 0,
         inputs=[q, k, v, window, slopes, sinks, rng],
         template=template,
         grid=(query_blocks * threads, spec.num_heads, spec.batch),
@@ -154,7 +200,8 @@ def flash_attention(
         k: ``(batch, num_kv_heads, k_len, head_dim)``.
         v: ``(batch, num_kv_heads, k_len, head_dim)``.
         spec: the call's description; :func:`unsupported` must be None for it.
-        config: tile sizes ``{"BK", "WARPS"}`` overriding the head dim's default.
+        config: tile sizes ``{"BK", "WARPS"}`` overriding the head dim's default; ``"WG"`` 0 or 1 picks
+            the kernel (default: the warpgroup variant where :func:`uses_warpgroup`).
         dropout_seed: uint32 scalar, required when ``spec.dropout_p > 0`` (the reference path's
             keep mask for the same seed).
         batch_offset: index of batch row 0 in the dropout counter (varlen sequences).
@@ -176,7 +223,8 @@ def _prepare(spec: AttentionSpec, config, dropout_seed, batch_offset: int, backw
     """The differentiable kernel function of a call: ``function(q, k, v, *extras) -> [out, lse]`` where
     ``extras`` are the flat float32 ALiBi slopes and sinks the spec has (their values may change
     between calls of one prepared function; their shapes may not)."""
-    chosen = config_for(spec, config)
+    warpgroup = uses_warpgroup(spec, config)
+    chosen = warpgroup_config_for(spec, config) if warpgroup else config_for(spec, config)
     # The backward's tiles are looked up when a gradient is taken (explicit ones are checked now).
     grad_configs = _memo(lambda: flash_backward.configs_for(spec, dynamic_shared_memory(),
                                                             *(backward_configs or (None, None))))
@@ -204,7 +252,7 @@ def _prepare(spec: AttentionSpec, config, dropout_seed, batch_offset: int, backw
         call_spec, slopes, sinks = kernel_inputs(extra_arrays)
         inputs = [q, k, v, window, slopes, sinks, rng]
         if not bound:
-            bound.append(BoundLaunch(plan(*inputs, call_spec, chosen)))
+            bound.append(BoundLaunch(plan(*inputs, call_spec, chosen, warpgroup)))
         return bound[0](inputs, lambda: reference(q, k, v, *extra_arrays))
 
     function = mx.custom_function(forward)
@@ -239,7 +287,8 @@ def _memo(compute):
 
 
 def compile_examples():
-    """Launches covering both dtypes, every head dim, feature flag and fitting tile config (Metal compile check)."""
+    """Launches covering both dtypes, every head dim, feature flag and fitting tile config, and the warpgroup
+    variant's at its head dims (the Metal and CUDA compile checks)."""
     from ..attention.spec import describe_attention
 
     for dtype in DTYPES:
@@ -259,3 +308,7 @@ def compile_examples():
                         continue
                     yield plan(q, kv, kv, mx.array(spec.window, dtype=mx.int32), _placeholder(), _placeholder(),
                                mx.zeros((3,), mx.uint32), spec, config)
+                if head_dim in WG_HEAD_DIMS:
+                    for config in FLASH_FWD_WG.configs():
+                        yield plan(q, kv, kv, mx.array(spec.window, dtype=mx.int32), _placeholder(), _placeholder(),
+                                   mx.zeros((3,), mx.uint32), spec, config, warpgroup=True)

@@ -85,8 +85,12 @@ class Kernel:
     def header(self, backend: str) -> str:
         parts = [f"#define {macro} {value}\n" for macro, value in self.defines]
         parts += [_read(SRC / f) for f in PRELUDES[backend] + ((MMA[backend],) if self.mma else ())]
-        parts += [_read(self.src_dir / f.format(backend=backend)) for f in self.helpers]
+        parts += [_read(self.src_dir / f.format(backend=backend)) for f in self.helper_files()]
         return "\n".join(parts)
+
+    def helper_files(self) -> Tuple[str, ...]:
+        """The header's helper sources after the prelude and matrix unit, in order (``{backend}`` unfilled)."""
+        return self.helpers
 
     def source(self, backend: str) -> str:
         return ENTRY[backend] + _read(self.src_dir / self.body)

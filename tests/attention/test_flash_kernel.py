@@ -160,13 +160,63 @@ def test_rows_without_keys_are_zero_with_lse_minus_inf(no_fallback):
     assert np.all(np.array(out[:, :, :20].astype(mx.float32)) == 0) and np.all(np.isneginf(lse[:, :, :20]))
 
 
-FITTING_CONFIGS = [c for c in fa.FLASH_FWD.configs() if fa.shared_memory_bytes(128, c) <= static_shared_memory()]
+FITTING_CONFIGS = [{"WG": 0, **c} for c in fa.FLASH_FWD.configs()
+                   if fa.shared_memory_bytes(128, c) <= static_shared_memory()]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", FITTING_CONFIGS)
 def test_every_fitting_tile_config(no_fallback, config):
     check(q_len=200, k_len=300, head_dim=128, causal=True, config=config)
+
+
+def _warpgroup_unit() -> bool:
+    p = profile.device_profile()
+    return p.backend == "cuda" and p.family == "sm_90"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _warpgroup_unit(), reason="the warpgroup kernel needs sm_90")
+@pytest.mark.parametrize("head_dim", fa.WG_HEAD_DIMS)
+@pytest.mark.parametrize("config", fa.FLASH_FWD_WG.configs())
+def test_every_warpgroup_tile_config(no_fallback, head_dim, config):
+    spec = describe_attention(*(mx.zeros((1, 1, 8, head_dim), mx.float16),) * 3)
+    try:
+        fa.warpgroup_config_for(spec, config)
+    except ValueError:  # beyond shared memory: refused before any launch
+        pytest.skip(f"{config} does not fit head_dim {head_dim}")
+    check(q_len=200, k_len=333, head_dim=head_dim, causal=True, softcap=20.0, config={"WG": 1, **config})
+    check(mx.bfloat16, q_len=77, k_len=77, head_dim=head_dim, window_size=(9, 40), config={"WG": 1, **config})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _warpgroup_unit(), reason="the warpgroup kernel needs sm_90")
+@pytest.mark.parametrize("head_dim", fa.WG_HEAD_DIMS)
+def test_warpgroup_and_matrix_unit_kernels_agree(no_fallback, head_dim):
+    q, k, v = (mx.random.normal((2, 4, 150, head_dim)).astype(mx.float16) for _ in range(3))
+    spec = describe_attention(q, k, v, causal=True, alibi_slopes=mx.random.uniform(shape=(4,)) * 0.1)
+    ours = [fa.flash_attention(q, k, v, spec, {"WG": wg}) for wg in (1, 0)]
+    np.testing.assert_allclose(f64(ours[0][0]), f64(ours[1][0]), atol=4e-3)
+    np.testing.assert_allclose(np.array(ours[0][1]), np.array(ours[1][1]), rtol=1e-5, atol=1e-5)
+
+
+def test_warpgroup_kernel_is_asked_for_only_where_it_runs(monkeypatch):
+    hopper = profile_from_info("cuda", {"device_name": "NVIDIA H100", "architecture": "sm_90"})
+    monkeypatch.setattr(fa, "device_profile", lambda: hopper)
+    assert fa.uses_warpgroup(_spec(head_dim=128)) and fa.uses_warpgroup(_spec(head_dim=256))
+    assert not fa.uses_warpgroup(_spec(head_dim=96)) and not fa.uses_warpgroup(_spec(head_dim=128), {"WG": 0})
+    with pytest.raises(ValueError, match="head_dim"):
+        fa.uses_warpgroup(_spec(head_dim=80), {"WG": 1})
+    with pytest.raises(ValueError, match="WG"):
+        fa.uses_warpgroup(_spec(head_dim=128), {"WG": 2})
+    with pytest.raises(ValueError, match="warpgroup kernel takes"):
+        fa.warpgroup_config_for(_spec(head_dim=128), {"BK": 32})
+    assert fa.warpgroup_config_for(_spec(head_dim=256))["BK"] == 64
+    metal = profile_from_info("metal", {"device_name": "Apple M3 Max"})
+    monkeypatch.setattr(fa, "device_profile", lambda: metal)
+    assert not fa.uses_warpgroup(_spec(head_dim=128))
+    with pytest.raises(ValueError, match="sm_90"):
+        fa.uses_warpgroup(_spec(head_dim=128), {"WG": 1})
 
 
 @pytest.mark.gpu
