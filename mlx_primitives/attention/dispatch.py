@@ -10,7 +10,8 @@ Paths, in order of preference:
   ALiBi, LSE); where :data:`DECODE_BEATS_SDPA` says so from measurements, also plain/causal ones.
 * ``"kernel"`` -- the prefill flash kernel (:mod:`mlx_primitives.kernels.flash_attention`)
   on a GPU backend, for the features sdpa lacks (window, softcap, ALiBi, LSE, ...)
-  and for causal calls at head dims past sdpa's fast path, when the kernel supports the call.
+  and for calls at head dims past sdpa's fast path (causal ones; on sm_90, whose warpgroup kernel
+  measured faster there, all), when the kernel supports the call.
 * ``"reference"`` -- the blockwise pure-MLX path (:mod:`.reference`) for
   everything else, and wherever memory must stay O(N) on a backend whose
   ``scaled_dot_product_attention`` materializes the score matrix (the CPU).
@@ -49,8 +50,9 @@ REFERENCE_ENV = "FLASH_ATTENTION_MLX_REF"
 # as much as the whole memoized validation of a call.
 FORCE_REFERENCE = os.environ.get(REFERENCE_ENV, "0") not in ("", "0")
 
-# Past this head dim sdpa leaves its fast path (cuDNN on CUDA): on the H100 the kernel is 2-3x faster
-# there for causal calls, sdpa still ~1.3x faster without a mask (benchmarks/results/h100/flash_kernel.md).
+# Past this head dim sdpa leaves its fast path (cuDNN on CUDA). H100, D=256, fp16, L 4k-16k
+# (benchmarks/results/h100/flash_kernel.md): the warpgroup kernel is 3.5-6.7x sdpa causal and 1.5-1.6x
+# plain; the other kernel is 2-3x faster causal, ~1.3x slower plain (so plain stays on sdpa without it).
 SDPA_FAST_HEAD_DIM = 128
 
 
@@ -139,11 +141,11 @@ def choose_route(spec: AttentionSpec, need_lse: bool = False, path: str = "auto"
     if spec.q_len <= decode.MAX_Q_LEN and (blocker or _decode_beats_sdpa(spec)) and _decode_blocker(spec) is None:
         why = blocker or "measured faster than sdpa at this shape"
         return Route("decode", f"{why}: the split-KV decode kernel computes it")
-    past_fast_path = spec.causal and spec.head_dim > SDPA_FAST_HEAD_DIM
+    past_fast_path = spec.head_dim > SDPA_FAST_HEAD_DIM and (spec.causal or flash_attention.uses_warpgroup(spec))
     if (blocker or past_fast_path) and _kernel_blocker(spec) is None:
         if blocker:
             return Route("kernel", f"{blocker}: the flash kernel computes it")
-        return Route("kernel", f"causal at head_dim {spec.head_dim} is past sdpa's fast path")
+        return Route("kernel", f"{'causal ' if spec.causal else ''}head_dim {spec.head_dim} is past sdpa's fast path")
     if blocker:
         return Route("reference", blocker)
     if spec.chunk_size is not None and not device_profile().is_gpu:

@@ -96,7 +96,7 @@ def warpgroup_config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] =
     registers for 128 keys' scores)."""
     tuned = dict(tuning.config_for(FLASH_FWD_WG, spec.dtype, tuning_problem(spec), exact=("D",)))
     if spec.head_dim > 128 and "BK" not in (config or {}):
-        tuned["BK"] = 64
+        tuned["BK"] = 64  # the tuner's rule too (tuning._flash_wg_invalid)
     chosen = {**tuned, **{name: value for name, value in (config or {}).items() if name != "WG"}}
     if chosen not in FLASH_FWD_WG.configs():
         raise ValueError(f"the warpgroup kernel takes {dict(FLASH_FWD_WG.tunables)}; got {chosen} "

@@ -32,6 +32,15 @@ def _flash_invalid(config: Config, profile, problem) -> Optional[str]:
     return f"needs {needed} bytes of shared memory, the limit is {limit}" if needed > limit else None
 
 
+def _flash_wg_invalid(config: Config, profile, problem) -> Optional[str]:
+    from .flash_attention import warpgroup_shared_memory_bytes
+
+    if problem["D"] > 128 and config["BK"] > 64:
+        return "a 64 x 256 output block leaves no registers for 128 keys' scores"
+    needed, limit = warpgroup_shared_memory_bytes(problem["D"], config), dynamic_shared_memory(profile)
+    return f"needs {needed} bytes of shared memory, the limit is {limit}" if needed > limit else None
+
+
 def _sage_invalid(config: Config, profile, problem) -> Optional[str]:
     from .sage import shared_memory_bytes
 
@@ -48,7 +57,7 @@ def _flash_backward_invalid(name: str, config: Config, profile, problem) -> Opti
 
 
 _INVALID = {catalog.MATMUL.name: _matmul_invalid, catalog.FLASH_FWD.name: _flash_invalid,
-            catalog.SAGE_ATTN.name: _sage_invalid}
+            catalog.FLASH_FWD_WG.name: _flash_wg_invalid, catalog.SAGE_ATTN.name: _sage_invalid}
 _INVALID.update({name: functools.partial(_flash_backward_invalid, name)
                  for name in (catalog.FLASH_BWD_DQ.name, catalog.FLASH_BWD_DKDV.name)})
 
@@ -134,7 +143,7 @@ def tuning_tasks(quick: bool = False, kernels: Optional[Sequence[str]] = None) -
     """Representative problems of every tunable kernel (LLM-sized, float16)."""
     check_kernel_names(kernels)
     from ..attention.spec import describe_attention
-    from .flash_attention import flash_attention, tuning_problem
+    from .flash_attention import flash_attention, tuning_problem, uses_warpgroup
     from .glu import swiglu
     from .matmul import tiled_matmul
     from .norms import layer_norm, rms_norm
@@ -180,7 +189,12 @@ def tuning_tasks(quick: bool = False, kernels: Optional[Sequence[str]] = None) -
         hq, hk = (t[..., :head_dim] if head_dim <= 128 else mx.concatenate([t, t], axis=-1) for t in (q, k))
         spec = describe_attention(hq, hk, hk, causal=True, softcap=30.0)
         tasks.append(_task(catalog.FLASH_FWD, dtype, tuning_problem(spec), ("D",),
-                           lambda c, hq=hq, hk=hk, spec=spec: lambda: flash_attention(hq, hk, hk, spec, c)[0]))
+                           lambda c, hq=hq, hk=hk, spec=spec: lambda: flash_attention(hq, hk, hk, spec,
+                                                                                       {"WG": 0, **c})[0]))
+        if uses_warpgroup(spec):
+            tasks.append(_task(catalog.FLASH_FWD_WG, dtype, tuning_problem(spec), ("D",),
+                               lambda c, hq=hq, hk=hk, spec=spec: lambda: flash_attention(hq, hk, hk, spec,
+                                                                                           {"WG": 1, **c})[0]))
     tasks += _sage_tasks(q, k, dtype)
     if not kernels or {catalog.FLASH_BWD_DQ.name, catalog.FLASH_BWD_DKDV.name} & set(kernels):
         tasks += flash_backward_tasks(dtype, length=2048 if quick else 4096)

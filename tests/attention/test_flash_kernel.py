@@ -301,6 +301,16 @@ def test_gpu_keeps_plain_and_causal_on_sdpa(on_gpu, features):
     assert dispatch.choose_route(_spec(**features)).path == "sdpa"
 
 
+def test_hopper_routes_every_head_dim_256_call_to_the_warpgroup_kernel(monkeypatch):
+    hopper = profile_from_info("cuda", {"device_name": "NVIDIA H100 80GB HBM3", "architecture": "sm_90"})
+    monkeypatch.setattr(dispatch, "device_profile", lambda: hopper)
+    monkeypatch.setattr(fa, "device_profile", lambda: hopper)
+    assert dispatch.choose_route(_spec(head_dim=256)).path == "kernel"
+    assert dispatch.choose_route(_spec(head_dim=256, causal=True)).path == "kernel"
+    assert dispatch.choose_route(_spec(head_dim=128)).path == "sdpa"
+    assert dispatch.choose_route(_spec(head_dim=128, causal=True)).path == "sdpa"
+
+
 @pytest.mark.parametrize(
     "features",
     [
