@@ -223,6 +223,18 @@ SAGE_ATTN = _AttentionKernel(
     tunables=(("BK", (32, 64)), ("WARPS", (4, 8))),
 )
 
+# Its warpgroup variant (WG 1, sm_90 only): keys per tile (wgmma s8 widths) and warps (4 per warpgroup).
+SAGE_ATTN_WG = _AttentionKernel(
+    name="sage_attention_fwd_wg",
+    body=SAGE_ATTN.body,
+    inputs=SAGE_ATTN.inputs,
+    outputs=SAGE_ATTN.outputs,
+    helpers=("wgmma_{backend}.inc",),
+    mma=True,
+    defines=(("WG", 1),),
+    tunables=(("BK", (64, 128)), ("WARPS", (4, 8))),
+)
+
 # Defaults: norms pick threads per row from the row length (see norms.py); the rest are the best
 # of the H100 sweep in benchmarks/results/h100/kernels.md.
 DEFAULTS = {
@@ -253,10 +265,12 @@ DEFAULTS = {
     "linear_scan": {"WARPS": 4, "ITEMS": 8},
     # 32 keys by 64 query rows: best of the H100 sweep (fp16, L=8k, D=128, plain and causal; sage.md).
     "sage_attention_fwd": {"BK": 32, "WARPS": 4},
+    # 64 keys by 128 query rows: 128 keys spill registers at head dim 128 without a causal mask (nvcc, sm_90a).
+    "sage_attention_fwd_wg": {"BK": 64, "WARPS": 8},
 }
 
 KERNELS = (
     RMS_NORM, RMS_NORM_RESIDUAL, LAYER_NORM, LAYER_NORM_RESIDUAL, ROPE, GLU, MATMUL, DECODE, DECODE_COMBINE, FLASH_FWD,
     FLASH_FWD_WG, FLASH_BWD_DQ, FLASH_BWD_DKDV,
-    W8A8, W8A8_WG, SELECTIVE_SCAN, LINEAR_SCAN, SAGE_QUANT, SAGE_ATTN,
+    W8A8, W8A8_WG, SELECTIVE_SCAN, LINEAR_SCAN, SAGE_QUANT, SAGE_ATTN, SAGE_ATTN_WG,
 )

@@ -43,18 +43,19 @@ def warpgroup_shared_memory_bytes(head_dim: int, config: Dict[str, int], itemsiz
     return (16 * config["WARPS"] + 4 * config["BK"]) * head_dim * itemsize + 1024
 
 
-def uses_warpgroup(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> bool:
-    """Whether a call runs the warpgroup variant: on sm_90 (wgmma) at head dims :data:`WG_HEAD_DIMS`,
-    unless ``config`` says ``{"WG": 0}``; ``{"WG": 1}`` asks for it (ValueError where it can't run)."""
+def uses_warpgroup(spec: AttentionSpec, config: Optional[Dict[str, int]] = None,
+                   head_dims: Tuple[int, ...] = WG_HEAD_DIMS) -> bool:
+    """Whether a call runs the warpgroup variant of its kernel: on sm_90 (wgmma) at ``head_dims``, unless
+    ``config`` says ``{"WG": 0}``; ``{"WG": 1}`` asks for it (ValueError where it can't run)."""
     profile = device_profile()
-    eligible = profile.backend == "cuda" and profile.family == "sm_90" and spec.head_dim in WG_HEAD_DIMS
+    eligible = profile.backend == "cuda" and profile.family == "sm_90" and spec.head_dim in head_dims
     wanted = (config or {}).get("WG")
     if wanted is None:
         return eligible
     if wanted not in (0, 1):
         raise ValueError(f"config['WG'] must be 0 or 1; got {wanted!r}")
     if wanted and not eligible:
-        raise ValueError(f"the warpgroup kernel needs sm_90 and head_dim in {WG_HEAD_DIMS}; this is "
+        raise ValueError(f"the warpgroup kernel needs sm_90 and head_dim in {head_dims}; this is "
                          f"{profile.family} with head_dim {spec.head_dim}")
     return bool(wanted)
 

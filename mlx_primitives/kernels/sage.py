@@ -16,13 +16,15 @@ from typing import Dict, List, Optional, Tuple
 import mlx.core as mx
 
 from ..attention.spec import AttentionSpec
-from ..hardware import static_shared_memory
+from ..hardware import device_profile, dynamic_shared_memory, static_shared_memory
 from . import tuning
-from .catalog import SAGE_ATTN, SAGE_QUANT
+from .catalog import SAGE_ATTN, SAGE_ATTN_WG, SAGE_QUANT
+from .flash_attention import uses_warpgroup
 from .launcher import Launch, float_bits, launch
 
 # Head dims run on the H100 (tests/attention/test_sage_kernel.py); others take the reference path.
 HEAD_DIMS = (64, 96, 128)
+WG_HEAD_DIMS = (64, 128)  # the warpgroup variant's: whole 64-element column blocks of v
 DTYPES = (mx.float16, mx.bfloat16)
 QUANT_ROWS = 64  # rows per threadgroup of the quantization kernel
 QUANT_THREADS = 128
@@ -73,6 +75,25 @@ def shared_memory_bytes(head_dim: int, config: Dict[str, int], itemsize: int = 2
     return rows * (head_dim + 16) + config["BK"] * (head_dim + 8) * itemsize
 
 
+def warpgroup_shared_memory_bytes(head_dim: int, config: Dict[str, int], itemsize: int = 2) -> int:
+    """Dynamic shared memory of the warpgroup variant: the int8 q block (128-byte rows), two stages of
+    (int8 K tile, V tile) and 1 KiB to align them."""
+    return 16 * config["WARPS"] * 128 + 2 * config["BK"] * (128 + head_dim * itemsize) + 1024
+
+
+def warpgroup_config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> Dict[str, int]:
+    """Tile sizes of a warpgroup launch: tuned (or default), overridden by ``config`` (its ``WG`` aside)."""
+    tuned = tuning.config_for(SAGE_ATTN_WG, spec.dtype, {"D": spec.head_dim, "L": spec.k_len}, exact=("D",))
+    chosen = {**tuned, **{name: value for name, value in (config or {}).items() if name != "WG"}}
+    if chosen not in SAGE_ATTN_WG.configs():
+        raise ValueError(f"the warpgroup kernel takes {dict(SAGE_ATTN_WG.tunables)}; got {chosen} "
+                         "(config['WG'] = 0 picks the other kernel)")
+    needed, limit = warpgroup_shared_memory_bytes(spec.head_dim, chosen), dynamic_shared_memory(device_profile())
+    if needed > limit:
+        raise ValueError(f"config {chosen} needs {needed} bytes of shared memory; the limit is {limit}")
+    return chosen
+
+
 def unsupported(spec: AttentionSpec, pv_accum_dtype: str = "fp32") -> Optional[str]:
     """Why the attention kernel can't compute ``spec``, or None when it can."""
     if spec.dtype not in DTYPES:
@@ -91,7 +112,7 @@ def unsupported(spec: AttentionSpec, pv_accum_dtype: str = "fp32") -> Optional[s
 def config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> Dict[str, int]:
     """Tile sizes of a launch: tuned (or default) for the call's bucket, overridden by ``config``."""
     tuned = tuning.config_for(SAGE_ATTN, spec.dtype, {"D": spec.head_dim, "L": spec.k_len}, exact=("D",))
-    chosen = {**tuned, **(config or {})}
+    chosen = {**tuned, **{name: value for name, value in (config or {}).items() if name != "WG"}}
     if chosen["BK"] % 16 or chosen["WARPS"] < 1:
         raise ValueError(f"BK must be a multiple of 16 and WARPS positive; got {chosen}")
     if shared_memory_bytes(spec.head_dim, chosen) > static_shared_memory():
@@ -101,7 +122,8 @@ def config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> 
 
 
 def attention_plan(q8, q_scale, k8, k_scale, v, spec: AttentionSpec, q_block: int, k_block: int,
-                   config: Dict[str, int]) -> Launch:
+                   config: Dict[str, int], warpgroup: bool = False) -> Launch:
+    """The attention launch; ``warpgroup`` picks SAGE_ATTN_WG (``config`` from :func:`warpgroup_config_for`)."""
     threads = 32 * config["WARPS"]
     query_blocks = -(-spec.q_len // (16 * config["WARPS"]))
     template = [
@@ -115,7 +137,8 @@ def attention_plan(q8, q_scale, k8, k_scale, v, spec: AttentionSpec, q_block: in
         ("CAUSAL", int(spec.causal)),
     ]
     return Launch(
-        kernel=SAGE_ATTN,
+        kernel=SAGE_ATTN_WG if warpgroup else SAGE_ATTN,
+        shared_memory=warpgroup_shared_memory_bytes(spec.head_dim, config) if warpgroup else 0,
         inputs=[q8.view(mx.uint32), q_scale, k8.view(mx.uint32), k_scale, v],
         template=template,
         grid=(query_blocks * threads, spec.num_heads, spec.batch),
@@ -138,13 +161,16 @@ def sage_attention(q8, q_scale, k8, k_scale, v, spec: AttentionSpec, q_block: in
         v: ``(batch, num_kv_heads, k_len, head_dim)`` float16 or bfloat16.
         spec: the call (causal or not, scale); :func:`unsupported` must be None for it.
         reference: computes the same ``[out, lse]`` in MLX ops.
-        config: tile sizes ``{"BK", "WARPS"}`` overriding the default.
+        config: tile sizes ``{"BK", "WARPS"}`` overriding the default; ``"WG"`` 0 or 1 picks the kernel
+            (default: the warpgroup variant on sm_90 at head dims :data:`WG_HEAD_DIMS`).
 
     Returns:
         ``[out, lse]``: out like v with q's heads and length; lse float32 natural log of the
         smoothed scores (without the smoothing's correction), ``-inf`` for rows without keys.
     """
-    plan = attention_plan(q8, q_scale, k8, k_scale, v, spec, q_block, k_block, config_for(spec, config))
+    warpgroup = uses_warpgroup(spec, config, WG_HEAD_DIMS)
+    chosen = warpgroup_config_for(spec, config) if warpgroup else config_for(spec, config)
+    plan = attention_plan(q8, q_scale, k8, k_scale, v, spec, q_block, k_block, chosen, warpgroup)
     return launch(plan, reference)
 
 
@@ -173,3 +199,7 @@ def compile_examples():
                         if shared_memory_bytes(head_dim, config) > static_shared_memory("metal"):
                             continue
                         yield attention_plan(q8, q_scale, k8, k_scale, v, spec, q_block, k_block, config)
+                    if head_dim in WG_HEAD_DIMS:
+                        for config in SAGE_ATTN_WG.configs():
+                            yield attention_plan(q8, q_scale, k8, k_scale, v, spec, q_block, k_block, config,
+                                                 warpgroup=True)

@@ -86,19 +86,24 @@ def _sage_tasks(q: mx.array, k: mx.array, dtype) -> List[TuningTask]:
     from ..attention.sage import quantized_reference
     from ..attention.sage_quant import quantize_bhsd
     from ..attention.spec import describe_attention
-    from .sage import sage_attention
+    from .flash_attention import uses_warpgroup
+    from .sage import WG_HEAD_DIMS, sage_attention
 
     tasks = []
     for head_dim in (64, 128):
         hq, hk = q[..., :head_dim], k[..., :head_dim]
         spec = describe_attention(hq, hk, hk, causal=True)
         quant = quantize_bhsd(hq, hk, "per_block", True)
+        kernels = [(catalog.SAGE_ATTN, 0)]
+        if uses_warpgroup(spec, head_dims=WG_HEAD_DIMS):
+            kernels.append((catalog.SAGE_ATTN_WG, 1))
+        for kernel, warpgroup in kernels:
+            def make_call(config, hk=hk, spec=spec, quant=quant, warpgroup=warpgroup):
+                return lambda: sage_attention(quant.q, quant.q_scale, quant.k, quant.k_scale, hk, spec, quant.q_block,
+                                              quant.k_block, lambda: quantized_reference(quant, hk, spec),
+                                              {"WG": warpgroup, **config})[0]
 
-        def make_call(config, hk=hk, spec=spec, quant=quant):
-            return lambda: sage_attention(quant.q, quant.q_scale, quant.k, quant.k_scale, hk, spec, quant.q_block,
-                                          quant.k_block, lambda: quantized_reference(quant, hk, spec), config)[0]
-
-        tasks.append(_task(catalog.SAGE_ATTN, dtype, {"D": head_dim, "L": spec.k_len}, ("D",), make_call))
+            tasks.append(_task(kernel, dtype, {"D": head_dim, "L": spec.k_len}, ("D",), make_call))
     return tasks
 
 
