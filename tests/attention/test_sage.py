@@ -450,3 +450,23 @@ def test_default_scale_and_float32_inputs():
     q, k, v = _offset_qkv(mx.float32, offset=0.0)
     exact = attention64(f64(q), f64(k), f64(v), Features(scale=1 / math.sqrt(64)))["out"]
     assert _accuracy(sageattn(q, k, v), exact)[0] >= 0.999
+
+
+def test_sage_kernel_variant_follows_the_device_and_config(monkeypatch):
+    from mlx_primitives.hardware import profile_from_info
+    from mlx_primitives.kernels import flash_attention as fa
+    from mlx_primitives.kernels import sage as sage_kernels
+
+    hopper = profile_from_info("cuda", {"device_name": "NVIDIA H100", "architecture": "sm_90"})
+    monkeypatch.setattr(fa, "device_profile", lambda: hopper)
+    monkeypatch.setattr(sage_kernels, "device_profile", lambda: hopper)
+    specs = {d: describe_attention(*(mx.zeros((1, 2, 8, d), mx.float16),) * 3) for d in (64, 96, 128)}
+    wg = sage_kernels.WG_HEAD_DIMS
+    assert fa.uses_warpgroup(specs[64], None, wg) and fa.uses_warpgroup(specs[128], None, wg)
+    assert not fa.uses_warpgroup(specs[96], None, wg) and not fa.uses_warpgroup(specs[128], {"WG": 0}, wg)
+    with pytest.raises(ValueError, match="head_dim"):
+        fa.uses_warpgroup(specs[96], {"WG": 1}, wg)
+    assert sage_kernels.warpgroup_config_for(specs[128]) in sage_kernels.SAGE_ATTN_WG.configs()
+    with pytest.raises(ValueError, match="warpgroup kernel takes"):
+        sage_kernels.warpgroup_config_for(specs[128], {"BK": 32})
+    assert sage_kernels.config_for(specs[128], {"WG": 0, "BK": 32})["BK"] == 32
