@@ -109,19 +109,16 @@ FLASH_FWD = _AttentionKernel(
     tunables=(("BK", (32, 64)), ("WARPS", (4, 8))),
 )
 
-# Its warpgroup variant (the same body with WG 1, sm_90 only; wgmma_<backend>.inc): keys per tile and
-# warpgroups (64 query rows each, WARPS / 4) per group.
-FLASH_FWD_WG = _AttentionKernel(
-    name="flash_attention_fwd_wg",
-    body="flash_fwd.kern",
-    inputs=FLASH_FWD.inputs,
-    outputs=FLASH_FWD.outputs,
-    helpers=("wgmma_{backend}.inc",),
-    mma=True,
-    defines=(("WG", 1),),
-    tunables=(("BK", (64, 128)), ("WARPS", (4, 8))),
-)
 
+def _warpgroup_variant(kernel: Kernel, tunables) -> Kernel:
+    """``kernel``'s body with WG 1: its Hopper variant on the warpgroup unit (``wgmma_<backend>.inc``),
+    a kernel of its own (name, tuning space) whose ``tunables`` are instruction widths and warp counts."""
+    return dataclasses.replace(kernel, name=f"{kernel.name}_wg", helpers=kernel.helpers + ("wgmma_{backend}.inc",),
+                               defines=kernel.defines + (("WG", 1),), tunables=tunables)
+
+
+# Its warpgroup variant (sm_90): keys per tile and warps (4 per warpgroup of 64 query rows) per group.
+FLASH_FWD_WG = _warpgroup_variant(FLASH_FWD, (("BK", (64, 128)), ("WARPS", (4, 8))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,17 +220,8 @@ SAGE_ATTN = _AttentionKernel(
     tunables=(("BK", (32, 64)), ("WARPS", (4, 8))),
 )
 
-# Its warpgroup variant (WG 1, sm_90 only): keys per tile (wgmma s8 widths) and warps (4 per warpgroup).
-SAGE_ATTN_WG = _AttentionKernel(
-    name="sage_attention_fwd_wg",
-    body=SAGE_ATTN.body,
-    inputs=SAGE_ATTN.inputs,
-    outputs=SAGE_ATTN.outputs,
-    helpers=("wgmma_{backend}.inc",),
-    mma=True,
-    defines=(("WG", 1),),
-    tunables=(("BK", (64, 128)), ("WARPS", (4, 8))),
-)
+# Its warpgroup variant (sm_90): keys per tile (wgmma's s8 widths) and warps per group.
+SAGE_ATTN_WG = _warpgroup_variant(SAGE_ATTN, (("BK", (64, 128)), ("WARPS", (4, 8))))
 
 # Defaults: norms pick threads per row from the row length (see norms.py); the rest are the best
 # of the H100 sweep in benchmarks/results/h100/kernels.md.

@@ -13,7 +13,7 @@ when a call comes here; :func:`unsupported` says when it can't.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
@@ -23,7 +23,7 @@ from ..hardware import device_profile, dynamic_shared_memory, static_shared_memo
 from ..memo import CallMemo
 from . import flash_backward, tuning
 from .catalog import FLASH_FWD, FLASH_FWD_WG
-from .launcher import BoundLaunch, Launch
+from .launcher import BoundLaunch, Kernel, Launch
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
 DTYPES = (mx.float16, mx.bfloat16)
@@ -91,6 +91,25 @@ def _fitting_configs(head_dim: int) -> List[Dict[str, int]]:
     return [c for c in FLASH_FWD.configs() if shared_memory_bytes(head_dim, c) <= static_shared_memory()]
 
 
+def tile_options(config: Optional[Dict[str, int]]) -> Dict[str, int]:
+    """``config`` without its kernel choice ``"WG"``: the tile sizes it overrides."""
+    return {name: value for name, value in (config or {}).items() if name != "WG"}
+
+
+def checked_warpgroup_config(kernel: Kernel, tuned: Dict[str, int], config: Optional[Dict[str, int]],
+                             needed: Callable[[Dict[str, int]], int]) -> Dict[str, int]:
+    """``tuned`` overridden by ``config``'s tiles, checked against the configurations of ``kernel`` (a warpgroup
+    variant: its tiles are instruction widths) and, through ``needed(config) -> bytes``, dynamic shared memory."""
+    chosen = {**tuned, **tile_options(config)}
+    if chosen not in kernel.configs():
+        raise ValueError(f"the warpgroup kernel takes {dict(kernel.tunables)}; got {chosen} "
+                         "(config['WG'] = 0 picks the other kernel)")
+    limit = dynamic_shared_memory(device_profile())
+    if needed(chosen) > limit:
+        raise ValueError(f"config {chosen} needs {needed(chosen)} bytes of shared memory; the limit is {limit}")
+    return chosen
+
+
 def warpgroup_config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> Dict[str, int]:
     """Tile sizes of a warpgroup launch: tuned (or default) for the call's bucket, overridden by ``config``;
     head dim 256 takes 64 keys per tile unless ``config`` names BK (a 64 x 256 output block leaves no
@@ -98,15 +117,8 @@ def warpgroup_config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] =
     tuned = dict(tuning.config_for(FLASH_FWD_WG, spec.dtype, tuning_problem(spec), exact=("D",)))
     if spec.head_dim > 128 and "BK" not in (config or {}):
         tuned["BK"] = 64  # the tuner's rule too (tuning._flash_wg_invalid)
-    chosen = {**tuned, **{name: value for name, value in (config or {}).items() if name != "WG"}}
-    if chosen not in FLASH_FWD_WG.configs():
-        raise ValueError(f"the warpgroup kernel takes {dict(FLASH_FWD_WG.tunables)}; got {chosen} "
-                         "(config['WG'] = 0 picks the other kernel)")
-    needed, limit = warpgroup_shared_memory_bytes(spec.head_dim, chosen), dynamic_shared_memory(device_profile())
-    if needed > limit:
-        raise ValueError(f"config {chosen} needs {needed} bytes of shared memory at head_dim {spec.head_dim}; "
-                         f"the limit is {limit}")
-    return chosen
+    return checked_warpgroup_config(FLASH_FWD_WG, tuned, config,
+                                    lambda c: warpgroup_shared_memory_bytes(spec.head_dim, c))
 
 
 def config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> Dict[str, int]:
@@ -114,7 +126,7 @@ def config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> 
     checked against shared memory. Sliding-window calls take :data:`SLIDING_WINDOW_TILES` in place of
     the default. Where the tuned or default tiles don't fit this head dim and no ``config`` is given,
     the largest tiles that fit."""
-    config = {name: value for name, value in (config or {}).items() if name != "WG"}
+    config = tile_options(config)
     tuned = tuning.config_for(FLASH_FWD, spec.dtype, tuning_problem(spec), exact=("D",))
     if spec.window[0] >= 0 and tuned == tuning.SPACES[FLASH_FWD.name].default_for(device_profile()):
         tuned = SLIDING_WINDOW_TILES

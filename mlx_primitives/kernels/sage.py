@@ -16,10 +16,10 @@ from typing import Dict, List, Optional, Tuple
 import mlx.core as mx
 
 from ..attention.spec import AttentionSpec
-from ..hardware import device_profile, dynamic_shared_memory, static_shared_memory
+from ..hardware import static_shared_memory
 from . import tuning
 from .catalog import SAGE_ATTN, SAGE_ATTN_WG, SAGE_QUANT
-from .flash_attention import uses_warpgroup
+from .flash_attention import checked_warpgroup_config, tile_options, uses_warpgroup
 from .launcher import Launch, float_bits, launch
 
 # Head dims run on the H100 (tests/attention/test_sage_kernel.py); others take the reference path.
@@ -84,14 +84,8 @@ def warpgroup_shared_memory_bytes(head_dim: int, config: Dict[str, int], itemsiz
 def warpgroup_config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> Dict[str, int]:
     """Tile sizes of a warpgroup launch: tuned (or default), overridden by ``config`` (its ``WG`` aside)."""
     tuned = tuning.config_for(SAGE_ATTN_WG, spec.dtype, {"D": spec.head_dim, "L": spec.k_len}, exact=("D",))
-    chosen = {**tuned, **{name: value for name, value in (config or {}).items() if name != "WG"}}
-    if chosen not in SAGE_ATTN_WG.configs():
-        raise ValueError(f"the warpgroup kernel takes {dict(SAGE_ATTN_WG.tunables)}; got {chosen} "
-                         "(config['WG'] = 0 picks the other kernel)")
-    needed, limit = warpgroup_shared_memory_bytes(spec.head_dim, chosen), dynamic_shared_memory(device_profile())
-    if needed > limit:
-        raise ValueError(f"config {chosen} needs {needed} bytes of shared memory; the limit is {limit}")
-    return chosen
+    return checked_warpgroup_config(SAGE_ATTN_WG, tuned, config,
+                                    lambda c: warpgroup_shared_memory_bytes(spec.head_dim, c))
 
 
 def unsupported(spec: AttentionSpec, pv_accum_dtype: str = "fp32") -> Optional[str]:
@@ -112,7 +106,7 @@ def unsupported(spec: AttentionSpec, pv_accum_dtype: str = "fp32") -> Optional[s
 def config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> Dict[str, int]:
     """Tile sizes of a launch: tuned (or default) for the call's bucket, overridden by ``config``."""
     tuned = tuning.config_for(SAGE_ATTN, spec.dtype, {"D": spec.head_dim, "L": spec.k_len}, exact=("D",))
-    chosen = {**tuned, **{name: value for name, value in (config or {}).items() if name != "WG"}}
+    chosen = {**tuned, **tile_options(config)}
     if chosen["BK"] % 16 or chosen["WARPS"] < 1:
         raise ValueError(f"BK must be a multiple of 16 and WARPS positive; got {chosen}")
     if shared_memory_bytes(spec.head_dim, chosen) > static_shared_memory():

@@ -459,7 +459,6 @@ def test_sage_kernel_variant_follows_the_device_and_config(monkeypatch):
 
     hopper = profile_from_info("cuda", {"device_name": "NVIDIA H100", "architecture": "sm_90"})
     monkeypatch.setattr(fa, "device_profile", lambda: hopper)
-    monkeypatch.setattr(sage_kernels, "device_profile", lambda: hopper)
     specs = {d: describe_attention(*(mx.zeros((1, 2, 8, d), mx.float16),) * 3) for d in (64, 96, 128)}
     wg = sage_kernels.WG_HEAD_DIMS
     assert fa.uses_warpgroup(specs[64], None, wg) and fa.uses_warpgroup(specs[128], None, wg)
