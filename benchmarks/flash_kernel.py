@@ -4,8 +4,9 @@ Rows: fp16, B=2, H=16, L in {4k, 8k, 16k}, D in {128, 256}. Plain and causal are
 on the same call; softcap and ALiBi (which sdpa can't run) against sdpa's plain attention of the same
 shape, the issue-5 target being >= 50% of its TFLOP/s; the sliding window (L=16k, W=1k, causal)
 against sdpa with the equivalent additive mask, target >= 10x. TFLOP/s count visible pairs only
-(``AttentionSpec.flops``). The backward table (B=1, D=128) times ours with softcap against sdpa's
-own backward on plain attention, target >= 40% of its TFLOP/s.
+(``AttentionSpec.flops``). On sm_90 a table sets the warpgroup variant against the mma.sync one. The
+backward table (B=1, D=128) times ours with softcap against sdpa's own backward on plain attention, target
+>= 40% of its TFLOP/s.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import mlx.core as mx
 
 from mlx_primitives.attention.reference import reference_attention
 from mlx_primitives.attention.spec import describe_attention
-from mlx_primitives.kernels.flash_attention import flash_attention
+from mlx_primitives.kernels.flash_attention import flash_attention, uses_warpgroup
 
 from .common import Table, time_ms
 
@@ -85,7 +86,34 @@ def run(quick: bool = False) -> List[Table]:
         table.add(f"window {window} causal", length, head_dim, ours, spec.flops() / ours / 1e9, sdpa_ms,
                   spec.flops() / sdpa_ms / 1e9, sdpa_ms / ours, "", ">= 10x sdpa+mask")
         del q, k, v, mask
-    return [table, backward_table(quick)]
+    return [table] + variants_tables(quick) + [backward_table(quick)]
+
+
+def variants_tables(quick: bool = False) -> List[Table]:
+    """Where the warpgroup variant runs (sm_90): it against the mma.sync variant on the same calls (B=1)."""
+    probe = describe_attention(*(mx.zeros((1, 1, 8, 128), mx.float16),) * 3)
+    if not uses_warpgroup(probe):
+        return []
+    length = 4096 if quick else 16384
+    repeats = 3 if quick else 10
+    table = Table(
+        title=f"Prefill variants: warpgroup (wgmma) vs mma.sync (fp16, B=1, H={HEADS}, L={length})",
+        columns=("variant", "D", "warpgroup ms", "warpgroup TFLOP/s", "mma.sync ms", "mma.sync TFLOP/s",
+                 "mma.sync/warpgroup"),
+        note='config {"WG": 1} and {"WG": 0} on kernels.flash_attention.flash_attention, default tiles of each.',
+    )
+    slopes = 2.0 ** (-8.0 * (mx.arange(HEADS) + 1) / HEADS)
+    for head_dim in (128, 256):
+        q, k, v = (mx.random.normal((1, HEADS, length, head_dim)).astype(mx.float16) for _ in range(3))
+        mx.eval(q, k, v)
+        for name, features in (("plain", {}), ("causal", {"causal": True}), ("softcap 30", {"softcap": 30.0}),
+                               ("alibi", {"alibi_slopes": slopes})):
+            spec = describe_attention(q, k, v, **features)
+            times = [time_ms(lambda: flash_attention(q, k, v, spec, {"WG": wg})[0], repeats=repeats) for wg in (1, 0)]
+            table.add(name, head_dim, times[0], spec.flops() / times[0] / 1e9, times[1],
+                      spec.flops() / times[1] / 1e9, times[1] / times[0])
+        del q, k, v
+    return [table]
 
 
 def _vjp_ms(attend, q, k, v, repeats: int) -> float:
