@@ -1,5 +1,9 @@
 """The prefill attention kernel (``src/flash_fwd.kern``): tiled forward with online softmax.
 
+Two variants of the one body: FLASH_FWD (16-row warp tiles on ``mma_*.inc``, every backend) and,
+on sm_90 at head dims 64, 128 and 256, FLASH_FWD_WG (64-row warpgroup tiles on Hopper's
+``wgmma``, ``wgmma_*.inc``); :func:`uses_warpgroup` picks, ``config={"WG": 0 | 1}`` overrides.
+
 One launch computes ``out`` and the float32 ``lse`` of an attention call described by an
 :class:`~mlx_primitives.attention.spec.AttentionSpec`, with the features
 ``mx.fast.scaled_dot_product_attention`` lacks computed in-kernel: bottom-right causal and
