@@ -148,17 +148,16 @@ def config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> 
     return chosen
 
 
-def plan(q, k, v, window, slopes, sinks, rng, spec: AttentionSpec, config: Dict[str, int],
-         warpgroup: bool = False) -> Launch:
-    """The forward's launch; ``warpgroup`` picks FLASH_FWD_WG (``config`` from :func:`warpgroup_config_for`)."""
+def query_block_launch(kernel: Kernel, inputs: List[mx.array], template: List[Tuple[str, object]],
+                       spec: AttentionSpec, config: Dict[str, int], out_dtype: mx.Dtype,
+                       shared_memory: int = 0) -> Launch:
+    """A launch of a prefill attention body (flash, sage): one group of ``config["WARPS"]`` warps per
+    (query block of 16 rows a warp, head, batch); outputs ``out`` (BHSD, ``out_dtype``) and float32 ``lse``."""
     threads = 32 * config["WARPS"]
     query_blocks = -(-spec.q_len // (16 * config["WARPS"]))
-    template = [("T", q.dtype), ("D", spec.head_dim), ("BK", config["BK"]), ("WARPS", config["WARPS"])]
-    template += flash_backward.feature_template(spec) + [("SINKS", int(spec.sinks is not None))]
     return Launch(
-        kernel=FLASH_FWD_WG if warpgroup else FLASH_FWD,
-        shared_memory=warpgroup_shared_memory_bytes(spec.head_dim, config) if warpgroup else 0,
-        inputs=[q, k, v, window, slopes, sinks, rng],
+        kernel=kernel,
+        inputs=inputs,
         template=template,
         grid=(query_blocks * threads, spec.num_heads, spec.batch),
         threadgroup=(threads, 1, 1),
@@ -166,8 +165,19 @@ def plan(q, k, v, window, slopes, sinks, rng, spec: AttentionSpec, config: Dict[
             (spec.batch, spec.num_heads, spec.q_len, spec.head_dim),
             (spec.batch, spec.num_heads, spec.q_len),
         ],
-        output_dtypes=[q.dtype, mx.float32],
+        output_dtypes=[out_dtype, mx.float32],
+        shared_memory=shared_memory,
     )
+
+
+def plan(q, k, v, window, slopes, sinks, rng, spec: AttentionSpec, config: Dict[str, int],
+         warpgroup: bool = False) -> Launch:
+    """The forward's launch; ``warpgroup`` picks FLASH_FWD_WG (``config`` from :func:`warpgroup_config_for`)."""
+    template = [("T", q.dtype), ("D", spec.head_dim), ("BK", config["BK"]), ("WARPS", config["WARPS"])]
+    template += flash_backward.feature_template(spec) + [("SINKS", int(spec.sinks is not None))]
+    return query_block_launch(FLASH_FWD_WG if warpgroup else FLASH_FWD, [q, k, v, window, slopes, sinks, rng],
+                              template, spec, config, q.dtype,
+                              warpgroup_shared_memory_bytes(spec.head_dim, config) if warpgroup else 0)
 
 
 def _placeholder() -> mx.array:

@@ -20,7 +20,7 @@ from ..attention.spec import AttentionSpec
 from ..hardware import static_shared_memory
 from . import tuning
 from .catalog import SAGE_ATTN, SAGE_ATTN_WG, SAGE_QUANT
-from .flash_attention import checked_warpgroup_config, tile_options, uses_warpgroup
+from .flash_attention import checked_warpgroup_config, query_block_launch, tile_options, uses_warpgroup
 from .launcher import Launch, float_bits, launch
 
 # Head dims run on the H100 (tests/attention/test_sage_kernel.py); others take the reference path.
@@ -119,8 +119,6 @@ def config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> 
 def attention_plan(q8, q_scale, k8, k_scale, v, spec: AttentionSpec, q_block: int, k_block: int,
                    config: Dict[str, int], warpgroup: bool = False) -> Launch:
     """The attention launch; ``warpgroup`` picks SAGE_ATTN_WG (``config`` from :func:`warpgroup_config_for`)."""
-    threads = 32 * config["WARPS"]
-    query_blocks = -(-spec.q_len // (16 * config["WARPS"]))
     template = [
         ("T", v.dtype),
         ("D", spec.head_dim),
@@ -131,19 +129,9 @@ def attention_plan(q8, q_scale, k8, k_scale, v, spec: AttentionSpec, q_block: in
         ("KB", k_block),
         ("CAUSAL", int(spec.causal)),
     ]
-    return Launch(
-        kernel=SAGE_ATTN_WG if warpgroup else SAGE_ATTN,
-        shared_memory=warpgroup_shared_memory_bytes(spec.head_dim, config) if warpgroup else 0,
-        inputs=[q8.view(mx.uint32), q_scale, k8.view(mx.uint32), k_scale, v],
-        template=template,
-        grid=(query_blocks * threads, spec.num_heads, spec.batch),
-        threadgroup=(threads, 1, 1),
-        output_shapes=[
-            (spec.batch, spec.num_heads, spec.q_len, spec.head_dim),
-            (spec.batch, spec.num_heads, spec.q_len),
-        ],
-        output_dtypes=[v.dtype, mx.float32],
-    )
+    return query_block_launch(SAGE_ATTN_WG if warpgroup else SAGE_ATTN,
+                              [q8.view(mx.uint32), q_scale, k8.view(mx.uint32), k_scale, v], template, spec, config,
+                              v.dtype, warpgroup_shared_memory_bytes(spec.head_dim, config) if warpgroup else 0)
 
 
 def sage_attention(q8, q_scale, k8, k_scale, v, spec: AttentionSpec, q_block: int, k_block: int, reference,
