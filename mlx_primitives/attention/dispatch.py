@@ -98,6 +98,11 @@ def _kernel_blocker(spec: AttentionSpec) -> Optional[str]:
     return flash_attention.unsupported(spec)
 
 
+def _kernel_route(spec: AttentionSpec, reason: str) -> Route:
+    """The flash kernel's route, naming its warpgroup variant where that one runs the call."""
+    return Route("kernel", reason + (" (warpgroup variant)" if flash_attention.uses_warpgroup(spec) else ""))
+
+
 def _decode_blocker(spec: AttentionSpec) -> Optional[str]:
     """Why the decode kernel cannot compute ``spec`` here, or None."""
     if not device_profile().is_gpu:
@@ -137,15 +142,16 @@ def choose_route(spec: AttentionSpec, need_lse: bool = False, path: str = "auto"
         kernel_blocker = _kernel_blocker(spec)
         if kernel_blocker:
             raise ValueError(f"path='kernel' cannot run this call: {kernel_blocker}")
-        return Route("kernel", "forced by the caller")
+        return _kernel_route(spec, "forced by the caller")
     if spec.q_len <= decode.MAX_Q_LEN and (blocker or _decode_beats_sdpa(spec)) and _decode_blocker(spec) is None:
         why = blocker or "measured faster than sdpa at this shape"
         return Route("decode", f"{why}: the split-KV decode kernel computes it")
     past_fast_path = spec.head_dim > SDPA_FAST_HEAD_DIM and (spec.causal or flash_attention.uses_warpgroup(spec))
     if (blocker or past_fast_path) and _kernel_blocker(spec) is None:
         if blocker:
-            return Route("kernel", f"{blocker}: the flash kernel computes it")
-        return Route("kernel", f"{'causal ' if spec.causal else ''}head_dim {spec.head_dim} is past sdpa's fast path")
+            return _kernel_route(spec, f"{blocker}: the flash kernel computes it")
+        causal = "causal " if spec.causal else ""
+        return _kernel_route(spec, f"{causal}head_dim {spec.head_dim} is past sdpa's fast path")
     if blocker:
         return Route("reference", blocker)
     if spec.chunk_size is not None and not device_profile().is_gpu:

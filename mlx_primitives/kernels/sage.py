@@ -3,9 +3,9 @@ forward with INT8 QKᵀ on the matrix unit (``src/sage_attn.kern``).
 
 On CUDA QKᵀ runs on ``mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32`` (twice the fp16 rate of
 ``mma.sync``), PV in fp16/bf16 with fp32 accumulation; on sm_90 at head dims 64 and 128 the warpgroup
-variant (SAGE_ATTN_WG) runs both on ``wgmma`` instead (``config={"WG": 0}`` keeps the other). Apple GPUs have no INT8 matrix unit: there
-the int8 tiles are dequantized (exactly) into half ``simdgroup_matrix`` tiles, so the INT8 storage
-only halves the bytes moved for q and k. The math is the reference path's
+variant (SAGE_ATTN_WG) runs both on ``wgmma`` instead (``config={"WG": 0}`` keeps the other).
+Apple GPUs have no INT8 matrix unit: there the int8 tiles are dequantized (exactly) into half
+``simdgroup_matrix`` tiles, so the INT8 storage only halves the bytes moved for q and k. The math is the reference path's
 (:mod:`mlx_primitives.attention.sage_quant`, :mod:`mlx_primitives.attention.sage`), which these
 fall back to where the kernel can't run.
 """

@@ -306,6 +306,8 @@ def test_hopper_routes_every_head_dim_256_call_to_the_warpgroup_kernel(monkeypat
     monkeypatch.setattr(dispatch, "device_profile", lambda: hopper)
     monkeypatch.setattr(fa, "device_profile", lambda: hopper)
     assert dispatch.choose_route(_spec(head_dim=256)).path == "kernel"
+    assert dispatch.choose_route(_spec(head_dim=256)).reason.endswith("(warpgroup variant)")
+    assert "warpgroup" not in dispatch.choose_route(_spec(head_dim=96, softcap=30.0)).reason
     assert dispatch.choose_route(_spec(head_dim=256, causal=True)).path == "kernel"
     assert dispatch.choose_route(_spec(head_dim=128)).path == "sdpa"
     assert dispatch.choose_route(_spec(head_dim=128, causal=True)).path == "sdpa"
