@@ -25,7 +25,7 @@ from mlx_primitives.attention.sage import quantized_reference
 from mlx_primitives.attention.sage_quant import quantize_bhsd
 from mlx_primitives.hardware import device_profile, static_shared_memory
 from mlx_primitives.kernels import sage as sage_kernels
-from mlx_primitives.kernels.flash_attention import uses_warpgroup
+from mlx_primitives.kernels.flash_attention import uses_warpgroup, warpgroup_available
 from tests.reference import Features, attention64, f64
 
 from .common import Table, time_ms
@@ -121,12 +121,12 @@ def configs(quick: bool) -> Table:
     q, k, v = (mx.random.normal((2, 16, 8192, 128)).astype(mx.float16) for _ in range(3))
     qq = quantize_bhsd(q, k, "per_block", True, "kernel")
     mx.eval(v, list(qq[:5]))
+    configs = [{"WG": 0, **c} for c in sage_kernels.SAGE_ATTN.configs()
+               if sage_kernels.shared_memory_bytes(128, c) <= static_shared_memory()]
+    if warpgroup_available():  # D = 128 is one of its head dims
+        configs += [{"WG": 1, **c} for c in sage_kernels.SAGE_ATTN_WG.configs()]
     for causal in (False, True):
         spec = describe_attention(q, k, v, causal=causal)
-        configs = [{"WG": 0, **c} for c in sage_kernels.SAGE_ATTN.configs()
-                   if sage_kernels.shared_memory_bytes(128, c) <= static_shared_memory()]
-        if uses_warpgroup(spec, None, sage_kernels.WG_HEAD_DIMS):
-            configs += [{"WG": 1, **c} for c in sage_kernels.SAGE_ATTN_WG.configs()]
         for config in configs:
             ms = time_ms(lambda: _kernel(qq, v, spec, config), repeats=3 if quick else 10)
             table.add(config["WG"], config["BK"], config["WARPS"], causal, ms, spec.flops() / 1e9 / ms)

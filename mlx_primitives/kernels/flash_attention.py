@@ -47,12 +47,17 @@ def warpgroup_shared_memory_bytes(head_dim: int, config: Dict[str, int], itemsiz
     return (16 * config["WARPS"] + 4 * config["BK"]) * head_dim * itemsize + 1024
 
 
+def warpgroup_available() -> bool:
+    """Whether this device has the warpgroup matrix unit the WG kernel variants run on (CUDA sm_90)."""
+    profile = device_profile()
+    return profile.backend == "cuda" and profile.family == "sm_90"
+
+
 def uses_warpgroup(spec: AttentionSpec, config: Optional[Dict[str, int]] = None,
                    head_dims: Tuple[int, ...] = WG_HEAD_DIMS) -> bool:
     """Whether a call runs the warpgroup variant of its kernel: on sm_90 (wgmma) at ``head_dims``, unless
     ``config`` says ``{"WG": 0}``; ``{"WG": 1}`` asks for it (ValueError where it can't run)."""
-    profile = device_profile()
-    eligible = profile.backend == "cuda" and profile.family == "sm_90" and spec.head_dim in head_dims
+    eligible = warpgroup_available() and spec.head_dim in head_dims
     wanted = (config or {}).get("WG")
     if wanted is None:
         return eligible
@@ -60,7 +65,7 @@ def uses_warpgroup(spec: AttentionSpec, config: Optional[Dict[str, int]] = None,
         raise ValueError(f"config['WG'] must be 0 or 1; got {wanted!r}")
     if wanted and not eligible:
         raise ValueError(f"the warpgroup kernel needs sm_90 and head_dim in {head_dims}; this is "
-                         f"{profile.family} with head_dim {spec.head_dim}")
+                         f"{device_profile().family} with head_dim {spec.head_dim}")
     return bool(wanted)
 
 
@@ -114,13 +119,21 @@ def checked_warpgroup_config(kernel: Kernel, tuned: Dict[str, int], config: Opti
     return chosen
 
 
+def warpgroup_registers_short(head_dim: int, config: Dict[str, int]) -> Optional[str]:
+    """Why ``config`` leaves the warpgroup forward too few registers at ``head_dim``, or None (nvcc, sm_90a:
+    128 keys' scores beside a 64 x 256 output block spill)."""
+    if head_dim > 128 and config["BK"] > 64:
+        return "a 64 x 256 output block leaves no registers for 128 keys' scores"
+    return None
+
+
 def warpgroup_config_for(spec: AttentionSpec, config: Optional[Dict[str, int]] = None) -> Dict[str, int]:
     """Tile sizes of a warpgroup launch: tuned (or default) for the call's bucket, overridden by ``config``;
-    head dim 256 takes 64 keys per tile unless ``config`` names BK (a 64 x 256 output block leaves no
-    registers for 128 keys' scores)."""
+    where the tiles would run short of registers (:func:`warpgroup_registers_short`: head dim 256) 64 keys per
+    tile unless ``config`` names BK."""
     tuned = dict(tuning.config_for(FLASH_FWD_WG, spec.dtype, tuning_problem(spec), exact=("D",)))
-    if spec.head_dim > 128 and "BK" not in (config or {}):
-        tuned["BK"] = 64  # the tuner's rule too (tuning._flash_wg_invalid)
+    if "BK" not in (config or {}) and warpgroup_registers_short(spec.head_dim, tuned):
+        tuned["BK"] = 64
     return checked_warpgroup_config(FLASH_FWD_WG, tuned, config,
                                     lambda c: warpgroup_shared_memory_bytes(spec.head_dim, c))
 

@@ -25,35 +25,33 @@ def _matmul_invalid(config: Config, profile, problem) -> Optional[str]:
     return None
 
 
+def _beyond(needed: int, limit: int) -> Optional[str]:
+    return f"needs {needed} bytes of shared memory, the limit is {limit}" if needed > limit else None
+
+
 def _flash_invalid(config: Config, profile, problem) -> Optional[str]:
     from .flash_attention import shared_memory_bytes
 
-    needed, limit = shared_memory_bytes(problem["D"], config), static_shared_memory(profile.backend)
-    return f"needs {needed} bytes of shared memory, the limit is {limit}" if needed > limit else None
+    return _beyond(shared_memory_bytes(problem["D"], config), static_shared_memory(profile.backend))
 
 
 def _flash_wg_invalid(config: Config, profile, problem) -> Optional[str]:
-    from .flash_attention import warpgroup_shared_memory_bytes
+    from .flash_attention import warpgroup_registers_short, warpgroup_shared_memory_bytes
 
-    if problem["D"] > 128 and config["BK"] > 64:
-        return "a 64 x 256 output block leaves no registers for 128 keys' scores"
-    needed, limit = warpgroup_shared_memory_bytes(problem["D"], config), dynamic_shared_memory(profile)
-    return f"needs {needed} bytes of shared memory, the limit is {limit}" if needed > limit else None
+    return (warpgroup_registers_short(problem["D"], config)
+            or _beyond(warpgroup_shared_memory_bytes(problem["D"], config), dynamic_shared_memory(profile)))
 
 
 def _sage_invalid(config: Config, profile, problem) -> Optional[str]:
     from .sage import shared_memory_bytes
 
-    needed, limit = shared_memory_bytes(problem["D"], config), static_shared_memory(profile.backend)
-    return f"needs {needed} bytes of shared memory, the limit is {limit}" if needed > limit else None
+    return _beyond(shared_memory_bytes(problem["D"], config), static_shared_memory(profile.backend))
 
 
 def _flash_backward_invalid(name: str, config: Config, profile, problem) -> Optional[str]:
     from .flash_backward import SHARED_MEMORY
 
-    needed = SHARED_MEMORY[name](problem["D"], config)
-    limit = dynamic_shared_memory(profile)
-    return f"needs {needed} bytes of shared memory, the limit is {limit}" if needed > limit else None
+    return _beyond(SHARED_MEMORY[name](problem["D"], config), dynamic_shared_memory(profile))
 
 
 _INVALID = {catalog.MATMUL.name: _matmul_invalid, catalog.FLASH_FWD.name: _flash_invalid,
@@ -81,12 +79,18 @@ def _task(kernel: Kernel, dtype, problem, exact, make_call) -> TuningTask:
     return TuningTask(SPACES[kernel.name], dict(problem), dtype, shape_bucket(problem, exact), make_call)
 
 
+def _variants(kernel: Kernel, warpgroup_kernel: Kernel, spec, head_dims) -> List[tuple]:
+    """``(kernel, WG)`` pairs to tune for ``spec``: the kernel, and its warpgroup variant where that one runs."""
+    from .flash_attention import uses_warpgroup
+
+    return [(kernel, 0)] + ([(warpgroup_kernel, 1)] if uses_warpgroup(spec, head_dims=head_dims) else [])
+
+
 def _sage_tasks(q: mx.array, k: mx.array, dtype) -> List[TuningTask]:
     """SageAttention's kernel on causal GQA calls at head dims 64 and 128 (quantized once, outside the timing)."""
     from ..attention.sage import quantized_reference
     from ..attention.sage_quant import quantize_bhsd
     from ..attention.spec import describe_attention
-    from .flash_attention import uses_warpgroup
     from .sage import WG_HEAD_DIMS, sage_attention
 
     tasks = []
@@ -94,10 +98,7 @@ def _sage_tasks(q: mx.array, k: mx.array, dtype) -> List[TuningTask]:
         hq, hk = q[..., :head_dim], k[..., :head_dim]
         spec = describe_attention(hq, hk, hk, causal=True)
         quant = quantize_bhsd(hq, hk, "per_block", True)
-        kernels = [(catalog.SAGE_ATTN, 0)]
-        if uses_warpgroup(spec, head_dims=WG_HEAD_DIMS):
-            kernels.append((catalog.SAGE_ATTN_WG, 1))
-        for kernel, warpgroup in kernels:
+        for kernel, warpgroup in _variants(catalog.SAGE_ATTN, catalog.SAGE_ATTN_WG, spec, WG_HEAD_DIMS):
             def make_call(config, hk=hk, spec=spec, quant=quant, warpgroup=warpgroup):
                 return lambda: sage_attention(quant.q, quant.q_scale, quant.k, quant.k_scale, hk, spec, quant.q_block,
                                               quant.k_block, lambda: quantized_reference(quant, hk, spec),
@@ -148,7 +149,7 @@ def tuning_tasks(quick: bool = False, kernels: Optional[Sequence[str]] = None) -
     """Representative problems of every tunable kernel (LLM-sized, float16)."""
     check_kernel_names(kernels)
     from ..attention.spec import describe_attention
-    from .flash_attention import flash_attention, tuning_problem, uses_warpgroup
+    from .flash_attention import WG_HEAD_DIMS, flash_attention, tuning_problem
     from .glu import swiglu
     from .matmul import tiled_matmul
     from .norms import layer_norm, rms_norm
@@ -193,13 +194,10 @@ def tuning_tasks(quick: bool = False, kernels: Optional[Sequence[str]] = None) -
     for head_dim in (64, 128, 256):
         hq, hk = (t[..., :head_dim] if head_dim <= 128 else mx.concatenate([t, t], axis=-1) for t in (q, k))
         spec = describe_attention(hq, hk, hk, causal=True, softcap=30.0)
-        tasks.append(_task(catalog.FLASH_FWD, dtype, tuning_problem(spec), ("D",),
-                           lambda c, hq=hq, hk=hk, spec=spec: lambda: flash_attention(hq, hk, hk, spec,
-                                                                                       {"WG": 0, **c})[0]))
-        if uses_warpgroup(spec):
-            tasks.append(_task(catalog.FLASH_FWD_WG, dtype, tuning_problem(spec), ("D",),
-                               lambda c, hq=hq, hk=hk, spec=spec: lambda: flash_attention(hq, hk, hk, spec,
-                                                                                           {"WG": 1, **c})[0]))
+        for kernel, warpgroup in _variants(catalog.FLASH_FWD, catalog.FLASH_FWD_WG, spec, WG_HEAD_DIMS):
+            tasks.append(_task(kernel, dtype, tuning_problem(spec), ("D",),
+                               lambda c, hq=hq, hk=hk, spec=spec, wg=warpgroup:
+                               lambda: flash_attention(hq, hk, hk, spec, {"WG": wg, **c})[0]))
     tasks += _sage_tasks(q, k, dtype)
     if not kernels or {catalog.FLASH_BWD_DQ.name, catalog.FLASH_BWD_DKDV.name} & set(kernels):
         tasks += flash_backward_tasks(dtype, length=2048 if quick else 4096)

@@ -170,13 +170,8 @@ def test_every_fitting_tile_config(no_fallback, config):
     check(q_len=200, k_len=300, head_dim=128, causal=True, config=config)
 
 
-def _warpgroup_unit() -> bool:
-    p = profile.device_profile()
-    return p.backend == "cuda" and p.family == "sm_90"
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _warpgroup_unit(), reason="the warpgroup kernel needs sm_90")
+@pytest.mark.skipif(not fa.warpgroup_available(), reason="the warpgroup kernel needs sm_90")
 @pytest.mark.parametrize("head_dim", fa.WG_HEAD_DIMS)
 @pytest.mark.parametrize("config", fa.FLASH_FWD_WG.configs())
 def test_every_warpgroup_tile_config(no_fallback, head_dim, config):
@@ -190,7 +185,7 @@ def test_every_warpgroup_tile_config(no_fallback, head_dim, config):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _warpgroup_unit(), reason="the warpgroup kernel needs sm_90")
+@pytest.mark.skipif(not fa.warpgroup_available(), reason="the warpgroup kernel needs sm_90")
 @pytest.mark.parametrize("head_dim", fa.WG_HEAD_DIMS)
 def test_warpgroup_and_matrix_unit_kernels_agree(no_fallback, head_dim):
     q, k, v = (mx.random.normal((2, 4, 150, head_dim)).astype(mx.float16) for _ in range(3))

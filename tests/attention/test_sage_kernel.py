@@ -8,8 +8,8 @@ import pytest
 from mlx_primitives.attention import describe_attention, sageattn
 from mlx_primitives.attention.sage import quantized_reference
 from mlx_primitives.attention.sage_quant import GRANULARITIES, key_mean, quantize_bhsd, quantize_reference
-from mlx_primitives.hardware import device_profile
 from mlx_primitives.kernels import sage as sage_kernels
+from mlx_primitives.kernels.flash_attention import warpgroup_available
 
 from ..reference import attention64, f64
 
@@ -65,14 +65,10 @@ def _features(causal):
     return Features(causal=causal)
 
 
-def _warpgroup_configs():
-    p = device_profile()
-    if p.backend != "cuda" or p.family != "sm_90":
-        return []
-    return [{"WG": 1, **c} for c in sage_kernels.SAGE_ATTN_WG.configs()]
+_WARPGROUP_CONFIGS = [{"WG": 1, **c} for c in sage_kernels.SAGE_ATTN_WG.configs()] if warpgroup_available() else []
 
 
-@pytest.mark.parametrize("config", [{"WG": 0, **c} for c in sage_kernels.SAGE_ATTN.configs()] + _warpgroup_configs())
+@pytest.mark.parametrize("config", [{"WG": 0, **c} for c in sage_kernels.SAGE_ATTN.configs()] + _WARPGROUP_CONFIGS)
 def test_every_config_and_ragged_lengths(config):
     q = mx.random.normal((1, 2, 77, 128)).astype(mx.float16)
     k = mx.random.normal((1, 1, 50, 128)).astype(mx.float16)
