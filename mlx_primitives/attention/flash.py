@@ -41,18 +41,19 @@ def _describe(q, k, v, layout, dropout_p, softmax_scale, causal, window_size, so
             alibi_slopes=alibi_slopes, sinks=sinks, mask=mask, dropout_p=dropout_p, chunk_size=chunk_size,
         )
 
-    if alibi_slopes is not None or sinks is not None or isinstance(mask, mx.array):
-        return validate()
-    try:
-        # The options' types belong to the key: 3.0 == 3, 1 == True and np.int64(3) == 3 hash alike,
-        # and validation accepts some of them and rejects others.
-        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, type(q), type(k), type(v), layout, mask,
-               window_size, type(window_size), *map(type, window_size), dropout_p, type(dropout_p),
-               softmax_scale, type(softmax_scale), causal, type(causal), softcap, type(softcap),
-               chunk_size, type(chunk_size))
-        return _SPECS.get(key, validate)
-    except (AttributeError, TypeError):  # not arrays, an unhashable option or a validation error:
-        return validate()  # validated unkeyed (raising the same error again where it was validation's)
+    key = None  # arrays among the options (slopes, sinks, a mask) are validated unkeyed
+    if alibi_slopes is None and sinks is None and not isinstance(mask, mx.array):
+        try:
+            # The options' types belong to the key: 3.0 == 3, 1 == True and np.int64(3) == 3 hash alike,
+            # and validation accepts some of them and rejects others.
+            key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, type(q), type(k), type(v), layout, mask,
+                   window_size, type(window_size), *map(type, window_size), dropout_p, type(dropout_p),
+                   softmax_scale, type(softmax_scale), causal, type(causal), softcap, type(softcap),
+                   chunk_size, type(chunk_size))
+            hash(key)
+        except (AttributeError, TypeError):  # not arrays or an unhashable option: validated unkeyed
+            key = None
+    return _SPECS.get(key, validate)
 
 
 def _attend(
@@ -234,8 +235,6 @@ def explain(
     caller needs the log-sum-exp, as ``flash_attn_func(..., return_attn_probs=True)`` does.
     """
     del dropout_key
-    spec = describe_attention(
-        q, k, v, layout=layout, scale=scale, causal=causal, window_size=window_size, softcap=softcap,
-        alibi_slopes=alibi_slopes, sinks=sinks, mask=mask, dropout_p=dropout_p, chunk_size=chunk_size,
-    )
+    spec = _describe(q, k, v, layout, dropout_p, scale, causal, window_size, softcap, alibi_slopes, sinks, mask,
+                     chunk_size)
     return choose_route(spec, need_lse=return_lse, path=path)
