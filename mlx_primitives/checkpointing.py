@@ -217,11 +217,6 @@ def checkpoint_sequential(blocks: Sequence[Callable], segments: int, *, modules:
     stages = [_recomputed(run, modules, preserve_rng_state) for run in runs[:-1]]
 
     def call(*args: Any, **kwargs: Any):
-        out = stages[0](*args, **kwargs) if stages else runs[-1][0](*args, **kwargs)
-        for stage in stages[1:]:
-            out = stage(out)
-        for block in runs[-1] if stages else runs[-1][1:]:
-            out = block(out)
-        return out
+        return _apply(stages + runs[-1], args, kwargs)  # the last segment runs plainly
 
     return call
