@@ -52,8 +52,8 @@ def _stop_tokens(eos_token_id: Union[None, int, Iterable[int]]) -> FrozenSet[int
     """``eos_token_id`` (None, one id, or a collection of ids as mlx-lm tokenizers' ``eos_token_ids``) as a set."""
     if eos_token_id is None:
         return frozenset()
-    ids = (eos_token_id,) if isinstance(eos_token_id, Integral) else eos_token_id
-    ids = tuple(ids) if isinstance(ids, Iterable) and not isinstance(ids, (str, bytes)) else (ids,)
+    collection = isinstance(eos_token_id, Iterable) and not isinstance(eos_token_id, (str, bytes))
+    ids = tuple(eos_token_id) if collection else (eos_token_id,)
     if not all(isinstance(i, Integral) for i in ids):
         raise TypeError(f"eos_token_id must be None, an int or a collection of ints; got {eos_token_id!r}")
     return frozenset(int(i) for i in ids)
