@@ -12,19 +12,17 @@ from ..hardware import device_profile
 from ..kernels.decode import MAX_Q_LEN
 from ..kernels.decode_heads_first import decode_heads_first
 from ..kernels.decode_launch import KERNEL_BITS
+from ..kernels.quantization import MLX_BITS, MLX_GROUP_SIZES
 from .base import Cache, Mask
 
 Quantized = Tuple[mx.array, mx.array, mx.array]  # (packed uint32, scales, biases)
 
-BITS = (2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
-
 
 def check_quantization(group_size: int, bits: int) -> None:
-    if bits not in BITS:
-        raise ValueError(f"bits must be one of {BITS}; got {bits!r}")
-    if group_size not in GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {GROUP_SIZES}; got {group_size!r}")
+    if bits not in MLX_BITS:
+        raise ValueError(f"bits must be one of {MLX_BITS}; got {bits!r}")
+    if group_size not in MLX_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {MLX_GROUP_SIZES}; got {group_size!r}")
 
 
 def _check_parts(name: str, parts, group_size: int, bits: int) -> None:

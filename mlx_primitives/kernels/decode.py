@@ -25,12 +25,11 @@ from .decode_launch import (DTYPES, HEAD_DIMS, KERNEL_BITS, combine_plan, fuses,
                             no_block_table, num_splits, placeholder, plan)
 from .decode_launch import compile_examples  # noqa: F401 -- the Metal compile check asks this module
 from .launcher import BoundLaunch, with_reference_vjp
+from .quantization import MLX_BITS, MLX_GROUP_SIZES
 from .tuning import config_for
 
 MAX_Q_LEN = 16  # past this, the prefill kernel's tiles use the matrix unit better
 PATHS = ("auto", "kernel", "reference")
-QUANT_GROUP_SIZES = (32, 64, 128)
-QUANT_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize packs
 
 Output = Union[mx.array, Tuple[mx.array, mx.array]]
 Cache = Union[mx.array, Tuple[mx.array, mx.array, mx.array]]
@@ -103,9 +102,9 @@ def quantized_cache(name: str, cache, quantization, head_dim: int) -> Tuple[mx.a
     """A ``(packed, scales, biases)`` cache, checked against ``quantization = (group_size, bits)``
     and the queries' ``head_dim``."""
     if (not isinstance(quantization, (tuple, list)) or len(quantization) != 2
-            or quantization[0] not in QUANT_GROUP_SIZES or quantization[1] not in QUANT_BITS):
+            or quantization[0] not in MLX_GROUP_SIZES or quantization[1] not in MLX_BITS):
         raise ValueError(
-            f"quantization must be (group_size in {QUANT_GROUP_SIZES}, bits in {QUANT_BITS}) when k_cache/v_cache "
+            f"quantization must be (group_size in {MLX_GROUP_SIZES}, bits in {MLX_BITS}) when k_cache/v_cache "
             f"are (packed, scales, biases) tuples; got {quantization!r}"
         )
     group_size, bits = quantization

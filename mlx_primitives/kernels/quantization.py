@@ -33,6 +33,7 @@ from ..validation import FLOAT_DTYPES, check_array
 
 GRANULARITIES = ("tensor", "channel", "group")
 MLX_GROUP_SIZES = (32, 64, 128)  # the group sizes of mx.quantize's affine format
+MLX_BITS = (2, 3, 4, 5, 6, 8)  # the bit widths mx.quantize packs
 
 
 @dataclass(frozen=True)
