@@ -82,13 +82,18 @@ def check_bool(name: str, value) -> bool:
     return bool(value)
 
 
-def host_values(array: mx.array) -> Optional[Any]:
-    """``array.tolist()``, or None where the host cannot read it: a traced array (inside ``mx.compile``,
+def is_traced_error(error: Exception) -> bool:
+    """Whether ``error`` is MLX refusing to read or evaluate a traced array (inside ``mx.compile``,
     ``mx.vmap`` or a gradient it depends on)."""
+    return "transformation" in str(error)
+
+
+def host_values(array: mx.array) -> Optional[Any]:
+    """``array.tolist()``, or None where the host cannot read it: a traced array (:func:`is_traced_error`)."""
     try:
         return array.tolist()
     except ValueError as error:
-        if "transformation" in str(error):
+        if is_traced_error(error):
             return None
         raise
 

@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from mlx_primitives.hardware import device_profile
+from mlx_primitives.validation import is_traced_error
 
 from . import source_files
 
@@ -220,7 +221,7 @@ def run_checked(
         try:
             mx.eval(outputs)
         except (RuntimeError, ValueError) as error:
-            if "transformation" in str(error):  # under mx.compile / vmap: can't evaluate here
+            if is_traced_error(error):  # under mx.compile / vmap: can't evaluate here
                 return outputs
             _verified[key] = False
             _fallback_warning(name, f"{key[0]} compilation or launch failed: {str(error)[:300]}")

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Tuple, Union
 import mlx.core as mx
 import numpy as np
 
-from ...validation import check_array
+from ...validation import check_array, is_traced_error
 
 HIDDEN, PARTIAL, FULL = 0, 1, 2
 # Elements of the boolean grid one evaluation step may hold (128 Mi: 128 MB of bools).
@@ -157,7 +157,7 @@ def _evaluate(state: mx.array) -> None:
     try:
         mx.eval(state)
     except ValueError as error:
-        if "transformation" not in str(error):
+        if not is_traced_error(error):
             raise
         raise ValueError(
             "create_block_mask builds its block lists on the host: inside mx.compile or mx.vmap, mask_mod may "
