@@ -35,8 +35,8 @@ import mlx.nn as nn
 
 from .hardware import device_profile
 from .kernels import swiglu
-from .validation import (check_array, check_bool, check_choice, check_index_range, check_int, check_real,
-                         host_values)
+from .validation import (check_array, check_bool, check_choice, check_index_range, check_int, check_positive_int,
+                         check_real, host_values)
 
 INDEX_DTYPES = (mx.int32, mx.uint32, mx.int64, mx.uint64, mx.int16, mx.uint16, mx.int8, mx.uint8)
 MATMUL_ROUTES = ("auto", "gather", "per_expert", "batched")
@@ -154,8 +154,7 @@ def _empty_dispatch(dtype: mx.Dtype, num_experts: int, capacity: Optional[int], 
 
 
 def _check_num_experts(num_experts: int) -> None:
-    if check_int("num_experts", num_experts) < 1:
-        raise ValueError(f"num_experts must be a positive int; got {num_experts!r}")
+    check_positive_int("num_experts", num_experts)
 
 
 def _check_capacity_factor(capacity_factor: Optional[float]) -> Optional[float]:
@@ -327,9 +326,8 @@ class SparseMoELayer(nn.Module):
                  capacity_factor: Optional[float] = None, normalize_weights: Optional[bool] = None,
                  matmuls: str = "auto"):
         super().__init__()
-        for name, value in (("dims", dims), ("hidden", hidden)):
-            if check_int(name, value) < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        check_positive_int("dims", dims)
+        check_positive_int("hidden", hidden)
         _check_num_experts(num_experts)
         if not 1 <= check_int("top_k", top_k) <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}]; got {top_k}")

@@ -19,7 +19,8 @@ import mlx.core as mx
 from .hardware import device_profile
 from .kernels import scan as scan_kernels
 from .kernels.launcher import with_reference_vjp
-from .validation import FLOAT_DTYPES, check_array, check_bool, check_choice, check_int, check_same_dtype
+from .validation import (FLOAT_DTYPES, check_array, check_bool, check_choice, check_int, check_positive_int,
+                         check_same_dtype)
 
 OPERATORS = ("add", "mul", "ssm")
 PATHS = ("auto", "kernel", "reference")
@@ -281,8 +282,8 @@ def selective_scan(
     delta_softplus, return_last_state = check_bool("delta_softplus", delta_softplus), check_bool(
         "return_last_state", return_last_state)
     check_choice("path", path, PATHS)
-    if splits is not None and check_int("splits", splits) < 1:
-        raise ValueError(f"splits must be a positive int; got {splits!r}")
+    if splits is not None:
+        check_positive_int("splits", splits)
 
     chosen = None
     if (path == "kernel" or (path == "auto" and device_profile().is_gpu)) and B.ndim == 3 and initial_state is None:

@@ -65,6 +65,13 @@ def check_int(name: str, value) -> int:
     return int(value)
 
 
+def check_positive_int(name: str, value) -> int:
+    """``value`` as an int > 0: TypeError (:func:`check_int`) or ValueError naming ``name``."""
+    if check_int(name, value) <= 0:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+    return int(value)
+
+
 def check_choice(name: str, value, choices: Sequence[str]) -> str:
     """``value``, one of the strings ``choices``: TypeError naming ``name`` for a non-string, ValueError for
     another string."""

@@ -32,7 +32,7 @@ import mlx.nn as nn
 
 from ..hardware import device_profile
 from ..kernels import sage as sage_kernels
-from ..validation import check_array, check_bool, check_choice, check_int, check_real
+from ..validation import check_array, check_bool, check_choice, check_positive_int, check_real
 from .reference import Accumulate, reference_attention
 from .sage_quant import QuantizedQK, check_granularity, check_layout, dequantize, quantize_bhsd
 from .spec import AttentionSpec, describe_attention, to_bhsd
@@ -297,9 +297,8 @@ class SageAttention(nn.Module):
                  scale: Optional[float] = None, qk_quant_gran: str = "per_block", pv_accum_dtype: str = "fp32",
                  smooth_k: bool = True, smooth_v: bool = False):
         super().__init__()
-        for name, value in (("num_heads", num_heads), ("head_dim", head_dim)):
-            if check_int(name, value) <= 0:
-                raise ValueError(f"{name} must be a positive int; got {value}")
+        check_positive_int("num_heads", num_heads)
+        check_positive_int("head_dim", head_dim)
         self.layout = check_choice("layout", layout, ("BSHD", "BHSD"))
         self.num_heads, self.head_dim, self.causal = num_heads, head_dim, check_bool("causal", causal)
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else check_real("scale", scale)

@@ -19,7 +19,8 @@ from typing import Optional, Sequence, Tuple, Union
 import mlx.core as mx
 import numpy as np
 
-from ..validation import FLOAT_DTYPES, check_array, check_bool, check_int, check_real, check_same_dtype
+from ..validation import (FLOAT_DTYPES, check_array, check_bool, check_int, check_positive_int, check_real,
+                          check_same_dtype)
 
 LAYOUTS = ("BSHD", "BHSD")
 
@@ -220,8 +221,8 @@ def describe_attention(
         if mask != "causal":
             raise ValueError(f"mask must be 'causal', an mx.array or None; got {mask!r}")
         causal, window, mask = True, normalize_window(window, True), None
-    if chunk_size is not None and check_int("chunk_size", chunk_size) <= 0:
-        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+    if chunk_size is not None:
+        check_positive_int("chunk_size", chunk_size)
 
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, mx.array) or alibi_slopes.shape not in ((num_heads,), (batch, num_heads)):

@@ -7,16 +7,10 @@ from typing import Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..validation import check_bool, check_choice, check_int, check_real
+from ..validation import check_bool, check_choice, check_positive_int, check_real
 from .glu import APPROXIMATIONS, geglu, swiglu
 from .norms import check_eps, layer_norm, rms_norm
 from .rotary import rope
-
-
-def _positive_int(name: str, value) -> int:
-    if check_int(name, value) <= 0:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-    return int(value)
 
 
 class RMSNorm(nn.Module):
@@ -32,7 +26,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dims: int, eps: float = 1e-5):
         super().__init__()
-        self.weight = mx.ones((_positive_int("dims", dims),))
+        self.weight = mx.ones((check_positive_int("dims", dims),))
         self.eps = check_eps(eps)
 
     def _extra_repr(self) -> str:
@@ -54,7 +48,7 @@ class LayerNorm(nn.Module):
 
     def __init__(self, dims: int, eps: float = 1e-5, affine: bool = True, bias: bool = True):
         super().__init__()
-        self.dims = _positive_int("dims", dims)
+        self.dims = check_positive_int("dims", dims)
         self.eps = check_eps(eps)
         if check_bool("affine", affine):
             self.weight = mx.ones((dims,))
@@ -85,7 +79,7 @@ class RoPE(nn.Module):
 
     def __init__(self, dims: int, traditional: bool = False, base: float = 10000, scale: float = 1.0):
         super().__init__()
-        self.dims = _positive_int("dims", dims)
+        self.dims = check_positive_int("dims", dims)
         if self.dims % 2:
             raise ValueError(f"dims must be even; got {dims!r}")
         self.traditional = check_bool("traditional", traditional)
@@ -109,7 +103,7 @@ class RoPE(nn.Module):
 class _GatedMLP(nn.Module):
     def __init__(self, dims: int, hidden_dims: int, bias: bool = False):
         super().__init__()
-        self.dims, self.hidden_dims = _positive_int("dims", dims), _positive_int("hidden_dims", hidden_dims)
+        self.dims, self.hidden_dims = check_positive_int("dims", dims), check_positive_int("hidden_dims", hidden_dims)
         bias = check_bool("bias", bias)
         self.gate_proj = nn.Linear(dims, hidden_dims, bias=bias)
         self.up_proj = nn.Linear(dims, hidden_dims, bias=bias)
