@@ -58,9 +58,14 @@ def check_real(name: str, value) -> float:
     return float(value)
 
 
+def is_int(value) -> bool:
+    """Whether ``value`` is a Python or NumPy integer (not a bool)."""
+    return type(value) is int or (not isinstance(value, bool) and isinstance(value, numbers.Integral))
+
+
 def check_int(name: str, value) -> int:
     """``value`` as an int: a Python or NumPy integer, not a bool; TypeError naming ``name`` otherwise."""
-    if type(value) is not int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
     return int(value)
 

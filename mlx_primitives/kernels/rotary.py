@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from typing import Optional, Tuple, Union
 
 import mlx.core as mx
@@ -18,7 +17,7 @@ import mlx.core as mx
 from . import catalog
 from .launcher import Launch, float_bits, launch, with_reference_vjp
 from .tuning import config_for
-from ..validation import check_array, check_bool, check_choice, check_int, check_real, check_same_dtype
+from ..validation import check_array, check_bool, check_choice, check_int, check_real, check_same_dtype, is_int
 
 PATHS = ("auto", "kernel", "fast", "reference")
 
@@ -178,7 +177,7 @@ def _offsets(offset, batch: int) -> Tuple[Union[int, mx.array], mx.array]:
             raise ValueError(f"offset must have shape {expected}; got {tuple(offset.shape)}")
         offset = offset.astype(mx.int32)
         return offset, mx.broadcast_to(offset, (batch,))
-    if type(offset) is not int and (isinstance(offset, bool) or not isinstance(offset, numbers.Integral)):
+    if not is_int(offset):
         raise TypeError(f"offset must be an int or an int array of shape {expected}; got {type(offset).__name__}")
     return int(offset), mx.full((batch,), int(offset), mx.int32)
 
