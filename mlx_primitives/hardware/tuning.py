@@ -88,6 +88,22 @@ def autotune_enabled() -> bool:
     return os.environ.get("MLX_PRIMITIVES_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def write_atomically(path, text: str, mode: Optional[int] = None, prefix: str = "", suffix: str = ".tmp") -> None:
+    """``text`` into ``path`` through a temporary file beside it and one rename, so a reader sees the old file
+    or the new one, never part of one; ``mode``: the new file's permissions (else mkstemp's 0o600)."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 class TuningCache:
     """The JSON file of tuned configurations, cached in memory after the first read."""
 
@@ -163,16 +179,8 @@ class TuningCache:
             merged = self._read_file()
             merged.update(updates)
             payload = {"format": FORMAT, "version": FORMAT_VERSION, "entries": merged}
-            directory = os.path.dirname(self.path) or "."
-            fd, tmp = tempfile.mkstemp(prefix=".tuning-", suffix=".json", dir=directory)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(payload, f, indent=1, sort_keys=True)
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            write_atomically(self.path, json.dumps(payload, indent=1, sort_keys=True), prefix=".tuning-",
+                             suffix=".json")
             return merged
 
     def clear(self) -> bool:

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 import mlx.core as mx
 
-from ..hardware.tuning import cache_dir
+from ..hardware.tuning import cache_dir, write_atomically
 
 SHAPE_SUFFIXES = ("_shape", "_strides", "_ndim")
 
@@ -39,15 +37,7 @@ def write_source(text: str) -> Path:
     path = directory / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.cuh"
     if not path.exists():
         directory.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w") as file:
-                file.write(text)
-            os.chmod(temporary, 0o644)  # mkstemp's 0o600 would hide it from other users of a shared cache
-            os.replace(temporary, path)
-        except OSError:
-            os.unlink(temporary)
-            raise
+        write_atomically(path, text, mode=0o644)  # 0o600 would hide it from other users of a shared cache
     return path
 
 
