@@ -176,16 +176,19 @@ def _parse_usage(log: str) -> List[Usage]:
     return usage
 
 
+def _nvcc_cubin(source: Path, cubin: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``nvcc --cubin -arch=sm_90a`` of the file ``source`` into ``cubin`` (MLX's stub headers on the path)."""
+    command = [nvcc(), "-std=c++17", f"-arch={ARCH}", "--cubin", "-o", str(cubin), "-I", str(STUB_DIR),
+               "-diag-suppress", "177", *extra, str(source)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=1800)
+
+
 def check(source: str) -> Result:
     """``nvcc --cubin -arch=sm_90a -Xptxas -v`` on ``source``; returncode 0 = compiles, with ptxas usage."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernels.cu"
         path.write_text(source)
-        command = [
-            nvcc(), "-std=c++17", f"-arch={ARCH}", "--cubin", "-o", str(Path(tmp) / "kernels.cubin"),
-            "-I", str(STUB_DIR), "-diag-suppress", "177", "-Xptxas", "-v", str(path),
-        ]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+        done = _nvcc_cubin(path, Path(tmp) / "kernels.cubin", "-Xptxas", "-v")
     return Result(done.returncode, done.stderr, _parse_usage(done.stdout + done.stderr))
 
 
@@ -197,9 +200,7 @@ def cubins(sources: Sequence[str]) -> List[bytes]:
         path, cubin = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.cubin"
         for source in sources:
             path.write_text(source)
-            command = [nvcc(), "-std=c++17", f"-arch={ARCH}", "--cubin", "-o", str(cubin), "-I", str(STUB_DIR),
-                       "-diag-suppress", "177", str(path)]
-            done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+            done = _nvcc_cubin(path, cubin)
             if done.returncode:
                 raise RuntimeError(done.stderr[:4000])
             built.append(cubin.read_bytes())
