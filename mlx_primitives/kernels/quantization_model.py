@@ -26,7 +26,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from ..validation import check_choice, check_int
-from .quantized_linear import Int4Linear, Int8Linear, W8A8Linear, check_group_size
+from .quantized_linear import Int4Linear, Int8Linear, W8A8Linear, check_group_size, is_affine_quantized
 
 FORMAT = "mlx_primitives.quantized"
 FORMAT_VERSION = "2"
@@ -42,7 +42,7 @@ def _spec(module: nn.Module) -> Optional[dict]:
     MLX's quantization mode, for weight-only layers); ``None`` for a float module."""
     if isinstance(module, W8A8Linear):
         return {"kind": "W8A8Linear", "bits": 8, "mode": "w8a8", "group_size": None}
-    if all(hasattr(module, name) for name in ("bits", "group_size", "mode")) and "scales" in module:
+    if is_affine_quantized(module):
         return {"kind": type(module).__name__, "bits": module.bits, "mode": "weight_only",
                 "group_size": module.group_size, "format": module.mode}
     return None
@@ -85,9 +85,10 @@ def _settings(bits, group_size, mode) -> dict:
     return {"bits": bits, "group_size": group_size, "mode": mode}
 
 
-def _choice(predicate: Optional[Predicate], path: str, module: nn.Module, requested: dict) -> Optional[dict]:
-    """The checked settings for one layer (``None``: it stays float): ``requested`` (the arguments of
-    :func:`quantize_model`) with what ``predicate`` returns for the layer applied."""
+def _choice(predicate: Optional[Predicate], path: str, module: nn.Module, requested: dict,
+            defaults: dict) -> Optional[dict]:
+    """The checked settings for one layer (``None``: it stays float): ``defaults`` (the checked arguments of
+    :func:`quantize_model`, ``requested`` as given) with what ``predicate`` returns for the layer applied."""
     choice = True if predicate is None else predicate(path, module)
     if isinstance(choice, dict):
         unknown = sorted(set(choice) - set(requested))
@@ -98,7 +99,7 @@ def _choice(predicate: Optional[Predicate], path: str, module: nn.Module, reques
     if not isinstance(choice, (bool, np.bool_)):
         raise TypeError(f"predicate must return a bool or a dict of settings; got {type(choice).__name__} "
                         f"for {path!r}")
-    return _settings(**requested) if choice else None
+    return defaults if choice else None
 
 
 def _kind(module: nn.Module, settings: dict) -> Optional[str]:
@@ -140,14 +141,14 @@ def quantize_model(
         ``{path: {"kind", "bits", "mode", "group_size", ...}}`` of the layers quantized.
     """
     requested = {"bits": bits, "group_size": group_size, "mode": mode}
-    _settings(**requested)
+    defaults = _settings(**requested)
     if predicate is not None and not callable(predicate):
         raise TypeError(f"predicate must be a callable (path, module) -> bool or dict; got {type(predicate).__name__}")
     replacements = {}
     for path, module in _leaves(model).items():
         if not (isinstance(module, nn.Linear) or hasattr(module, "to_quantized")) or "weight" not in module:
             continue
-        settings = _choice(predicate, path, module, requested)
+        settings = _choice(predicate, path, module, requested, defaults)
         if settings is None:
             continue
         kind = _kind(module, settings)
@@ -178,10 +179,15 @@ def save_quantized(path: Union[str, Path], model: nn.Module) -> None:
     Raises:
         ValueError: a layer holds quantization scales but is of a kind this format cannot record.
     """
-    specs = {p: _spec(module) for p, module in quantized_layers(model).items()}
-    unknown = sorted(p for p, module in _leaves(model).items() if p not in specs and "scales" in module)
+    specs, unknown = {}, []
+    for p, module in _leaves(model).items():
+        spec = _spec(module)
+        if spec is not None:
+            specs[p] = spec
+        elif "scales" in module:
+            unknown.append(p)
     if unknown:
-        raise ValueError(f"save_quantized cannot record these quantized layers: {', '.join(unknown)}")
+        raise ValueError(f"save_quantized cannot record these quantized layers: {', '.join(sorted(unknown))}")
 
     def summary(key):
         return ",".join(sorted({str(s[key]) for s in specs.values()}))

@@ -202,13 +202,20 @@ class W8A8Linear(nn.Module):
         return linear
 
 
+def is_affine_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer of MLX's quantized formats (``nn.QuantizedLinear``,
+    ``nn.QuantizedEmbedding``, ... and :class:`Int8Linear` / :class:`Int4Linear`): ``bits``, ``group_size``,
+    ``mode`` and a ``scales`` parameter."""
+    return all(hasattr(module, name) for name in ("bits", "group_size", "mode")) and "scales" in module
+
+
 def dequantized_weight(layer: nn.Module) -> Optional[mx.array]:
     """The float32 weight a quantized layer multiplies by, ``(out, in)`` for a Linear (``None`` for a
     module that is not quantized): a :class:`W8A8Linear`, or a layer of MLX's quantized formats
     (``nn.QuantizedLinear``, ``nn.QuantizedEmbedding``, ...)."""
     if isinstance(layer, W8A8Linear):
         return layer.weight.astype(mx.float32) * layer.scales.astype(mx.float32)[:, None]
-    if all(hasattr(layer, name) for name in ("bits", "group_size", "mode")) and "scales" in layer:
+    if is_affine_quantized(layer):
         weight = mx.dequantize(layer.weight, layer.scales, layer.get("biases"), group_size=layer.group_size,
                                bits=layer.bits, mode=layer.mode)
         return weight.astype(mx.float32)
