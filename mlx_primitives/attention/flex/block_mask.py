@@ -125,6 +125,12 @@ def mod_output(name: str, value, shape: Tuple[int, ...]) -> mx.array:
         ) from None
 
 
+def mask_output(value, shape: Tuple[int, ...]) -> mx.array:
+    """What ``mask_mod`` returned (:func:`mod_output`) as a boolean visibility of ``shape`` (nonzero: visible)."""
+    visible = mod_output("mask_mod", value, shape)
+    return visible if visible.dtype == mx.bool_ else visible != 0
+
+
 def _check_mask_mod(mask_mod) -> None:
     if mask_mod is not None and not callable(mask_mod):
         raise TypeError(
@@ -181,9 +187,7 @@ def _block_states(mask_mod: Callable, b: int, h: int, q_len: int, kv_len: int, q
         rows = mx.arange(first * qb, (first + n) * qb, dtype=mx.int32)
         row_valid = None if (first + n) * qb <= q_len else (rows < q_len).reshape(1, 1, n, qb, 1, 1)
         rows = mx.minimum(rows, q_len - 1).reshape(1, 1, n, qb, 1, 1)
-        visible = mod_output("mask_mod", mask_mod(batch, heads, rows, keys), (b, h, n, qb, nk, kb))
-        if visible.dtype != mx.bool_:
-            visible = visible != 0
+        visible = mask_output(mask_mod(batch, heads, rows, keys), (b, h, n, qb, nk, kb))
         valid = row_valid if key_valid is None else (key_valid if row_valid is None else row_valid & key_valid)
         if valid is not None:  # padding rows and keys past the end count neither way
             visible, everywhere = visible & valid, visible | mx.logical_not(valid)
@@ -242,8 +246,7 @@ def create_mask(mask_mod: Optional[Callable], B: Optional[int], H: Optional[int]
         return mx.ones(shape, dtype=mx.bool_)
     grids = [mx.arange(n, dtype=mx.int32).reshape([n if axis == i else 1 for axis in range(4)])
              for i, n in enumerate(shape)]
-    visible = mod_output("mask_mod", mask_mod(*grids), shape)
-    return visible if visible.dtype == mx.bool_ else visible != 0
+    return mask_output(mask_mod(*grids), shape)
 
 
 def create_block_mask(

@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..reference import OnlineSoftmax, _after
-from .block_mask import FULL, HIDDEN, BlockMask, mod_output
+from .block_mask import FULL, HIDDEN, BlockMask, mask_output, mod_output
 
 CHUNK = 256
 
@@ -101,8 +101,7 @@ def flex_reference(
             if score_mod is not None:
                 s = mod_output("score_mod", score_mod(s, b_grid, h_grid, q_grid, kv_grid), s.shape).astype(mx.float32)
             if needs_mask and mask_mod is not None:
-                visible = mod_output("mask_mod", mask_mod(b_grid, h_grid, q_grid, kv_grid), s.shape)
-                s = mx.where(visible if visible.dtype == mx.bool_ else visible != 0, s, -mx.inf)
+                s = mx.where(mask_output(mask_mod(b_grid, h_grid, q_grid, kv_grid), s.shape), s, -mx.inf)
             state.fold(s, v32[..., j0:j1, :])
         out, lse = state.result()
         outs.append(out)
