@@ -12,7 +12,7 @@ import mlx.nn as nn
 from ..kernels.decode_heads_first import decode_heads_first
 from ..validation import check_int
 from .flash import flash_attention
-from .sage import check_sage_options, sageattn
+from .sage import _sageattn, check_sage_options
 from .spec import check_layout, check_options, normalize_window
 
 KERNELS = {"flash": "auto", "sdpa": "sdpa", "reference": "reference", "sage": "sage"}
@@ -246,7 +246,8 @@ class Attention(nn.Module):
         if self.kernel == "sage":
             if mask is not None and not (isinstance(mask, str) and mask == "causal"):
                 raise ValueError(f"kernel='sage' takes mask 'causal' or None; got {type(mask).__name__}")
-            out = sageattn(q, k, v, "HND", is_causal=mask == "causal", sm_scale=self.scale, **self.sage_options)
+            # The options were checked at construction.
+            out = _sageattn(q, k, v, "HND", mask == "causal", self.scale, False, **self.sage_options)
             return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
         out = flash_attention(
             q, k, v, layout="BHSD", scale=self.scale, mask=mask, window_size=self.window_size,

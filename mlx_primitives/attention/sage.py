@@ -35,7 +35,7 @@ from ..kernels import sage as sage_kernels
 from ..validation import check_array, check_bool, check_choice, check_positive_int, check_real
 from .reference import Accumulate, reference_attention
 from .sage_quant import QuantizedQK, check_granularity, check_layout, dequantize, quantize_bhsd
-from .spec import AttentionSpec, describe_attention, to_bhsd
+from .spec import LAYOUTS, AttentionSpec, describe_attention, to_bhsd
 
 # How PV is computed: P and V in the input dtype with "fp32" accumulation, P and V in fp16 with an fp16
 # accumulator ("fp16"), or "full": float32 P and V (sageattn_mlx's pv_dtype="float32"; reference path only).
@@ -299,7 +299,7 @@ class SageAttention(nn.Module):
         super().__init__()
         check_positive_int("num_heads", num_heads)
         check_positive_int("head_dim", head_dim)
-        self.layout = check_choice("layout", layout, ("BSHD", "BHSD"))
+        self.layout = check_choice("layout", layout, LAYOUTS)
         self.num_heads, self.head_dim, self.causal = num_heads, head_dim, check_bool("causal", causal)
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else check_real("scale", scale)
         # A mapping proxy, not a dict: nn.Module would take a dict for a tree of parameters.
@@ -318,5 +318,7 @@ class SageAttention(nn.Module):
             if (heads, dim) != (self.num_heads, self.head_dim):
                 raise ValueError(f"q must have {self.num_heads} heads of dim {self.head_dim} in layout "
                                  f"{self.layout}; got shape {q.shape}")
-        return sageattn(q, k, v, "NHD" if self.layout == "BSHD" else "HND", self.causal or mask == "causal",
-                        self.scale, **{**self.options, **options})
+        layout, causal = "NHD" if self.layout == "BSHD" else "HND", self.causal or mask == "causal"
+        if options:  # call-time options over the layer's: checked again
+            return sageattn(q, k, v, layout, causal, self.scale, **{**self.options, **options})
+        return _sageattn(q, k, v, layout, causal, self.scale, False, **self.options)  # checked at construction
