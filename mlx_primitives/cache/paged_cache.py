@@ -12,7 +12,7 @@ import numpy as np
 from ..validation import FLOAT_DTYPES
 from .eviction import EvictionPolicy
 from .pages import OutOfPagesError, PageAllocator
-from .paged import UNUSED, check_new, gather_pages, update_paged_kv_cache
+from .paged import UNUSED, check_new, gather_pages, write_pages
 
 
 def _pages_for(length: int, page_size: int) -> int:
@@ -189,15 +189,19 @@ class PagedKVCache:
                              "reserve once per step, then write each layer's pools")
         check_new("keys", keys, self.k_pools[0], len(seqs))
         check_new("values", values, self.v_pools[0], len(seqs), keys.shape[1])
-        table, before = self.reserve(seqs, keys.shape[1])
-        lengths = update_paged_kv_cache(self.k_pools[0], self.v_pools[0], keys, values, table, before)
-        return table, lengths
+        before = np.array(self.reserve_host(seqs, keys.shape[1]))
+        table = self._host_block_table(seqs)  # valid by construction: no update_paged_kv_cache checks
+        write_pages(self.k_pools[0], self.v_pools[0], keys, values, table, before)
+        return mx.array(table), mx.array(before + keys.shape[1], mx.int32)
 
     # Reading -------------------------------------------------------------------------------------
 
     def block_table(self, seqs: Sequence[int], width: Optional[int] = None) -> mx.array:
         """int32 ``(len(seqs), width)`` page ids, -1 past each sequence's pages; ``width`` defaults to
         the most pages a sequence of ``seqs`` holds (a fixed width keeps a compiled step's shapes)."""
+        return mx.array(self._host_block_table(seqs, width))
+
+    def _host_block_table(self, seqs: Sequence[int], width: Optional[int] = None) -> np.ndarray:
         held = max([1] + [len(self._pages[s]) for s in seqs])
         if width is None:
             width = held
@@ -206,7 +210,7 @@ class PagedKVCache:
         table = np.full((len(seqs), width), UNUSED, np.int32)
         for row, seq in enumerate(seqs):
             table[row, : len(self._pages[seq])] = self._pages[seq]
-        return mx.array(table)
+        return table
 
     def device_block_table(self, seqs: Sequence[int], width: Optional[int] = None) -> mx.array:
         """:meth:`block_table`, built once and reused until a page list changes (a new page, a copy,
