@@ -248,11 +248,7 @@ def decode_target_tables(quick: bool) -> List[Table]:
     table, times = decode.vs_sdpa_table(), decode.time_table()
     table.title = "Issue 5: " + table.title
     table.note += " Targets: >= 2.0 TB/s, never slower than either sdpa column."
-    gpu = device_profile().is_gpu
-    shapes = [(b, n) for b in (1, 8, 32) for n in (4096, 32768)] if gpu and not quick else [(1, 4096), (8, 4096)]
-    if not gpu:
-        shapes = [(1, 512), (2, 512)]
-    for batch, length in shapes:
+    for batch, length in decode.shapes(quick):
         q, k, v, seqlens = decode.cache(batch, length)
         decode.add_vs_sdpa(table, times, q, k, v, seqlens)
         del q, k, v

@@ -12,7 +12,7 @@ Targets (issue 5/6): >= 2.0 TB/s, never slower than sdpa, paged within 10% of co
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
 
 import mlx.core as mx
 
@@ -122,11 +122,14 @@ def add_vs_sdpa(table: Table, times: Table, q, k, v, seqlens) -> float:
     return ours
 
 
-def run(quick: bool = False) -> List[Table]:
-    batches = (1, 8) if quick else (1, 8, 32)
-    lengths = (4096,) if quick else (4096, 32768)
+def shapes(quick: bool) -> List[Tuple[int, int]]:
+    """The (batch, length) pairs the decode tables time (issue 5's grid on a GPU)."""
     if not device_profile().is_gpu:  # a CPU run only shows that the suite works
-        batches, lengths = (1, 2), (512,)
+        return [(1, 512), (2, 512)]
+    return [(b, n) for b in ((1, 8) if quick else (1, 8, 32)) for n in ((4096,) if quick else (4096, 32768))]
+
+
+def run(quick: bool = False) -> List[Table]:
     main, times = vs_sdpa_table(), time_table()
     paged = Table(
         title="Decode: paged KV (shuffled page table) vs contiguous, through our kernel",
@@ -138,33 +141,32 @@ def run(quick: bool = False) -> List[Table]:
         columns=("B", "L", "THREADS", "SPLIT", "CHUNKS", "MMA", "lanes per key", "splits", "KB", "STAGES", "ms",
                  "GB/s"),
     )
-    for batch in batches:
-        for length in lengths:
-            q, k, v, seqlens = cache(batch, length)
-            nbytes = 2 * k.size * k.dtype.size
-            ours = add_vs_sdpa(main, times, q, k, v, seqlens)
-            for page_size in PAGE_SIZES:
-                pages = length // page_size
-                order = mx.random.permutation(batch * pages)
-                table = order.reshape(batch, pages).astype(mx.int32)
-                pool_k = mx.zeros((batch * pages, page_size, KV_HEADS, HEAD_DIM), k.dtype)
-                pool_k[order] = k.reshape(batch * pages, page_size, KV_HEADS, HEAD_DIM)
-                pool_v = mx.zeros_like(pool_k)
-                pool_v[order] = v.reshape(batch * pages, page_size, KV_HEADS, HEAD_DIM)
-                mx.eval(pool_k, pool_v, table)
-                ms = time_per_call_ms(lambda: decode_attention(q, pool_k, pool_v, seqlens, block_table=table))
-                paged.add(batch, length, page_size, ms, _gbs(nbytes, ms), ours, ms / ours)
-                del pool_k, pool_v
+    for batch, length in shapes(quick):
+        q, k, v, seqlens = cache(batch, length)
+        nbytes = 2 * k.size * k.dtype.size
+        ours = add_vs_sdpa(main, times, q, k, v, seqlens)
+        for page_size in PAGE_SIZES:
+            pages = length // page_size
+            order = mx.random.permutation(batch * pages)
+            table = order.reshape(batch, pages).astype(mx.int32)
+            pool_k = mx.zeros((batch * pages, page_size, KV_HEADS, HEAD_DIM), k.dtype)
+            pool_k[order] = k.reshape(batch * pages, page_size, KV_HEADS, HEAD_DIM)
+            pool_v = mx.zeros_like(pool_k)
+            pool_v[order] = v.reshape(batch * pages, page_size, KV_HEADS, HEAD_DIM)
+            mx.eval(pool_k, pool_v, table)
+            ms = time_per_call_ms(lambda: decode_attention(q, pool_k, pool_v, seqlens, block_table=table))
+            paged.add(batch, length, page_size, ms, _gbs(nbytes, ms), ours, ms / ours)
+            del pool_k, pool_v
 
-            if not quick and device_profile().is_gpu:
-                spec = describe_attention(q, k, v, layout="BSHD", causal=True)
-                calls = [lambda config=config: decode_attention(q, k, v, seqlens, path="kernel", config=config)
-                         for config in SWEEP_CONFIGS]
-                for config, ms in zip(SWEEP_CONFIGS, _per_call_in_turn(calls)):
-                    launch = _split_launch(q, k, seqlens, spec, config)
-                    template = dict(launch.template)
-                    sweep.add(batch, length, config["THREADS"], config["SPLIT"], config["CHUNKS"], template["MMA"],
-                              template["TPK"], launch.grid[0] // template["THREADS"], template["KB"],
-                              template["STAGES"], ms, _gbs(nbytes, ms))
-            del q, k, v
+        if not quick and device_profile().is_gpu:
+            spec = describe_attention(q, k, v, layout="BSHD", causal=True)
+            calls = [lambda config=config: decode_attention(q, k, v, seqlens, path="kernel", config=config)
+                     for config in SWEEP_CONFIGS]
+            for config, ms in zip(SWEEP_CONFIGS, _per_call_in_turn(calls)):
+                launch = _split_launch(q, k, seqlens, spec, config)
+                template = dict(launch.template)
+                sweep.add(batch, length, config["THREADS"], config["SPLIT"], config["CHUNKS"], template["MMA"],
+                          template["TPK"], launch.grid[0] // template["THREADS"], template["KB"],
+                          template["STAGES"], ms, _gbs(nbytes, ms))
+        del q, k, v
     return [main, times, paged] + ([sweep] if sweep.rows else [])
