@@ -70,6 +70,13 @@ def check_int(name: str, value) -> int:
     return int(value)
 
 
+def check_positive_real(name: str, value) -> float:
+    """``value`` as a float > 0: TypeError or ValueError (:func:`check_real`), or ValueError naming ``name``."""
+    if check_real(name, value) <= 0:
+        raise ValueError(f"{name} must be a positive float; got {value!r}")
+    return float(value)
+
+
 def check_positive_int(name: str, value) -> int:
     """``value`` as an int > 0: TypeError (:func:`check_int`) or ValueError naming ``name``."""
     if check_int(name, value) <= 0:

@@ -7,9 +7,9 @@ from typing import Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..validation import check_bool, check_choice, check_positive_int, check_real
+from ..validation import check_bool, check_choice, check_positive_int, check_positive_real, check_real
 from .glu import APPROXIMATIONS, geglu, swiglu
-from .norms import check_eps, layer_norm, rms_norm
+from .norms import layer_norm, rms_norm
 from .rotary import rope
 
 
@@ -27,7 +27,7 @@ class RMSNorm(nn.Module):
     def __init__(self, dims: int, eps: float = 1e-5):
         super().__init__()
         self.weight = mx.ones((check_positive_int("dims", dims),))
-        self.eps = check_eps(eps)
+        self.eps = check_positive_real("eps", eps)
 
     def _extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -49,7 +49,7 @@ class LayerNorm(nn.Module):
     def __init__(self, dims: int, eps: float = 1e-5, affine: bool = True, bias: bool = True):
         super().__init__()
         self.dims = check_positive_int("dims", dims)
-        self.eps = check_eps(eps)
+        self.eps = check_positive_real("eps", eps)
         if check_bool("affine", affine):
             self.weight = mx.ones((dims,))
             if check_bool("bias", bias):
@@ -83,9 +83,7 @@ class RoPE(nn.Module):
         if self.dims % 2:
             raise ValueError(f"dims must be even; got {dims!r}")
         self.traditional = check_bool("traditional", traditional)
-        self.base = check_real("base", base)
-        if self.base <= 0:
-            raise ValueError(f"base must be a positive float; got {base!r}")
+        self.base = check_positive_real("base", base)
         self.scale = check_real("scale", scale)
 
     def _extra_repr(self) -> str:

@@ -16,7 +16,7 @@ import mlx.core as mx
 from . import catalog
 from .launcher import Kernel, Launch, div_vec, float_bits, launch, next_pow2, with_reference_vjp
 from .tuning import config_for
-from ..validation import check_array, check_real, check_same_dtype
+from ..validation import check_array, check_positive_real, check_same_dtype
 
 PATHS = ("auto", "kernel", "fast", "reference")
 
@@ -128,13 +128,6 @@ def _cast_out(result, dtype: mx.Dtype):
     return result.astype(dtype)
 
 
-def check_eps(eps) -> float:
-    """``eps`` as a float: a positive real number; TypeError/ValueError naming ``eps`` otherwise."""
-    if not check_real("eps", eps) > 0:
-        raise ValueError(f"eps must be a positive float; got {eps!r}")
-    return float(eps)
-
-
 def _run(x, residual, weight, bias, eps, layer_norm, path, config):
     name = "layer_norm" if layer_norm else "rms_norm"
     check_array("x", x, "(..., dims)", min_ndim=1)
@@ -150,7 +143,7 @@ def _run(x, residual, weight, bias, eps, layer_norm, path, config):
     if residual is not None:
         check_array("residual", residual, f"x's shape {tuple(x.shape)}", shape=x.shape)
         check_same_dtype(("x", "residual"), (x, residual))
-    eps = check_eps(eps)
+    eps = check_positive_real("eps", eps)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}; got {path!r}")
     out_dtype = mx.result_type(*(a for a in (x, weight, bias) if a is not None))

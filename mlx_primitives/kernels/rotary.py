@@ -17,7 +17,8 @@ import mlx.core as mx
 from . import catalog
 from .launcher import Launch, float_bits, launch, with_reference_vjp
 from .tuning import config_for
-from ..validation import check_array, check_bool, check_choice, check_int, check_real, check_same_dtype, is_int
+from ..validation import (check_array, check_bool, check_choice, check_int, check_positive_real, check_real,
+                          check_same_dtype, is_int)
 
 PATHS = ("auto", "kernel", "fast", "reference")
 
@@ -145,9 +146,7 @@ def rope(
     scale = check_real("scale", scale)
     check_choice("path", path, PATHS)
     if freqs is None:
-        if check_real("base", base) <= 0:
-            raise ValueError(f"base must be a positive float; got {base!r}")
-        base = float(base)
+        base = check_positive_real("base", base)
     else:
         check_array("freqs", freqs, f"(dims // 2,) = ({dims // 2},)", shape=(dims // 2,))
         if path == "kernel":
