@@ -42,11 +42,17 @@ def kernel_hash(seed: int, batch_head, rows, cols) -> np.ndarray:
         return kernel_fmix32(row ^ (cols * np.uint32(0xC2B2AE35)))
 
 
+def kernel_keep(seed, batch, heads, q_len, k_len, p):
+    """``(grid, keep)``: the (b * H + h, row, col) index grids and the keep mask (B, H, Sq, Sk) the kernels'
+    hash (NumPy port) gives ``seed`` and dropout ``p``."""
+    grid = ((np.arange(batch)[:, None] * heads + np.arange(heads)[None])[..., None, None],
+            np.arange(q_len)[:, None], np.arange(k_len)[None, :])
+    return grid, kernel_hash(seed, *grid) >= min(round(p * 2.0**32), 2**32 - 1)
+
+
 def library_keep(key, batch, heads, q_len, k_len, p):
     """The keep mask (B, H, Sq, Sk) that ``dropout_key=key`` selects, by the kernels' hash (NumPy port)."""
-    bh = (np.arange(batch)[:, None] * heads + np.arange(heads)[None])[..., None, None]
-    hashes = kernel_hash(int(draw_seed(key).item()), bh, np.arange(q_len)[:, None], np.arange(k_len)[None, :])
-    return hashes >= min(round(p * 2.0**32), 2**32 - 1)
+    return kernel_keep(int(draw_seed(key).item()), batch, heads, q_len, k_len, p)[1]
 
 
 # (seed, b * H + h, row, col, hash): flash.inc's functions compiled as C (gcc, uint32_t) and evaluated.
@@ -68,11 +74,8 @@ def test_numpy_port_reproduces_the_kernel_source_hashes():
 @pytest.mark.parametrize("shape", [(1, 1, 5, 3), (2, 3, 17, 33), (1, 4, 64, 130)])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_keep_mask_is_the_kernels_hash_bit_for_bit(seed, shape, p):
-    batch, heads, q_len, k_len = shape
-    bh = (np.arange(batch)[:, None] * heads + np.arange(heads)[None])[..., None, None]
-    rows, cols = np.arange(q_len)[:, None], np.arange(k_len)[None, :]
-    ours = keep_mask(mx.array(seed, dtype=mx.uint32), *(mx.array(x.astype(np.uint32)) for x in (bh, rows, cols)), p)
-    expected = kernel_hash(seed, bh, rows, cols) >= min(round(p * 2.0**32), 2**32 - 1)
+    grid, expected = kernel_keep(seed, *shape, p)
+    ours = keep_mask(mx.array(seed, dtype=mx.uint32), *(mx.array(x.astype(np.uint32)) for x in grid), p)
     np.testing.assert_array_equal(np.array(ours), expected)
 
 

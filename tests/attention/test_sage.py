@@ -164,7 +164,7 @@ def _quantized_attention64(quant, v, scale, causal, p_dtype, fp16_accumulator=Fa
     return out, magnitude / np.where(seen, denom, 1.0)
 
 
-def _sage_reference32(q, k, v, causal, pv_accum, smooth_v=False):
+def _sage_reference32(q, k, v, causal, pv_accum):
     """The reference path's float32 output before its rounding to the output dtype, and the quantization."""
     quant = quantize_qk(q, k)
     v_pv = v.astype(mx.float16) if pv_accum == "fp16" else v
