@@ -7,6 +7,8 @@ import pytest
 from mlx_primitives.cache import AttentionSinks, HeavyHitters, SlidingWindow, received_attention
 from mlx_primitives.cache import flash_attn_with_kvcache
 
+from ..reference import Features, attention64
+
 
 def test_sliding_window_keeps_the_last_positions():
     assert SlidingWindow(3).keep(10).tolist() == [7, 8, 9]
@@ -45,12 +47,8 @@ def test_received_attention_sums_the_softmax_each_key_got(causal):
     k, v = (mx.random.normal((1, length, kv_heads, dim)) for _ in range(2))
     _, lse = flash_attn_with_kvcache(q, k, v, causal=causal, softmax_scale=0.3, return_softmax_lse=True)
     got = received_attention(q[0], k[0], lse[0], scale=0.3, causal=causal)
-    q64, k64 = np.array(q[0], np.float64), np.repeat(np.array(k[0], np.float64), heads // kv_heads, axis=1)
-    logits = np.einsum("qhd,khd->hqk", q64, k64) * 0.3
-    if causal:
-        logits[:, np.arange(length)[None] > np.arange(length - q_len, length)[:, None]] = -np.inf
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    expected = (probs / probs.sum(-1, keepdims=True)).sum(axis=(0, 1))
+    q64, k64, v64 = (np.array(x, np.float64).transpose(0, 2, 1, 3) for x in (q, k, v))
+    expected = attention64(q64, k64, v64, Features(scale=0.3, causal=causal))["probs"][0].sum(axis=(0, 1))
     assert got.shape == (length,) and got.dtype == mx.float32
     np.testing.assert_allclose(np.array(got), expected, rtol=1e-4, atol=1e-6)
     assert HeavyHitters(budget=4, recent=1).keep(length, np.array(got)).tolist() == \
