@@ -43,10 +43,13 @@ def layer_norm64(h, w, b, eps):
     return centred / np.sqrt(np.mean(centred**2, axis=-1, keepdims=True) + eps) * w + b
 
 
-def rope64(x, offsets, dims, traditional, base, scale):
+def rope64(x, offsets, dims, traditional, base, scale, wavelengths=None):
+    """Float64 RoPE of BHSD ``x``; pair j turns by position / ``wavelengths[j]`` (default ``base ** (j / half)``)."""
     half = dims // 2
     pos = (offsets[:, None] + np.arange(x.shape[2])[None]) * scale
-    theta = pos[:, None, :, None] * base ** (-np.arange(half) / half)
+    if wavelengths is None:
+        wavelengths = base ** (np.arange(half) / half)
+    theta = pos[:, None, :, None] / wavelengths
     cos, sin = np.cos(theta), np.sin(theta)
     out = x.copy()
     if traditional:
