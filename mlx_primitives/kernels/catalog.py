@@ -169,6 +169,10 @@ FLASH_BWD_DKDV = _AttentionKernel(
     tunables=(("BQ", (16, 32)), ("WARPS", (2, 4, 8)), ("STAGES", (1, 2))),
 )
 
+# The warpgroup variants (sm_90) of both: tiles of wgmma widths, warps (4 per 64 rows or keys), stages.
+FLASH_BWD_DQ_WG = _warpgroup_variant(FLASH_BWD_DQ, (("BK", (64, 128)), ("WARPS", (4, 8)), ("STAGES", (1, 2))))
+FLASH_BWD_DKDV_WG = _warpgroup_variant(FLASH_BWD_DKDV, (("BQ", (64, 128)), ("WARPS", (4, 8)), ("STAGES", (1, 2))))
+
 # Decode attention (decode.py): the split-KV pass (asynchronous K/V copies from flash_<backend>.inc),
 # whose threads per group, minimum keys per split and 16-byte chunks per lane are free, and the pass
 # that merges the splits (on CUDA the split-KV pass merges them itself, FUSE: the answer in out and
@@ -245,6 +249,8 @@ DEFAULTS = {
     # that fit (flash_backward.configs_for). The dk/dv default is not measured against its new tiles.
     "flash_attention_bwd_dq": {"BK": 32, "WARPS": 4, "STAGES": 2},
     "flash_attention_bwd_dkdv": {"BQ": 32, "WARPS": 2, "STAGES": 1},
+    "flash_attention_bwd_dq_wg": {"BK": 64, "WARPS": 8, "STAGES": 2},
+    "flash_attention_bwd_dkdv_wg": {"BQ": 64, "WARPS": 8, "STAGES": 2},
     "w8a8_linear": {"BM": 128, "BN": 128, "WM": 2, "WN": 4},
     # 128 x 128 tiles, 3 stages (2 threadgroups per SM): of the 4 configs the fastest at M = 1024 and 4096
     # (4096 x 4096, H100: 0.105 / 0.259 ms against 0.112-0.121 / 0.269-0.298).
@@ -259,6 +265,6 @@ DEFAULTS = {
 
 KERNELS = (
     RMS_NORM, RMS_NORM_RESIDUAL, LAYER_NORM, LAYER_NORM_RESIDUAL, ROPE, GLU, MATMUL, DECODE, DECODE_COMBINE, FLASH_FWD,
-    FLASH_FWD_WG, FLASH_BWD_DQ, FLASH_BWD_DKDV,
+    FLASH_FWD_WG, FLASH_BWD_DQ, FLASH_BWD_DQ_WG, FLASH_BWD_DKDV, FLASH_BWD_DKDV_WG,
     W8A8, W8A8_WG, SELECTIVE_SCAN, LINEAR_SCAN, SAGE_QUANT, SAGE_ATTN, SAGE_ATTN_WG,
 )

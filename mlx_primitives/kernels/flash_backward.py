@@ -19,7 +19,7 @@ from ..attention.dropout import keep_threshold
 from ..attention.spec import AttentionSpec
 from ..hardware import LARGEST_DYNAMIC_SHARED_MEMORY, device_profile
 from . import tuning
-from .catalog import FLASH_BWD_DKDV, FLASH_BWD_DQ
+from .catalog import FLASH_BWD_DKDV, FLASH_BWD_DKDV_WG, FLASH_BWD_DQ, FLASH_BWD_DQ_WG
 from .launcher import Kernel, Launch, float_bits, launch
 
 Configs = Tuple[Dict[str, int], Dict[str, int]]
@@ -45,7 +45,28 @@ def dkdv_shared_memory_bytes(head_dim: int, config: Dict[str, int], itemsize: in
     return dkdv_buffer_bytes(head_dim, config, itemsize) + 8 * config["STAGES"] * config["BQ"]
 
 
-SHARED_MEMORY = {FLASH_BWD_DQ.name: dq_shared_memory_bytes, FLASH_BWD_DKDV.name: dkdv_shared_memory_bytes}
+def dq_wg_buffer_bytes(head_dim: int, config: Dict[str, int], itemsize: int = 2) -> int:
+    """The warpgroup dq kernel's dynamic shared memory: its tiles (rows unpadded) and 1 KiB to align them."""
+    return (32 * config["WARPS"] + 2 * config["STAGES"] * config["BK"]) * head_dim * itemsize + 1024
+
+
+def dq_wg_shared_memory_bytes(head_dim: int, config: Dict[str, int], itemsize: int = 2) -> int:
+    """Shared memory of the warpgroup dq kernel: its tiles and per-warp partials."""
+    return dq_wg_buffer_bytes(head_dim, config, itemsize) + 4 * config["WARPS"]
+
+
+def dkdv_wg_buffer_bytes(head_dim: int, config: Dict[str, int], itemsize: int = 2) -> int:
+    """The warpgroup dk/dv kernel's dynamic shared memory: its tiles (rows unpadded) and 1 KiB to align them."""
+    return (32 * config["WARPS"] + 2 * config["STAGES"] * config["BQ"]) * head_dim * itemsize + 1024
+
+
+def dkdv_wg_shared_memory_bytes(head_dim: int, config: Dict[str, int], itemsize: int = 2) -> int:
+    """Shared memory of the warpgroup dk/dv kernel: its tiles and the stages' lse and delta."""
+    return dkdv_wg_buffer_bytes(head_dim, config, itemsize) + 8 * config["STAGES"] * config["BQ"]
+
+
+SHARED_MEMORY = {FLASH_BWD_DQ.name: dq_shared_memory_bytes, FLASH_BWD_DKDV.name: dkdv_shared_memory_bytes,
+                 FLASH_BWD_DQ_WG.name: dq_wg_shared_memory_bytes, FLASH_BWD_DKDV_WG.name: dkdv_wg_shared_memory_bytes}
 
 
 def _dynamic_bytes(buffer_bytes: int) -> int:
@@ -59,9 +80,12 @@ def column_chunk(head_dim: int) -> int:
 
 
 def _fitting(kernel: Kernel, spec: AttentionSpec, limit: int, config: Optional[Dict[str, int]]):
+    from .flash_attention import tile_options
+
     needed = SHARED_MEMORY[kernel.name]
     tuned = tuning.config_for(kernel, spec.dtype, {"D": spec.head_dim, "L": spec.k_len}, exact=("D",))
-    chosen = {**tuned, **(config or {})}
+    config = tile_options(config)
+    chosen = {**tuned, **config}
     if needed(spec.head_dim, chosen) <= limit:
         return chosen
     if config:
@@ -76,9 +100,22 @@ def _fitting(kernel: Kernel, spec: AttentionSpec, limit: int, config: Optional[D
 def configs_for(spec: AttentionSpec, limit: int, dq: Optional[Dict[str, int]] = None,
                 dkdv: Optional[Dict[str, int]] = None) -> Optional[Configs]:
     """Tile sizes of both kernels (tuned or default, else the largest that fits ``limit`` bytes of
-    shared memory), overridden by ``dq`` / ``dkdv``; None when no configuration fits."""
-    chosen = (_fitting(FLASH_BWD_DQ, spec, limit, dq), _fitting(FLASH_BWD_DKDV, spec, limit, dkdv))
-    return None if None in chosen else chosen
+    shared memory), overridden by ``dq`` / ``dkdv``; None when no configuration fits. Each config names
+    its variant (``"WG"``: 1 for the warpgroup kernel, on sm_90 at its head dims unless the override
+    says ``{"WG": 0}``)."""
+    from .flash_attention import uses_warpgroup
+
+    chosen = []
+    for config, kernels in ((dq, (FLASH_BWD_DQ, FLASH_BWD_DQ_WG)), (dkdv, (FLASH_BWD_DKDV, FLASH_BWD_DKDV_WG))):
+        warpgroup = uses_warpgroup(spec, config)
+        kernel = kernels[warpgroup]
+        fitting = _fitting(kernel, spec, limit, config)
+        if fitting is None:
+            return None
+        if warpgroup and fitting not in kernel.configs():  # its tiles are instruction widths
+            raise ValueError(f"{kernel.name} takes {dict(kernel.tunables)}; got {fitting} (WG = 0 picks the other kernel)")
+        chosen.append({**fitting, "WG": int(warpgroup)})
+    return chosen[0], chosen[1]
 
 
 def dropout_rng(spec: AttentionSpec, seed: Optional[mx.array], batch_offset: int) -> mx.array:
@@ -103,12 +140,14 @@ def feature_template(spec: AttentionSpec) -> List[Tuple[str, object]]:
 
 
 def plan_dq(inputs: Sequence[mx.array], spec: AttentionSpec, config: Dict[str, int]) -> Launch:
-    """``inputs`` in ``FLASH_BWD_DQ.inputs`` order; outputs dq and the per-block slope sums."""
+    """``inputs`` in ``FLASH_BWD_DQ.inputs`` order; outputs dq and the per-block slope sums.
+    ``config["WG"]`` 1 picks the warpgroup variant."""
+    warpgroup = bool(config.get("WG", 0))
     threads = 32 * config["WARPS"]
     blocks = -(-spec.q_len // (16 * config["WARPS"]))
     slope_sums = (spec.batch, spec.num_heads, blocks) if spec.alibi_slopes is not None else (1,)
     return Launch(
-        kernel=FLASH_BWD_DQ,
+        kernel=FLASH_BWD_DQ_WG if warpgroup else FLASH_BWD_DQ,
         inputs=list(inputs),
         template=[("T", inputs[0].dtype), ("D", spec.head_dim), ("BK", config["BK"]), ("WARPS", config["WARPS"]),
                   ("STAGES", config["STAGES"])] + feature_template(spec),
@@ -116,18 +155,21 @@ def plan_dq(inputs: Sequence[mx.array], spec: AttentionSpec, config: Dict[str, i
         threadgroup=(threads, 1, 1),
         output_shapes=[(spec.batch, spec.num_heads, spec.q_len, spec.head_dim), slope_sums],
         output_dtypes=[inputs[0].dtype, mx.float32],
-        shared_memory=_dynamic_bytes(dq_buffer_bytes(spec.head_dim, config, inputs[0].dtype.size)),
+        shared_memory=(dq_wg_buffer_bytes(spec.head_dim, config) if warpgroup
+                       else _dynamic_bytes(dq_buffer_bytes(spec.head_dim, config, inputs[0].dtype.size))),
     )
 
 
 def plan_dkdv(inputs: Sequence[mx.array], spec: AttentionSpec, config: Dict[str, int]) -> Launch:
-    """``inputs`` in ``FLASH_BWD_DKDV.inputs`` order; outputs dk and dv."""
+    """``inputs`` in ``FLASH_BWD_DKDV.inputs`` order; outputs dk and dv. ``config["WG"]`` 1 picks the
+    warpgroup variant."""
+    warpgroup = bool(config.get("WG", 0))
     threads = 32 * config["WARPS"]
     chunk = column_chunk(spec.head_dim)
     blocks = -(-spec.k_len // (16 * config["WARPS"])) * (spec.head_dim // chunk)
     kv_shape = (spec.batch, spec.num_kv_heads, spec.k_len, spec.head_dim)
     return Launch(
-        kernel=FLASH_BWD_DKDV,
+        kernel=FLASH_BWD_DKDV_WG if warpgroup else FLASH_BWD_DKDV,
         inputs=list(inputs),
         template=[("T", inputs[0].dtype), ("D", spec.head_dim), ("DC", chunk), ("BQ", config["BQ"]),
                   ("WARPS", config["WARPS"]), ("STAGES", config["STAGES"])] + feature_template(spec),
@@ -135,7 +177,8 @@ def plan_dkdv(inputs: Sequence[mx.array], spec: AttentionSpec, config: Dict[str,
         threadgroup=(threads, 1, 1),
         output_shapes=[kv_shape, kv_shape],
         output_dtypes=[inputs[0].dtype, inputs[0].dtype],
-        shared_memory=_dynamic_bytes(dkdv_buffer_bytes(spec.head_dim, config, inputs[0].dtype.size)),
+        shared_memory=(dkdv_wg_buffer_bytes(spec.head_dim, config) if warpgroup
+                       else _dynamic_bytes(dkdv_buffer_bytes(spec.head_dim, config, inputs[0].dtype.size))),
     )
 
 
@@ -202,7 +245,7 @@ def compile_examples():
     largest shared memory of a supported GPU (the Metal and CUDA compile checks; a launch on a given
     device only takes configs that fit its own limit)."""
     from ..attention.spec import describe_attention
-    from .flash_attention import DTYPES, HEAD_DIMS
+    from .flash_attention import DTYPES, HEAD_DIMS, WG_HEAD_DIMS
 
     limit = LARGEST_DYNAMIC_SHARED_MEMORY
     for dtype in DTYPES:
@@ -223,3 +266,8 @@ def compile_examples():
                     for config in kernel.configs():
                         if SHARED_MEMORY[kernel.name](head_dim, config) <= limit:
                             yield make(inputs, spec, config)
+                if head_dim in WG_HEAD_DIMS:
+                    for kernel, make in ((FLASH_BWD_DQ_WG, plan_dq), (FLASH_BWD_DKDV_WG, plan_dkdv)):
+                        for config in kernel.configs():
+                            if SHARED_MEMORY[kernel.name](head_dim, config) <= limit:
+                                yield make(inputs, spec, {**config, "WG": 1})

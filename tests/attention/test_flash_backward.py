@@ -16,10 +16,10 @@ import pytest
 from mlx_primitives.attention.dropout import draw_seed
 from mlx_primitives.attention.reference import attention_probabilities, reference_attention
 from mlx_primitives.attention.spec import describe_attention
-from mlx_primitives.hardware import dynamic_shared_memory
+from mlx_primitives.hardware import device_profile, dynamic_shared_memory
 from mlx_primitives.kernels import catalog
 from mlx_primitives.kernels import flash_attention as fa
-from mlx_primitives.kernels.flash_backward import dkdv_shared_memory_bytes, dq_shared_memory_bytes
+from mlx_primitives.kernels.flash_backward import SHARED_MEMORY
 from tests.attention.test_flash_kernel import no_fallback  # noqa: F401 (fixture)
 from tests.attention.test_gradients import check_gradients
 from tests.reference import (
@@ -88,16 +88,26 @@ def test_gqa_sums_dk_dv_over_the_group(no_fallback, groups, feature):
     check(feature, heads=8, kv_heads=8 // groups, q_len=65, k_len=130, head_dim=96)
 
 
-_DQ_CONFIGS, _DKDV_CONFIGS = catalog.FLASH_BWD_DQ.configs(), catalog.FLASH_BWD_DKDV.configs()
+def _configs(kernel, warpgroup_kernel):
+    """Every config of a backward kernel (``"WG": 0``) and, on sm_90, of its warpgroup variant."""
+    configs = [(kernel.name, {"WG": 0, **c}) for c in kernel.configs()]
+    p = device_profile()
+    if p.backend == "cuda" and p.family == "sm_90":
+        configs += [(warpgroup_kernel.name, {"WG": 1, **c}) for c in warpgroup_kernel.configs()]
+    return configs
+
+
+_DQ_CONFIGS = _configs(catalog.FLASH_BWD_DQ, catalog.FLASH_BWD_DQ_WG)
+_DKDV_CONFIGS = _configs(catalog.FLASH_BWD_DKDV, catalog.FLASH_BWD_DKDV_WG)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("index", range(max(len(_DQ_CONFIGS), len(_DKDV_CONFIGS))))
 def test_every_backward_config(no_fallback, index):
     """Every config of both kernels at least once (the shorter list cycles), where it fits this device."""
-    dq, dkdv = _DQ_CONFIGS[index % len(_DQ_CONFIGS)], _DKDV_CONFIGS[index % len(_DKDV_CONFIGS)]
+    (dq_name, dq), (dkdv_name, dkdv) = _DQ_CONFIGS[index % len(_DQ_CONFIGS)], _DKDV_CONFIGS[index % len(_DKDV_CONFIGS)]
     limit = dynamic_shared_memory()
-    if dq_shared_memory_bytes(64, dq) > limit or dkdv_shared_memory_bytes(64, dkdv) > limit:
+    if SHARED_MEMORY[dq_name](64, dq) > limit or SHARED_MEMORY[dkdv_name](64, dkdv) > limit:
         pytest.skip(f"{dq} / {dkdv} need more than the {limit} bytes of shared memory here")
     check("softcap_alibi_window", q_len=50, k_len=77, backward_configs=(dq, dkdv))
 
