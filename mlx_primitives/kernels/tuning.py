@@ -57,7 +57,8 @@ def _flash_backward_invalid(name: str, config: Config, profile, problem) -> Opti
 _INVALID = {catalog.MATMUL.name: _matmul_invalid, catalog.FLASH_FWD.name: _flash_invalid,
             catalog.FLASH_FWD_WG.name: _flash_wg_invalid, catalog.SAGE_ATTN.name: _sage_invalid}
 _INVALID.update({name: functools.partial(_flash_backward_invalid, name)
-                 for name in (catalog.FLASH_BWD_DQ.name, catalog.FLASH_BWD_DKDV.name)})
+                 for name in (catalog.FLASH_BWD_DQ.name, catalog.FLASH_BWD_DKDV.name, catalog.FLASH_BWD_DQ_WG.name,
+                              catalog.FLASH_BWD_DKDV_WG.name)})
 
 SPACES: Dict[str, TuningSpace] = {
     kernel.name: TuningSpace(
@@ -110,10 +111,10 @@ def _sage_tasks(q: mx.array, k: mx.array, dtype) -> List[TuningTask]:
 
 def flash_backward_tasks(dtype, length: int = 4096, heads: int = 16, head_dims: Sequence[int] = (64, 128)
                          ) -> List[TuningTask]:
-    """Both backward kernels of attention with softcap, B=1, on their own (the delta and the forward's
-    lse computed once, outside the timing)."""
+    """Both backward kernels of attention with softcap (and their warpgroup variants where those run), B=1,
+    on their own (the delta and the forward's lse computed once, outside the timing)."""
     from ..attention.spec import describe_attention
-    from .flash_attention import flash_attention
+    from .flash_attention import WG_HEAD_DIMS, flash_attention
     from .flash_backward import dropout_rng, plan_dkdv, plan_dq
     from .launcher import launch
 
@@ -127,14 +128,16 @@ def flash_backward_tasks(dtype, length: int = 4096, heads: int = 16, head_dims: 
                   dropout_rng(spec, None, 0)]
         mx.eval(inputs)
         problem = {"D": head_dim, "L": length}
-        for kernel, make in ((catalog.FLASH_BWD_DQ, plan_dq), (catalog.FLASH_BWD_DKDV, plan_dkdv)):
-            def make_call(config, make=make, spec=spec, inputs=inputs, name=kernel.name):
-                def failed():
-                    raise RuntimeError(f"{name} did not run with {config}")
+        for kernels, make in (((catalog.FLASH_BWD_DQ, catalog.FLASH_BWD_DQ_WG), plan_dq),
+                              ((catalog.FLASH_BWD_DKDV, catalog.FLASH_BWD_DKDV_WG), plan_dkdv)):
+            for kernel, warpgroup in _variants(*kernels, spec, WG_HEAD_DIMS):
+                def make_call(config, make=make, spec=spec, inputs=inputs, name=kernel.name, warpgroup=warpgroup):
+                    def failed():
+                        raise RuntimeError(f"{name} did not run with {config}")
 
-                return lambda: launch(make(inputs, spec, config), failed)[0]
+                    return lambda: launch(make(inputs, spec, {**config, "WG": warpgroup}), failed)[0]
 
-            tasks.append(_task(kernel, dtype, problem, ("D",), make_call))
+                tasks.append(_task(kernel, dtype, problem, ("D",), make_call))
     return tasks
 
 
@@ -199,7 +202,9 @@ def tuning_tasks(quick: bool = False, kernels: Optional[Sequence[str]] = None) -
                                lambda c, hq=hq, hk=hk, spec=spec, wg=warpgroup:
                                lambda: flash_attention(hq, hk, hk, spec, {"WG": wg, **c})[0]))
     tasks += _sage_tasks(q, k, dtype)
-    if not kernels or {catalog.FLASH_BWD_DQ.name, catalog.FLASH_BWD_DKDV.name} & set(kernels):
+    backward = {catalog.FLASH_BWD_DQ.name, catalog.FLASH_BWD_DKDV.name, catalog.FLASH_BWD_DQ_WG.name,
+                catalog.FLASH_BWD_DKDV_WG.name}
+    if not kernels or backward & set(kernels):
         tasks += flash_backward_tasks(dtype, length=2048 if quick else 4096)
     if kernels:
         tasks = [t for t in tasks if t.space.kernel in kernels]
