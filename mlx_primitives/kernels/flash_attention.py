@@ -105,14 +105,20 @@ def tile_options(config: Optional[Dict[str, int]]) -> Dict[str, int]:
     return {name: value for name, value in (config or {}).items() if name != "WG"}
 
 
+def check_warpgroup_tiles(kernel: Kernel, chosen: Dict[str, int]) -> None:
+    """Raise ValueError unless ``chosen`` is one of the configurations of ``kernel``, a warpgroup variant (its
+    tiles are instruction widths)."""
+    if chosen not in kernel.configs():
+        raise ValueError(f"the warpgroup kernel takes {dict(kernel.tunables)} ({kernel.name}); got {chosen} "
+                         "(config['WG'] = 0 picks the other kernel)")
+
+
 def checked_warpgroup_config(kernel: Kernel, tuned: Dict[str, int], config: Optional[Dict[str, int]],
                              needed: Callable[[Dict[str, int]], int]) -> Dict[str, int]:
-    """``tuned`` overridden by ``config``'s tiles, checked against the configurations of ``kernel`` (a warpgroup
-    variant: its tiles are instruction widths) and, through ``needed(config) -> bytes``, dynamic shared memory."""
+    """``tuned`` overridden by ``config``'s tiles, checked against the configurations of ``kernel``
+    (:func:`check_warpgroup_tiles`) and, through ``needed(config) -> bytes``, dynamic shared memory."""
     chosen = {**tuned, **tile_options(config)}
-    if chosen not in kernel.configs():
-        raise ValueError(f"the warpgroup kernel takes {dict(kernel.tunables)}; got {chosen} "
-                         "(config['WG'] = 0 picks the other kernel)")
+    check_warpgroup_tiles(kernel, chosen)
     limit = dynamic_shared_memory(device_profile())
     if needed(chosen) > limit:
         raise ValueError(f"config {chosen} needs {needed(chosen)} bytes of shared memory; the limit is {limit}")

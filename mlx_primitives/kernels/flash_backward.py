@@ -103,7 +103,7 @@ def configs_for(spec: AttentionSpec, limit: int, dq: Optional[Dict[str, int]] = 
     shared memory), overridden by ``dq`` / ``dkdv``; None when no configuration fits. Each config names
     its variant (``"WG"``: 1 for the warpgroup kernel, on sm_90 at its head dims unless the override
     says ``{"WG": 0}``)."""
-    from .flash_attention import uses_warpgroup
+    from .flash_attention import check_warpgroup_tiles, uses_warpgroup
 
     chosen = []
     for config, kernels in ((dq, (FLASH_BWD_DQ, FLASH_BWD_DQ_WG)), (dkdv, (FLASH_BWD_DKDV, FLASH_BWD_DKDV_WG))):
@@ -112,8 +112,8 @@ def configs_for(spec: AttentionSpec, limit: int, dq: Optional[Dict[str, int]] = 
         fitting = _fitting(kernel, spec, limit, config)
         if fitting is None:
             return None
-        if warpgroup and fitting not in kernel.configs():  # its tiles are instruction widths
-            raise ValueError(f"{kernel.name} takes {dict(kernel.tunables)}; got {fitting} (WG = 0 picks the other kernel)")
+        if warpgroup:
+            check_warpgroup_tiles(kernel, fitting)
         chosen.append({**fitting, "WG": int(warpgroup)})
     return chosen[0], chosen[1]
 

@@ -56,9 +56,9 @@ def _flash_backward_invalid(name: str, config: Config, profile, problem) -> Opti
 
 _INVALID = {catalog.MATMUL.name: _matmul_invalid, catalog.FLASH_FWD.name: _flash_invalid,
             catalog.FLASH_FWD_WG.name: _flash_wg_invalid, catalog.SAGE_ATTN.name: _sage_invalid}
-_INVALID.update({name: functools.partial(_flash_backward_invalid, name)
-                 for name in (catalog.FLASH_BWD_DQ.name, catalog.FLASH_BWD_DKDV.name, catalog.FLASH_BWD_DQ_WG.name,
-                              catalog.FLASH_BWD_DKDV_WG.name)})
+# The flash backward's kernels: dq and dk/dv, each with its warpgroup variant.
+_BACKWARD_KERNELS = (catalog.FLASH_BWD_DQ, catalog.FLASH_BWD_DKDV, catalog.FLASH_BWD_DQ_WG, catalog.FLASH_BWD_DKDV_WG)
+_INVALID.update({kernel.name: functools.partial(_flash_backward_invalid, kernel.name) for kernel in _BACKWARD_KERNELS})
 
 SPACES: Dict[str, TuningSpace] = {
     kernel.name: TuningSpace(
@@ -202,9 +202,7 @@ def tuning_tasks(quick: bool = False, kernels: Optional[Sequence[str]] = None) -
                                lambda c, hq=hq, hk=hk, spec=spec, wg=warpgroup:
                                lambda: flash_attention(hq, hk, hk, spec, {"WG": wg, **c})[0]))
     tasks += _sage_tasks(q, k, dtype)
-    backward = {catalog.FLASH_BWD_DQ.name, catalog.FLASH_BWD_DKDV.name, catalog.FLASH_BWD_DQ_WG.name,
-                catalog.FLASH_BWD_DKDV_WG.name}
-    if not kernels or backward & set(kernels):
+    if not kernels or {kernel.name for kernel in _BACKWARD_KERNELS} & set(kernels):
         tasks += flash_backward_tasks(dtype, length=2048 if quick else 4096)
     if kernels:
         tasks = [t for t in tasks if t.space.kernel in kernels]
