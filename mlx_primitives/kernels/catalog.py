@@ -68,16 +68,25 @@ W8A8 = Kernel(
     tunables=(("BM", (64, 128)), ("BN", (64, 128)), ("WM", (2, 4)), ("WN", (2, 4))),
 )
 
-# W8A8 linear on Hopper's warpgroup unit (w8a8_wg.kern, wgmma_<backend>.inc; cp.async copies from
-# flash_<backend>.inc): output columns per threadgroup and K stages in flight are free.
+# W8A8 linear on Hopper's warpgroup unit, warp-specialized (w8a8_wg.kern, wgmma_<backend>.inc; cp.async
+# copies from flash_<backend>.inc; producer/consumer barriers from pipe_<backend>.inc): output columns per
+# threadgroup, K stages in flight and producer warps are free.
 W8A8_WG = Kernel(
     name="w8a8_wgmma",
     body="w8a8_wg.kern",
     inputs=W8A8.inputs,
     outputs=W8A8.outputs,
-    helpers=("flash_{backend}.inc", "flash.inc", "wgmma_{backend}.inc"),
+    helpers=("flash_{backend}.inc", "flash.inc", "wgmma_{backend}.inc", "pipe_{backend}.inc"),
     mma=True,
-    tunables=(("BN", (128, 256)), ("STAGES", (3, 4))),
+    tunables=(("BN", (128, 256)), ("STAGES", (3, 4)), ("PW", (2, 4))),
+)
+
+# Per-row symmetric int8 quantization (w8a8.quantize_per_token): threads per row follow the row length.
+QUANTIZE_ROWS = Kernel(
+    name="quantize_rows",
+    body="quantize_rows.kern",
+    inputs=("x",),
+    outputs=("values", "scales"),
 )
 
 DECODE_COMBINE = Kernel(
@@ -255,9 +264,8 @@ DEFAULTS = {
     "flash_attention_bwd_dq_wg": {"BK": 64, "WARPS": 8, "STAGES": 2},
     "flash_attention_bwd_dkdv_wg": {"BQ": 64, "WARPS": 8, "STAGES": 2},
     "w8a8_linear": {"BM": 128, "BN": 128, "WM": 2, "WN": 4},
-    # 128 x 128 tiles, 3 stages (2 threadgroups per SM): of the 4 configs the fastest at M = 1024 and 4096
-    # (4096 x 4096, H100: 0.105 / 0.259 ms against 0.112-0.121 / 0.269-0.298).
-    "w8a8_wgmma": {"BN": 128, "STAGES": 3},
+    # 128 x 128 tiles, 3 stages, 2 producer warps (2 threadgroups per SM): PROVISIONAL.
+    "w8a8_wgmma": {"BN": 128, "STAGES": 3, "PW": 2},
     "selective_scan": {"WARPS": 4, "ITEMS": 8},
     "linear_scan": {"WARPS": 4, "ITEMS": 8},
     # 32 keys by 64 query rows: best of the H100 sweep (fp16, L=8k, D=128, plain and causal; sage.md).
@@ -271,5 +279,5 @@ DEFAULTS = {
 KERNELS = (
     RMS_NORM, RMS_NORM_RESIDUAL, LAYER_NORM, LAYER_NORM_RESIDUAL, ROPE, GLU, MATMUL, DECODE, DECODE_COMBINE, FLASH_FWD,
     FLASH_FWD_WG, FLASH_BWD_DQ, FLASH_BWD_DQ_WG, FLASH_BWD_DKDV, FLASH_BWD_DKDV_WG,
-    W8A8, W8A8_WG, SELECTIVE_SCAN, LINEAR_SCAN, SAGE_QUANT, SAGE_ATTN, SAGE_ATTN_WG,
+    W8A8, W8A8_WG, QUANTIZE_ROWS, SELECTIVE_SCAN, LINEAR_SCAN, SAGE_QUANT, SAGE_ATTN, SAGE_ATTN_WG,
 )

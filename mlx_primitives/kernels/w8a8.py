@@ -6,11 +6,14 @@ own scale, multiplies by the int8 weight on the s8 matrix unit (``src/w8a8.kern`
 optional bias and activation in fp32 before writing the input dtype.
 
 On Hopper (sm_90) the product of ``WG_MIN_ROWS`` rows or more runs on the warpgroup unit instead
-(``src/w8a8_wg.kern``: ``wgmma.mma_async.m64n128k32.s8``, operand tiles in the 128-byte swizzle,
-multi-stage cp.async). Its body is written once: the warpgroup tile primitive lives in the dialect
-headers (``wgmma_cuda.inc``: wgmma; ``wgmma_metal.inc``: the same tile contract on Metal's simdgroup
-matrices, compiled by the Metal check but not routed to, as one stage exceeds Apple threadgroup
-memory). The reference path (CPU, or a kernel that cannot run) computes the same integer product
+(``src/w8a8_wg.kern``: ``wgmma.mma_async.m64nNk32.s8`` from operand tiles in the 128-byte swizzle,
+warp-specialized: producer warps copy K stages with cp.async while two consumer warpgroups multiply,
+handing buffers back and forth through pipe barriers). Its body is written once: the warpgroup tile
+primitive and the pipe barriers live in the dialect headers (``wgmma_cuda.inc`` / ``pipe_cuda.inc``:
+wgmma and mbarriers; ``wgmma_metal.inc`` / ``pipe_metal.inc``: the same contracts on Metal's simdgroup
+matrices and threadgroup atomics, compiled by the Metal check but not routed to, as one stage exceeds
+Apple threadgroup memory). Activations are quantized per token in one pass on the GPU
+(``src/quantize_rows.kern``). The reference path (CPU, or a kernel that cannot run) computes the same integer product
 exactly: float32 matrix products over K-slices of 1024 (every partial sum an integer below 2^24)
 summed in int32.
 """
@@ -24,7 +27,8 @@ from typing import Optional, Tuple
 import mlx.core as mx
 
 from . import catalog
-from .launcher import Launch, launch
+from .launcher import Launch, div_vec, launch
+from .norms import MAX_DIMS, default_threads_per_row
 from .quantization import quantize_int8
 from .tuning import config_for
 from ..hardware import device_profile
@@ -40,10 +44,37 @@ K_ALIGN = 16  # the kernel reads rows in 16-byte chunks
 EXACT_SLICE = 1024  # 1024 * 128 * 128 = 2^24: float32 sums of int8 products stay exact
 
 
+def plan_quantize(x: mx.array) -> Launch:
+    """The launch of quantize_rows.kern over the rows of ``x`` ``(M, K)``."""
+    rows, dims = x.shape
+    vec = div_vec(dims, x.dtype.size)
+    threads = default_threads_per_row(dims, vec)
+    return Launch(
+        kernel=catalog.QUANTIZE_ROWS,
+        inputs=[x],
+        template=[("T", x.dtype), ("D", dims), ("TPR", threads), ("VEC", vec)],
+        grid=(rows * threads, 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(rows, dims), (rows,)],
+        output_dtypes=[mx.int8, mx.float32],
+    )
+
+
 def quantize_per_token(x: mx.array) -> Tuple[mx.array, mx.array]:
-    """Symmetric int8 rows of ``x`` ``(M, K)``: ``(x_q (M, K) int8, x_scale (M,) float32)``."""
-    q = quantize_int8(x, granularity="channel")
-    return q.values, q.scales
+    """Symmetric int8 rows of ``x`` ``(M, K)``: ``(x_q (M, K) int8, x_scale (M,) float32)``.
+
+    :func:`~.quantization.quantize_int8` per channel, in one pass on the GPU (``src/quantize_rows.kern``,
+    the same bytes).
+    """
+
+    def reference():
+        q = quantize_int8(x, granularity="channel")
+        return [q.values, q.scales]
+
+    if x.size == 0 or x.shape[1] > MAX_DIMS:
+        return tuple(reference())
+    values, scales = launch(plan_quantize(x), reference)
+    return values, scales
 
 
 def _int8_product(x_q: mx.array, w_q: mx.array) -> mx.array:
@@ -104,17 +135,20 @@ def plan_warpgroup(x_q, x_scale, w_q, w_scale, bias, activation, dtype, config=N
     (m, k), n = x_q.shape, w_q.shape[0]
     config = {**config_for(catalog.W8A8_WG, dtype, {"M": m, "N": n, "K": k}), **(config or {})}
     has_bias = bias is not None
+    threads = 256 + 32 * config["PW"]  # two consumer warpgroups, then the producer warps
+    stages = config["STAGES"]
     return Launch(
         kernel=catalog.W8A8_WG,
         inputs=[x_q.view(mx.uint32), w_q.view(mx.uint32), x_scale, w_scale,
                 bias if has_bias else mx.zeros((1,), dtype)],
-        template=[("T", dtype), ("BN", config["BN"]), ("STAGES", config["STAGES"]),
+        template=[("T", dtype), ("BN", config["BN"]), ("STAGES", stages), ("PW", config["PW"]),
                   ("BIAS", int(has_bias)), ("ACT", ACTIVATIONS[activation])],
-        grid=(-(-n // config["BN"]) * 256, -(-m // 128), 1),
-        threadgroup=(256, 1, 1),
+        grid=(-(-n // config["BN"]) * threads, -(-m // 128), 1),
+        threadgroup=(threads, 1, 1),
         output_shapes=[(m, n)],
         output_dtypes=[dtype],
-        shared_memory=config["STAGES"] * (128 + config["BN"]) * 128 + 1024,
+        # the stage buffers, 1024 bytes to align them, two 16-byte pipe barriers per stage
+        shared_memory=stages * (128 + config["BN"]) * 128 + 1024 + 2 * stages * 16,
     )
 
 
@@ -161,7 +195,7 @@ def w8a8_matmul(
         path (str): ``"auto"`` (the fastest kernel for the device and rows), ``"kernel"`` (mma.sync),
             ``"warpgroup"`` (sm_90 wgmma) or ``"reference"``.
         config (dict, optional): tiling, ``{"BM", "BN", "WM", "WN"}`` (catalog.W8A8) for the mma.sync
-            kernel, ``{"BN", "STAGES"}`` (catalog.W8A8_WG) for the warpgroup one.
+            kernel, ``{"BN", "STAGES", "PW"}`` (catalog.W8A8_WG) for the warpgroup one.
 
     Returns:
         ``(M, N)`` array of ``dtype``.
@@ -224,7 +258,11 @@ def w8a8_linear(
 
 
 def compile_examples():
-    """Launches covering every tunable configuration, both half dtypes, bias and each activation."""
+    """Launches covering every tunable configuration, both half dtypes, bias and each activation, and the
+    row quantization of each float dtype."""
+    for dtype in FLOAT_DTYPES:
+        yield plan_quantize(mx.zeros((3, 4096), dtype))
+        yield plan_quantize(mx.zeros((3, 40), dtype))
     x_q, w_q = mx.zeros((37, 48), mx.int8), mx.zeros((29, 48), mx.int8)
     x_scale, w_scale = mx.ones((37,)), mx.ones((29,))
     for config in catalog.W8A8.configs():

@@ -148,8 +148,9 @@ def test_warpgroup_launch_fits_hopper_shared_memory():
     x_q, w_q = int8((300, 4112)), int8((520, 4112))
     for config in catalog.W8A8_WG.configs():
         plan = w8a8.plan_warpgroup(x_q, mx.ones((300,)), w_q, mx.ones((520,)), None, None, mx.float16, config)
+        threads = 256 + 32 * config["PW"]  # two consumer warpgroups and the producer warps
         assert plan.shared_memory <= 227 * 1024
-        assert plan.grid == (-(-520 // config["BN"]) * 256, 3, 1) and plan.threadgroup == (256, 1, 1)
+        assert plan.grid == (-(-520 // config["BN"]) * threads, 3, 1) and plan.threadgroup == (threads, 1, 1)
 
 
 def _exact_on_warpgroup(m, n, k, config=None):
@@ -184,3 +185,21 @@ def test_warpgroup_epilogue_matches_oracle(dtype, activation):
     out = w8a8_matmul(x_q, x_s, w_q, w_s, bias, activation=activation, dtype=dtype, path="warpgroup")
     assert _kernel_ran(catalog.W8A8_WG) and out.dtype == dtype
     assert_close_to_oracle(out, oracle(x_q, x_s, w_q, w_s, bias, activation), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("shape", [(37, 4096), (5, 40), (3, 4100), (2, 11008)])
+def test_row_quantization_kernel_gives_the_reference_bytes(dtype, shape):
+    """One-pass per-token quantization on the GPU: the same int8 values and scales as quantize_int8, rows of
+    very different magnitudes, a row of zeros (scale 1) and values on the rounding midpoints."""
+    x = mx.random.normal(shape) * mx.exp(4 * mx.random.normal((shape[0], 1)))
+    x[1] = 0
+    x[2, :4] = mx.array([127.0, -63.5, 0.5, 1.5])
+    x = x.astype(dtype)
+    values, scales_ = quantize_per_token(x)
+    assert _kernel_ran(catalog.QUANTIZE_ROWS)
+    q = quantize_int8(x, granularity="channel")
+    np.testing.assert_array_equal(np.array(scales_), np.array(q.scales))
+    np.testing.assert_array_equal(np.array(values), np.array(q.values))
+    assert float(scales_[1]) == 1.0 and not np.any(np.array(values[1]))
