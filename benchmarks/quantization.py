@@ -23,7 +23,7 @@ from mlx_primitives.kernels.quantization_report import BOUNDS, SmallTransformer,
 from mlx_primitives.kernels import catalog, w8a8
 from mlx_primitives.kernels.w8a8 import quantize_per_token
 
-from .common import Table, time_ms, time_per_call_ms
+from .common import Table, build_us, eval_us, in_turn_ms, time_per_call_ms
 
 DIMS = 4096
 ROUTE_ROWS = (16, 128, 256, 512)  # M of the route table (both kernels)
@@ -32,17 +32,23 @@ ROUTE_ROWS = (16, 128, 256, 512)  # M of the route table (both kernels)
 def _w8a8(quick: bool) -> List[Table]:
     table = Table(
         title=f"W8A8 linear vs fp16 @ (M x {DIMS} -> {DIMS})",
-        columns=("M", "fp16 @ ms", "fp16 TFLOP/s", "mma.sync ms", "warpgroup ms", "w8a8 kernel ms", "w8a8 TOPS",
-                 "kernel / fp16", "w8a8 + act. quant ms", "end-to-end / fp16"),
-        note="mma.sync / warpgroup: each kernel forced; w8a8 kernel: the route 'auto' takes, from int8 activations "
-             "and scales; end to end: fp16 x quantized per token in the same call. Ratios are fp16 time / ours "
-             "(> 1: we are faster). Target >= 1.3 at M >= 1024.",
-        x="M", series=("fp16 @ ms", "w8a8 kernel ms", "w8a8 + act. quant ms"),
+        columns=("M", "fp16 @ us", "fp16 TFLOP/s", "mma.sync us", "warpgroup us", "w8a8 kernel us", "w8a8 TOPS",
+                 "kernel / fp16", "w8a8 + act. quant us", "end-to-end / fp16", "kernel build us",
+                 "end-to-end build us", "fp16 build us"),
+        note="Device time per call: 10 calls whose graphs were built beforehand, evaluated together (GPU time and "
+             "MLX's launch cost), every implementation timed in turn (medians of 5 rounds); build: the Python time "
+             "that makes one call's graph, apart. mma.sync / warpgroup: each kernel forced; w8a8 kernel: the route "
+             "'auto' takes, from int8 activations and scales; end to end: w8a8_linear, fp16 x quantized per token "
+             "(quantize_rows.kern) then the kernel. Ratios are fp16 time / ours (> 1: we are faster). Target >= 1.3 "
+             "at M >= 1024.",
+        x="M", series=("fp16 @ us", "w8a8 kernel us", "w8a8 + act. quant us"), ylabel="us",
     )
     sweep = Table(title=f"W8A8 warpgroup tile configs (M = 4096, {DIMS} x {DIMS})",
-                  columns=("BN", "STAGES", "ms", "TOPS", "same output as default"))
+                  columns=("BN", "STAGES", "PW", "us", "TOPS", "same output as default"),
+                  note="Device time per call as above, configs timed in turn.")
     routes = Table(title=f"W8A8 kernels at fewer rows (M x {DIMS} -> {DIMS})",
-                   columns=("M", "fp16 @ ms", "mma.sync ms", "warpgroup ms", "route 'auto' takes"))
+                   columns=("M", "fp16 @ us", "mma.sync us", "warpgroup us", "route 'auto' takes"),
+                   note="Device time per call as above.")
     w = (mx.random.normal((DIMS, DIMS)) / 64).astype(mx.float16)
     wq = quantize_int8(w)
     mx.eval(w, wq.values, wq.scales)
@@ -56,23 +62,30 @@ def _w8a8(quick: bool) -> List[Table]:
     def kernel(x_q, x_s, path="auto", config=None):
         return w8a8_matmul(x_q, x_s, wq.values, wq.scales, path=path, config=config)
 
+    def device_us(fns):
+        return in_turn_ms(fns, lambda f: eval_us(f, calls=10, rounds=3), rounds=5)
+
     for m in (1024, 4096) if quick else (1024, 2048, 4096, 8192):
         x, x_q, x_s = operands(m)
         ops = 2 * m * DIMS * DIMS
-        fp16 = time_ms(lambda: x @ w.T)
-        mma, warpgroup, auto = (time_ms(lambda p=p: kernel(x_q, x_s, p)) for p in ("kernel", "warpgroup", "auto"))
-        full = time_ms(lambda: w8a8_linear(x, wq.values, wq.scales))
-        table.add(m, fp16, ops / fp16 / 1e9, mma, warpgroup, auto, ops / auto / 1e9, fp16 / auto, full, fp16 / full)
+        fns = [lambda: x @ w.T] + [lambda p=p: kernel(x_q, x_s, p) for p in ("kernel", "warpgroup", "auto")]
+        fns.append(lambda: w8a8_linear(x, wq.values, wq.scales))
+        fp16, mma, warpgroup, auto, full = device_us(fns)
+        builds = [build_us(f) for f in (fns[3], fns[4], fns[0])]
+        table.add(m, fp16, ops / fp16 / 1e6, mma, warpgroup, auto, ops / auto / 1e6, fp16 / auto, full, fp16 / full,
+                  *builds)
         if m == 4096:
             default = kernel(x_q, x_s, "warpgroup")
-            for config in catalog.W8A8_WG.configs():
-                ms = time_ms(lambda: kernel(x_q, x_s, "warpgroup", config))
+            configs = catalog.W8A8_WG.configs()
+            times = device_us([lambda c=c: kernel(x_q, x_s, "warpgroup", c) for c in configs])
+            for config, us in zip(configs, times):
                 same = mx.array_equal(kernel(x_q, x_s, "warpgroup", config), default).item()
-                sweep.add(config["BN"], config["STAGES"], ms, ops / ms / 1e9, same)
+                sweep.add(config["BN"], config["STAGES"], config["PW"], us, ops / us / 1e6, same)
     for m in ROUTE_ROWS:
         x, x_q, x_s = operands(m)
-        routes.add(m, time_ms(lambda: x @ w.T), time_ms(lambda: kernel(x_q, x_s, "kernel")),
-                   time_ms(lambda: kernel(x_q, x_s, "warpgroup")), w8a8._route("auto", m))
+        fp16, mma, warpgroup = device_us([lambda: x @ w.T, lambda: kernel(x_q, x_s, "kernel"),
+                                          lambda: kernel(x_q, x_s, "warpgroup")])
+        routes.add(m, fp16, mma, warpgroup, w8a8._route("auto", m))
     return [table, sweep, routes]
 
 

@@ -42,6 +42,16 @@ _KNOWN_LIMITS = {
     "NVIDIA GeForce RTX 4090": (1008.0, 165.0),
 }
 
+# Streaming multiprocessors of known NVIDIA chips (MLX's CUDA device info has no count): their gpu_cores.
+_KNOWN_SM_COUNTS = {
+    "NVIDIA H100 80GB HBM3": 132,
+    "NVIDIA H100 PCIe": 114,
+    "NVIDIA H200": 132,
+    "NVIDIA A100-SXM4-80GB": 108,
+    "NVIDIA A100-SXM4-40GB": 108,
+    "NVIDIA GeForce RTX 4090": 128,
+}
+
 
 @dataclass(frozen=True)
 class DeviceProfile:
@@ -54,7 +64,7 @@ class DeviceProfile:
         memory_bytes: device (or unified) memory size, 0 when unknown.
         bandwidth_gbs: peak memory bandwidth in GB/s, ``None`` when unknown.
         matmul_tflops: peak dense fp16 matrix throughput, ``None`` when unknown.
-        gpu_cores: GPU core count where MLX reports it, else ``None``.
+        gpu_cores: GPU core count where MLX reports it (the SM count of known NVIDIA chips), else ``None``.
         info: the raw ``mx.device_info()`` dictionary.
     """
 
@@ -114,7 +124,7 @@ def profile_from_info(backend: str, info: Mapping[str, Any]) -> DeviceProfile:
             if known in name or name in known:
                 bandwidth, tflops = limits
                 break
-    cores = info.get("gpu_cores") or info.get("num_gpu_cores")
+    cores = info.get("gpu_cores") or info.get("num_gpu_cores") or (_KNOWN_SM_COUNTS.get(name) if backend == "cuda" else None)
     return DeviceProfile(
         backend=backend,
         name=name,

@@ -70,6 +70,9 @@ class Kernel:
         mma: include the matrix-unit primitive (``mma_<backend>.inc``) in the header.
         defines: ``(macro, value)`` pairs defined in the header (variants of one body).
         tunables: ``(template name, candidate values)`` pairs a tuner may pick from.
+        max_threads: on CUDA, the most threads per group it is launched with (0: unstated). ptxas then keeps
+            its registers within what that many threads may have, spilling if it must, so that a launch
+            never fails for want of registers whatever the compiler's version.
         src_dir: where the sources live.
     """
 
@@ -81,12 +84,15 @@ class Kernel:
     mma: bool = False
     defines: Tuple[Tuple[str, int], ...] = ()
     tunables: Tuple[Tuple[str, Tuple[int, ...]], ...] = ()
+    max_threads: int = 0
     src_dir: Path = SRC
 
     def header(self, backend: str) -> str:
         parts = [f"#define {macro} {value}\n" for macro, value in self.defines]
         parts += [_read(SRC / f) for f in PRELUDES[backend] + ((MMA[backend],) if self.mma else ())]
         parts += [_read(self.src_dir / f.format(backend=backend)) for f in self.helper_files()]
+        if backend == "cuda" and self.max_threads:  # MLX writes the signature: the bound comes with __global__
+            parts.append(f"#undef __global__\n#define __global__ __location__(global) __launch_bounds__({self.max_threads})\n")
         return "\n".join(parts)
 
     def helper_files(self) -> Tuple[str, ...]:

@@ -27,21 +27,27 @@ from typing import Optional, Tuple
 import mlx.core as mx
 
 from . import catalog
-from .launcher import Launch, div_vec, launch
+from .launcher import BoundLaunch, Launch, div_vec
 from .norms import MAX_DIMS, default_threads_per_row
 from .quantization import quantize_int8
 from .tuning import config_for
-from ..hardware import device_profile
+from ..hardware import device_profile, dynamic_shared_memory
+from ..hardware.profile import LARGEST_DYNAMIC_SHARED_MEMORY
+from ..memo import CallMemo
 from ..validation import FLOAT_DTYPES, check_array
 
 # The ACT template value of w8a8.kern per activation.
 ACTIVATIONS = {None: 0, "relu": 1, "silu": 2, "gelu": 3}
 PATHS = ("auto", "kernel", "warpgroup", "reference")
-# From this many rows (tokens) "auto" takes the warpgroup kernel on sm_90: at M = 1024 and 4096 (4096 x 4096,
-# H100) it takes 0.55 and 0.45x the mma.sync kernel's time; fewer rows are not measured yet.
+# From this many rows (tokens) "auto" takes the warpgroup kernel on sm_90, where it is measured (4096 x 4096,
+# H100, M = 1024-8192: 1.34-1.43x MLX's fp16 @; results/h100/quantization.md). Below, the kernel it replaced
+# was already faster than mma.sync (M = 16-512, lone calls) but slower than fp16 @.
 WG_MIN_ROWS = 1024
 K_ALIGN = 16  # the kernel reads rows in 16-byte chunks
 EXACT_SLICE = 1024  # 1024 * 128 * 128 = 2^24: float32 sums of int8 products stay exact
+# Prepared launches by everything a call's meaning depends on besides array values (sizes, dtypes, options):
+# a model repeats a few shapes, and the tuning lookup and launch set-up cost ~20 us of Python per call.
+_CALLS = CallMemo(256)
 
 
 def plan_quantize(x: mx.array) -> Launch:
@@ -73,7 +79,8 @@ def quantize_per_token(x: mx.array) -> Tuple[mx.array, mx.array]:
 
     if x.size == 0 or x.shape[1] > MAX_DIMS:
         return tuple(reference())
-    values, scales = launch(plan_quantize(x), reference)
+    bound = _CALLS.get(("quantize", x.shape, x.dtype, device_profile().backend), lambda: BoundLaunch(plan_quantize(x)))
+    values, scales = bound([x], reference)
     return values, scales
 
 
@@ -130,25 +137,40 @@ def plan(x_q, x_scale, w_q, w_scale, bias, activation, dtype, config=None) -> La
     )
 
 
+# GROUPS of a launch where the SM count is unknown: more than any tile count, so each threadgroup takes one tile.
+ONE_TILE_EACH = 1 << 24
+
+
+def warpgroup_shared_memory(config: dict, dtype: mx.Dtype) -> int:
+    """Bytes of shared memory of a w8a8_wg.kern launch: the stage buffers, both warpgroups' staging of 32
+    output rows (padded by 16 bytes), 1024 to align them, and 16 per pipe barrier (2 per stage, 2 more)."""
+    staging = 2 * 32 * (config["BN"] * dtype.size + 16)
+    return config["STAGES"] * (128 + config["BN"]) * 128 + staging + 1024 + (2 * config["STAGES"] + 2) * 16
+
+
 def plan_warpgroup(x_q, x_scale, w_q, w_scale, bias, activation, dtype, config=None) -> Launch:
-    """The launch of w8a8_wg.kern (sm_90 warpgroup unit); operands as in :func:`plan`."""
+    """The launch of w8a8_wg.kern (sm_90 warpgroup unit); operands as in :func:`plan`. Where the stages of the
+    config leave too little shared memory for a float32 output's staging, it takes fewer stages."""
     (m, k), n = x_q.shape, w_q.shape[0]
     config = {**config_for(catalog.W8A8_WG, dtype, {"M": m, "N": n, "K": k}), **(config or {})}
+    limit = dynamic_shared_memory() if device_profile().backend == "cuda" else LARGEST_DYNAMIC_SHARED_MEMORY
+    while config["STAGES"] > 2 and warpgroup_shared_memory(config, dtype) > limit:
+        config = {**config, "STAGES": config["STAGES"] - 1}
     has_bias = bias is not None
     threads = 256 + 32 * config["PW"]  # two consumer warpgroups, then the producer warps
-    stages = config["STAGES"]
+    tiles = -(-n // config["BN"]) * -(-m // 128)
+    groups = device_profile().gpu_cores or ONE_TILE_EACH
     return Launch(
         kernel=catalog.W8A8_WG,
         inputs=[x_q.view(mx.uint32), w_q.view(mx.uint32), x_scale, w_scale,
                 bias if has_bias else mx.zeros((1,), dtype)],
-        template=[("T", dtype), ("BN", config["BN"]), ("STAGES", stages), ("PW", config["PW"]),
-                  ("BIAS", int(has_bias)), ("ACT", ACTIVATIONS[activation])],
-        grid=(-(-n // config["BN"]) * threads, -(-m // 128), 1),
+        template=[("T", dtype), ("BN", config["BN"]), ("STAGES", config["STAGES"]), ("PW", config["PW"]),
+                  ("GROUPS", groups), ("BIAS", int(has_bias)), ("ACT", ACTIVATIONS[activation])],
+        grid=(min(tiles, groups) * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(m, n)],
         output_dtypes=[dtype],
-        # the stage buffers, 1024 bytes to align them, two 16-byte pipe barriers per stage
-        shared_memory=stages * (128 + config["BN"]) * 128 + 1024 + 2 * stages * 16,
+        shared_memory=warpgroup_shared_memory(config, dtype),
     )
 
 
@@ -204,12 +226,21 @@ def w8a8_matmul(
     m, k = x_q.shape
     check_array("x_scale", x_scale, f"({m},)", shape=(m,), dtypes=(mx.float32,))
     _check_weights(w_q, w_scale, bias, k)
+    _check_options(activation, dtype, path)
+    return _product(x_q, x_scale, w_q, w_scale, bias, activation, dtype, path, config)
+
+
+def _check_options(activation, dtype, path: str) -> None:
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float16, bfloat16 or float32; got {dtype}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}; got {activation!r}")
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}; got {path!r}")
+
+
+def _product(x_q, x_scale, w_q, w_scale, bias, activation, dtype, path: str, config) -> mx.array:
+    """:func:`w8a8_matmul` of checked arguments."""
     if bias is not None:
         bias = bias.astype(dtype)
 
@@ -218,9 +249,18 @@ def w8a8_matmul(
 
     if path == "reference" or x_q.size == 0 or w_q.shape[0] == 0:
         return ref()[0]
-    make_plan = plan_warpgroup if _route(path, x_q.shape[0]) == "warpgroup" else plan
-    launch_plan = make_plan(_pad_k(x_q), x_scale, _pad_k(w_q), w_scale, bias, activation, dtype, config)
-    return launch(launch_plan, ref)[0]
+    x_q, w_q = _pad_k(x_q), _pad_k(w_q)
+    key = ("matmul", x_q.shape, w_q.shape, dtype, bias is not None, activation, path,
+           tuple(sorted(config.items())) if config else None, device_profile().backend)
+
+    def prepare():
+        make_plan = plan_warpgroup if _route(path, x_q.shape[0]) == "warpgroup" else plan
+        launch_plan = make_plan(x_q, x_scale, w_q, w_scale, bias, activation, dtype, config)
+        return BoundLaunch(launch_plan), launch_plan.inputs[-1]
+
+    bound, bias_input = _CALLS.get(key, prepare)
+    inputs = [x_q.view(mx.uint32), w_q.view(mx.uint32), x_scale, w_scale, bias_input if bias is None else bias]
+    return bound(inputs, ref)[0]
 
 
 def w8a8_linear(
@@ -250,10 +290,9 @@ def w8a8_linear(
     if x.shape[-1] != dims:
         raise ValueError(f"x must have shape (..., {dims}) (w_q's in_features); got {tuple(x.shape)}")
     _check_weights(w_q, w_scale, bias, dims)
-    rows = x.reshape(-1, x.shape[-1])
-    x_q, x_scale = quantize_per_token(rows)
-    out = w8a8_matmul(x_q, x_scale, w_q, w_scale, bias, activation=activation, dtype=x.dtype, path=path,
-                      config=config)
+    _check_options(activation, x.dtype, path)
+    x_q, x_scale = quantize_per_token(x.reshape(-1, dims))
+    out = _product(x_q, x_scale, w_q, w_scale, bias, activation, x.dtype, path, config)
     return out.reshape(*x.shape[:-1], w_q.shape[0])
 
 

@@ -144,13 +144,22 @@ def test_auto_route_takes_the_warpgroup_kernel_on_hopper_from_enough_rows(monkey
     assert w8a8._route("kernel", rows) == "kernel"
 
 
-def test_warpgroup_launch_fits_hopper_shared_memory():
+@pytest.mark.parametrize("dtype", [mx.float16, mx.float32])
+@pytest.mark.parametrize("sms", [None, 132])
+def test_warpgroup_launch_fits_hopper_shared_memory(monkeypatch, dtype, sms):
+    """Every config fits the 227 KiB of an H100 (a float32 output's staging takes fewer stages where needed),
+    and the launch is persistent where the SM count is known: one threadgroup per SM at most."""
+    monkeypatch.setattr(w8a8, "device_profile", lambda: SimpleNamespace(family="sm_90", backend="cuda", gpu_cores=sms))
+    monkeypatch.setattr(w8a8, "dynamic_shared_memory", lambda: 227 * 1024)
     x_q, w_q = int8((300, 4112)), int8((520, 4112))
     for config in catalog.W8A8_WG.configs():
-        plan = w8a8.plan_warpgroup(x_q, mx.ones((300,)), w_q, mx.ones((520,)), None, None, mx.float16, config)
+        plan = w8a8.plan_warpgroup(x_q, mx.ones((300,)), w_q, mx.ones((520,)), None, None, dtype, config)
         threads = 256 + 32 * config["PW"]  # two consumer warpgroups and the producer warps
-        assert plan.shared_memory <= 227 * 1024
-        assert plan.grid == (-(-520 // config["BN"]) * threads, 3, 1) and plan.threadgroup == (threads, 1, 1)
+        tiles = -(-520 // config["BN"]) * 3
+        template = dict(plan.template)
+        assert plan.shared_memory <= 227 * 1024 and template["STAGES"] >= 2
+        assert template["GROUPS"] == (sms or w8a8.ONE_TILE_EACH)
+        assert plan.grid == (min(tiles, sms or tiles) * threads, 1, 1) and plan.threadgroup == (threads, 1, 1)
 
 
 def _exact_on_warpgroup(m, n, k, config=None):
@@ -203,3 +212,17 @@ def test_row_quantization_kernel_gives_the_reference_bytes(dtype, shape):
     np.testing.assert_array_equal(np.array(scales_), np.array(q.scales))
     np.testing.assert_array_equal(np.array(values), np.array(q.values))
     assert float(scales_[1]) == 1.0 and not np.any(np.array(values[1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [48, 400])
+def test_persistent_warpgroup_kernel_is_exact_over_many_tiles_per_threadgroup(k):
+    """More 128 x 256 tiles (9 x 16) than the H100 has SMs, so threadgroups take several tiles and the stage
+    buffers' barriers go on counting across tiles (1 or 4 stages a tile)."""
+    m, n = 1100, 3900
+    x_q, w_q = int8((m, k), extremes=True), int8((n, k), extremes=True)
+    out = w8a8_matmul(x_q, mx.ones((m,)), w_q, mx.ones((n,)), dtype=mx.float32, path="warpgroup",
+                      config={"BN": 256, "STAGES": 4, "PW": 4})
+    assert _kernel_ran(catalog.W8A8_WG)
+    exact = np.array(x_q).astype(np.float64) @ np.array(w_q).astype(np.float64).T  # integers below 2^53
+    np.testing.assert_array_equal(np.array(out).astype(np.float64), exact)
