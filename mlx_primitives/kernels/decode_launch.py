@@ -25,7 +25,7 @@ HEAD_DIMS = (64, 80, 96, 128, 256)
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 MAX_ROWS = 8  # query rows one threadgroup keeps in registers; more take several row blocks
 WAVES = 4  # split-KV considers up to this many waves of threadgroups
-DEFAULT_UNITS = 132  # H100 SMs: MLX's CUDA device_info reports no SM count
+DEFAULT_UNITS = 132  # SMs assumed where the profile knows no count (MLX reports none; profile.py names known chips)
 # Occupancy estimate for the split count: a lane keeps 2 * ROWS * CH * VEC floats of q and output
 # plus about ADDRESSING_REGISTERS more; the H100's SM has REGISTER_FILE registers and runs at most
 # MAX_THREADS_PER_UNIT threads.
