@@ -124,7 +124,9 @@ def profile_from_info(backend: str, info: Mapping[str, Any]) -> DeviceProfile:
             if known in name or name in known:
                 bandwidth, tflops = limits
                 break
-    cores = info.get("gpu_cores") or info.get("num_gpu_cores") or (_KNOWN_SM_COUNTS.get(name) if backend == "cuda" else None)
+    cores = info.get("gpu_cores") or info.get("num_gpu_cores")
+    if not cores and backend == "cuda":
+        cores = _KNOWN_SM_COUNTS.get(name)
     return DeviceProfile(
         backend=backend,
         name=name,

@@ -64,6 +64,7 @@ W8A8 = Kernel(
     body="w8a8.kern",
     inputs=("x", "w", "x_scale", "w_scale", "bias"),
     outputs=("out",),
+    helpers=("glu.inc", "w8a8.inc"),
     mma=True,
     tunables=(("BM", (64, 128)), ("BN", (64, 128)), ("WM", (2, 4)), ("WN", (2, 4))),
 )
@@ -76,7 +77,7 @@ W8A8_WG = Kernel(
     body="w8a8_wg.kern",
     inputs=W8A8.inputs,
     outputs=W8A8.outputs,
-    helpers=("flash_{backend}.inc", "flash.inc", "wgmma_{backend}.inc", "pipe_{backend}.inc"),
+    helpers=("flash_{backend}.inc", "flash.inc", "wgmma_{backend}.inc", "pipe_{backend}.inc") + W8A8.helpers,
     mma=True,
     tunables=(("BN", (128, 256)), ("STAGES", (3, 4)), ("PW", (2, 4))),
     max_threads=384,  # 2 consumer warpgroups and at most 4 producer warps

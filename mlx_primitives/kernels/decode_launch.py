@@ -122,7 +122,6 @@ def _int32(values: Tuple[int, ...]) -> mx.array:
 
 
 @functools.lru_cache(maxsize=1)
-@functools.lru_cache(maxsize=1)
 def no_block_table() -> mx.array:
     """What a contiguous cache passes as ``block_table``: one page (its rows) per sequence (one array
     per process: a decode step would otherwise build and fill it once per layer)."""

@@ -92,7 +92,8 @@ class Kernel:
         parts += [_read(SRC / f) for f in PRELUDES[backend] + ((MMA[backend],) if self.mma else ())]
         parts += [_read(self.src_dir / f.format(backend=backend)) for f in self.helper_files()]
         if backend == "cuda" and self.max_threads:  # MLX writes the signature: the bound comes with __global__
-            parts.append(f"#undef __global__\n#define __global__ __location__(global) __launch_bounds__({self.max_threads})\n")
+            bound = f"__launch_bounds__({self.max_threads})"
+            parts.append(f"#undef __global__\n#define __global__ __location__(global) {bound}\n")
         return "\n".join(parts)
 
     def helper_files(self) -> Tuple[str, ...]:

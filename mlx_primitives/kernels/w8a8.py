@@ -13,9 +13,9 @@ primitive and the pipe barriers live in the dialect headers (``wgmma_cuda.inc`` 
 wgmma and mbarriers; ``wgmma_metal.inc`` / ``pipe_metal.inc``: the same contracts on Metal's simdgroup
 matrices and threadgroup atomics, compiled by the Metal check but not routed to, as one stage exceeds
 Apple threadgroup memory). Activations are quantized per token in one pass on the GPU
-(``src/quantize_rows.kern``). The reference path (CPU, or a kernel that cannot run) computes the same integer product
-exactly: float32 matrix products over K-slices of 1024 (every partial sum an integer below 2^24)
-summed in int32.
+(``src/quantize_rows.kern``). The reference path (CPU, or a kernel that cannot run) computes the same
+integer product exactly: float32 matrix products over K-slices of 1024 (every partial sum an integer
+below 2^24) summed in int32.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from .launcher import BoundLaunch, Launch, div_vec
 from .norms import MAX_DIMS, default_threads_per_row
 from .quantization import quantize_int8
 from .tuning import config_for
-from ..hardware import device_profile, dynamic_shared_memory
-from ..hardware.profile import LARGEST_DYNAMIC_SHARED_MEMORY
+from ..hardware import LARGEST_DYNAMIC_SHARED_MEMORY, device_profile, dynamic_shared_memory
 from ..memo import CallMemo
 from ..validation import FLOAT_DTYPES, check_array
 
@@ -79,7 +78,8 @@ def quantize_per_token(x: mx.array) -> Tuple[mx.array, mx.array]:
 
     if x.size == 0 or x.shape[1] > MAX_DIMS:
         return tuple(reference())
-    bound = _CALLS.get(("quantize", x.shape, x.dtype, device_profile().backend), lambda: BoundLaunch(plan_quantize(x)))
+    key = ("quantize", x.shape, x.dtype, device_profile().backend)
+    bound = _CALLS.get(key, lambda: BoundLaunch(plan_quantize(x)))
     values, scales = bound([x], reference)
     return values, scales
 
@@ -249,17 +249,18 @@ def _product(x_q, x_scale, w_q, w_scale, bias, activation, dtype, path: str, con
 
     if path == "reference" or x_q.size == 0 or w_q.shape[0] == 0:
         return ref()[0]
-    x_q, w_q = _pad_k(x_q), _pad_k(w_q)
-    key = ("matmul", x_q.shape, w_q.shape, dtype, bias is not None, activation, path,
+    x_padded, w_padded = _pad_k(x_q), _pad_k(w_q)
+    key = ("matmul", x_padded.shape, w_padded.shape, dtype, bias is not None, activation, path,
            tuple(sorted(config.items())) if config else None, device_profile().backend)
 
     def prepare():
-        make_plan = plan_warpgroup if _route(path, x_q.shape[0]) == "warpgroup" else plan
-        launch_plan = make_plan(x_q, x_scale, w_q, w_scale, bias, activation, dtype, config)
+        make_plan = plan_warpgroup if _route(path, x_padded.shape[0]) == "warpgroup" else plan
+        launch_plan = make_plan(x_padded, x_scale, w_padded, w_scale, bias, activation, dtype, config)
         return BoundLaunch(launch_plan), launch_plan.inputs[-1]
 
     bound, bias_input = _CALLS.get(key, prepare)
-    inputs = [x_q.view(mx.uint32), w_q.view(mx.uint32), x_scale, w_scale, bias_input if bias is None else bias]
+    inputs = [x_padded.view(mx.uint32), w_padded.view(mx.uint32), x_scale, w_scale,
+              bias_input if bias is None else bias]
     return bound(inputs, ref)[0]
 
 
