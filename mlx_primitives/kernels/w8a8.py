@@ -5,7 +5,7 @@ own scale, multiplies by the int8 weight on the s8 matrix unit (``src/w8a8.kern`
 ``mma.sync.m16n8k32.s8``; Metal through half tiles, still exact), and applies the scales, an
 optional bias and activation in fp32 before writing the input dtype.
 
-On Hopper (sm_90) the product of ``WG_MIN_ROWS`` rows or more runs on the warpgroup unit instead
+On Hopper (sm_90) the product runs on the warpgroup unit instead, whatever the row count
 (``src/w8a8_wg.kern``: ``wgmma.mma_async.m64nNk32.s8`` from operand tiles in the 128-byte swizzle,
 warp-specialized: producer warps copy K stages with cp.async while two consumer warpgroups multiply,
 handing buffers back and forth through pipe barriers). Its body is written once: the warpgroup tile
@@ -38,10 +38,6 @@ from ..validation import FLOAT_DTYPES, check_array
 # The ACT template value of w8a8.kern per activation.
 ACTIVATIONS = {None: 0, "relu": 1, "silu": 2, "gelu": 3}
 PATHS = ("auto", "kernel", "warpgroup", "reference")
-# From this many rows (tokens) "auto" takes the warpgroup kernel on sm_90, where it is measured (4096 x 4096,
-# H100, M = 1024-8192: 1.34-1.43x MLX's fp16 @; results/h100/quantization.md). Below, the kernel it replaced
-# was already faster than mma.sync (M = 16-512, lone calls) but slower than fp16 @.
-WG_MIN_ROWS = 1024
 K_ALIGN = 16  # the kernel reads rows in 16-byte chunks
 EXACT_SLICE = 1024  # 1024 * 128 * 128 = 2^24: float32 sums of int8 products stay exact
 # Prepared launches by everything a call's meaning depends on besides array values (sizes, dtypes, options):
@@ -174,11 +170,13 @@ def plan_warpgroup(x_q, x_scale, w_q, w_scale, bias, activation, dtype, config=N
     )
 
 
-def _route(path: str, rows: int) -> str:
-    """``"kernel"`` or ``"warpgroup"`` for a GPU call of ``rows`` rows."""
+def _route(path: str) -> str:
+    """``"kernel"`` or ``"warpgroup"`` for a GPU call. "auto" takes the warpgroup kernel on sm_90, measured
+    faster than mma.sync and than MLX's fp16 ``@`` at every row count timed (H100, 4096 x 4096, M = 1-8192:
+    results/h100/quantization.md)."""
     if path != "auto":
         return path
-    return "warpgroup" if rows >= WG_MIN_ROWS and device_profile().family == "sm_90" else "kernel"
+    return "warpgroup" if device_profile().family == "sm_90" else "kernel"
 
 
 def _check_weights(w_q, w_scale, bias, dims: int) -> int:
@@ -254,7 +252,7 @@ def _product(x_q, x_scale, w_q, w_scale, bias, activation, dtype, path: str, con
            tuple(sorted(config.items())) if config else None, device_profile().backend)
 
     def prepare():
-        make_plan = plan_warpgroup if _route(path, x_padded.shape[0]) == "warpgroup" else plan
+        make_plan = plan_warpgroup if _route(path) == "warpgroup" else plan
         launch_plan = make_plan(x_padded, x_scale, w_padded, w_scale, bias, activation, dtype, config)
         return BoundLaunch(launch_plan), launch_plan.inputs[-1]
 

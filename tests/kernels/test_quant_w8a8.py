@@ -135,13 +135,12 @@ def test_kernel_fuses_bias_and_activation(activation):
     np.testing.assert_allclose(f64(out), f64(ref), rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("family, rows, expected", [("sm_90", w8a8.WG_MIN_ROWS, "warpgroup"),
-                                                    ("sm_90", w8a8.WG_MIN_ROWS - 1, "kernel"),
-                                                    ("sm_80", 4096, "kernel"), ("apple-m3-max", 4096, "kernel")])
-def test_auto_route_takes_the_warpgroup_kernel_on_hopper_from_enough_rows(monkeypatch, family, rows, expected):
+@pytest.mark.parametrize("family, expected", [("sm_90", "warpgroup"), ("sm_80", "kernel"),
+                                              ("apple-m3-max", "kernel")])
+def test_auto_route_takes_the_warpgroup_kernel_on_hopper(monkeypatch, family, expected):
     monkeypatch.setattr(w8a8, "device_profile", lambda: SimpleNamespace(family=family))
-    assert w8a8._route("auto", rows) == expected
-    assert w8a8._route("kernel", rows) == "kernel"
+    assert w8a8._route("auto") == expected
+    assert w8a8._route("kernel") == "kernel" and w8a8._route("warpgroup") == "warpgroup"
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.float32])
