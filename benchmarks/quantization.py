@@ -109,12 +109,13 @@ def _mlx_support() -> Table:
 def _int4_gemv() -> Table:
     table = Table(
         title="INT4 weight-only GEMV (M = 1, affine, group 64, fp16)",
-        columns=("out x in", "mx.quantized_matmul ms", "Int4Linear ms", "dequantize + @ ms", "fp16 GEMV ms",
-                 "Int4Linear / MLX"),
-        note="Per call, 20 calls queued in one graph; the four timed in turn (medians of 5 rounds). Int4Linear "
+        columns=("out x in", "mx.quantized_matmul us", "Int4Linear us", "dequantize + @ us", "fp16 GEMV us",
+                 "Int4Linear / MLX", "mx.quantized_matmul build us", "Int4Linear build us"),
+        note="Device time per call: 20 calls whose graphs were built beforehand, evaluated together, the four timed "
+             "in turn (medians of 5 rounds); build: the Python time that makes one call's graph, apart. Int4Linear "
              "is an nn.QuantizedLinear that calls mx.quantized_matmul itself once MLX's kernel has run for its kind "
-             "of call, so its ratio is the layer's Python cost (and noise). 'n/a' where MLX's kernel fails to build "
-             "here.",
+             "of call: the same kernel, so its device-time ratio is 1 but for noise. 'n/a' where MLX's kernel fails "
+             "to build here.",
     )
     for out_dims, in_dims in ((DIMS, DIMS), (11008, DIMS), (DIMS, 11008)):
         w = (mx.random.normal((out_dims, in_dims)) / 64).astype(mx.float16)
@@ -129,9 +130,10 @@ def _int4_gemv() -> Table:
             fns.append(lambda: mx.quantized_matmul(x, *args, group_size=64, bits=4))
         except RuntimeError:
             pass
-        ours, dequant, fp16, *mlx = in_turn_ms(fns, lambda f: time_per_call_ms(f, repeats=1))
+        ours, dequant, fp16, *mlx = in_turn_ms(fns, lambda f: eval_us(f, rounds=3))
+        builds = [build_us(f) for f in fns[3:] + fns[:1]]
         table.add(f"{out_dims} x {in_dims}", mlx[0] if mlx else "n/a", ours, dequant, fp16,
-                  ours / mlx[0] if mlx else "n/a")
+                  ours / mlx[0] if mlx else "n/a", *(builds if mlx else ["n/a", *builds]))
     return table
 
 

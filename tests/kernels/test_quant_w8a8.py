@@ -106,7 +106,7 @@ def _kernel_ran(kernel=catalog.W8A8) -> bool:
 def test_kernel_matches_oracle(dtype, shape):
     m, n, k = shape
     x_q, w_q, x_s, w_s = int8((m, k), extremes=True), int8((n, k), extremes=True), scales(m), scales(n)
-    out = w8a8_matmul(x_q, x_s, w_q, w_s, dtype=dtype)
+    out = w8a8_matmul(x_q, x_s, w_q, w_s, dtype=dtype, path="kernel")
     assert _kernel_ran()
     assert_close_to_oracle(out, oracle(x_q, x_s, w_q, w_s), dtype)
 
@@ -117,7 +117,7 @@ def test_every_tile_config_is_exact(config):
     """Unit scales and float32 output: the kernel's integer product must equal the int64 one."""
     m, n, k = 200, 150, 192
     x_q, w_q = int8((m, k), extremes=True), int8((n, k), extremes=True)
-    out = w8a8_matmul(x_q, mx.ones((m,)), w_q, mx.ones((n,)), dtype=mx.float32, config=config)
+    out = w8a8_matmul(x_q, mx.ones((m,)), w_q, mx.ones((n,)), dtype=mx.float32, path="kernel", config=config)
     assert _kernel_ran()
     exact = np.array(x_q).astype(np.int64) @ np.array(w_q).astype(np.int64).T
     np.testing.assert_array_equal(np.array(out).astype(np.int64), exact)
@@ -125,13 +125,14 @@ def test_every_tile_config_is_exact(config):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("activation", [None, "relu", "silu", "gelu"])
-def test_kernel_fuses_bias_and_activation(activation):
+@pytest.mark.parametrize("path, kernel", [("kernel", catalog.W8A8), ("warpgroup", catalog.W8A8_WG)])
+def test_kernel_fuses_bias_and_activation(activation, path, kernel):
     x = mx.random.normal((70, 96)).astype(mx.float16)
     wq = quantize_int8(mx.random.normal((40, 96)))
     bias = mx.random.normal((40,)).astype(mx.float16)
-    out = w8a8_linear(x, wq.values, wq.scales, bias, activation=activation)
+    out = w8a8_linear(x, wq.values, wq.scales, bias, activation=activation, path=path)
     ref = w8a8_linear(x, wq.values, wq.scales, bias, activation=activation, path="reference")
-    assert _kernel_ran()
+    assert _kernel_ran(kernel)
     np.testing.assert_allclose(f64(out), f64(ref), rtol=2e-3, atol=2e-3)
 
 
