@@ -25,9 +25,8 @@ import mlx.core as mx
 
 from mlx_primitives.kernels import decode_attention
 
-from .decode import HEAD_DIM, HEADS, KV_HEADS
+from .decode import HEAD_DIM, cache, shapes
 
-SHAPES = [(b, n) for b in (1, 8, 32) for n in (4096, 32768)]
 # Our kernel's configs per shape (None: the tuned or default one) and the int8 cache's.
 CONFIGS = {
     "defaults": ([None], [None]),
@@ -39,14 +38,13 @@ RUNS = 2  # each case; the parse keeps the last
 
 
 def cases(configs: str) -> Iterator[Tuple[str, Callable[[], mx.array]]]:
-    """``(name, call)`` of every case, shape by shape (each shape's arrays made when it comes)."""
+    """``(name, call)`` of every case, shape by shape of the decode suite's grid (each shape's arrays made when
+    it comes)."""
     float_configs, int8_configs = CONFIGS[configs]
-    for batch, length in SHAPES:
-        q = mx.random.normal((batch, 1, HEADS, HEAD_DIM)).astype(mx.float16)
-        k, v = (mx.random.normal((batch, length, KV_HEADS, HEAD_DIM)).astype(mx.float16) for _ in range(2))
-        lengths = mx.full((batch,), length, mx.int32)
+    for batch, length in shapes(quick=False):
+        q, k, v, lengths = cache(batch, length)
         qh, kh, vh = q.swapaxes(1, 2), mx.contiguous(k.swapaxes(1, 2)), mx.contiguous(v.swapaxes(1, 2))
-        mx.eval(q, k, v, lengths, qh, kh, vh)
+        mx.eval(qh, kh, vh)
         shape = f"B={batch} L={length}"
         yield f"{shape} sdpa", lambda: mx.fast.scaled_dot_product_attention(qh, kh, vh, scale=HEAD_DIM**-0.5)
         for config in float_configs:
