@@ -98,6 +98,14 @@ DECODE_COMBINE = Kernel(
     outputs=("out", "lse"),
 )
 
+# The arrival counters of a decode launch that merges its own splits, zeroed for that call.
+DECODE_COUNTERS = Kernel(
+    name="decode_attention_counters",
+    body="decode_counters.kern",
+    inputs=("cache_seqlens",),
+    outputs=("counters",),
+)
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,13 +195,13 @@ FLASH_BWD_DKDV_WG = _warpgroup_variant(FLASH_BWD_DKDV, (("BQ", (64, 128)), ("WAR
 # Decode attention (decode.py): the split-KV pass (asynchronous K/V copies from flash_<backend>.inc),
 # whose threads per group, minimum keys per split and 16-byte chunks per lane are free, and the pass
 # that merges the splits (on CUDA the split-KV pass merges them itself, FUSE: the answer in out and
-# lse). The split-KV pass also reads mx.quantize caches (KV_BITS; the scales and biases are
-# placeholders for a float cache).
+# lse; its arrival counters come from DECODE_COUNTERS). The split-KV pass also reads mx.quantize caches
+# (KV_BITS; the scales and biases are placeholders for a float cache).
 DECODE = _AttentionKernel(
     name="decode_attention",
     body="decode.kern",
     inputs=("q", "k_cache", "v_cache", "cache_seqlens", "block_table", "params", "slopes", "k_scales", "k_biases",
-            "v_scales", "v_biases"),
+            "v_scales", "v_biases", "counters"),
     outputs=("out", "lse", "o_part", "lse_part"),
     helpers=("decode.inc",),
     mma=True,
@@ -281,7 +289,7 @@ DEFAULTS = {
 }
 
 KERNELS = (
-    RMS_NORM, RMS_NORM_RESIDUAL, LAYER_NORM, LAYER_NORM_RESIDUAL, ROPE, GLU, MATMUL, DECODE, DECODE_COMBINE, FLASH_FWD,
-    FLASH_FWD_WG, FLASH_BWD_DQ, FLASH_BWD_DQ_WG, FLASH_BWD_DKDV, FLASH_BWD_DKDV_WG,
+    RMS_NORM, RMS_NORM_RESIDUAL, LAYER_NORM, LAYER_NORM_RESIDUAL, ROPE, GLU, MATMUL, DECODE, DECODE_COMBINE,
+    DECODE_COUNTERS, FLASH_FWD, FLASH_FWD_WG, FLASH_BWD_DQ, FLASH_BWD_DQ_WG, FLASH_BWD_DKDV, FLASH_BWD_DKDV_WG,
     W8A8, W8A8_WG, QUANTIZE_ROWS, SELECTIVE_SCAN, LINEAR_SCAN, SAGE_QUANT, SAGE_ATTN, SAGE_ATTN_WG,
 )

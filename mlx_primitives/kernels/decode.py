@@ -21,8 +21,8 @@ from ..hardware import device_profile
 from ..memo import CallMemo
 from ..validation import check_array, check_same_dtype
 from . import catalog
-from .decode_launch import (DTYPES, HEAD_DIMS, KERNEL_BITS, combine_plan, fuses, geometry, no_affine,
-                            no_block_table, num_splits, placeholder, plan)
+from .decode_launch import (DTYPES, HEAD_DIMS, KERNEL_BITS, combine_plan, counters_plan, fuses, geometry,
+                            no_affine, no_block_table, no_counters, num_splits, placeholder, plan)
 from .decode_launch import compile_examples  # noqa: F401 -- the Metal compile check asks this module
 from .launcher import BoundLaunch, with_reference_vjp
 from .quantization import MLX_BITS, MLX_GROUP_SIZES
@@ -243,17 +243,13 @@ def _prepare(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, cau
                       affine or None, quantization)
     split_pass, params, float_cache = BoundLaunch(split_plan), split_plan.inputs[5], no_affine()
 
-    def split_inputs(q, k_cache, v_cache, cache_seqlens, table, affine) -> List[mx.array]:
-        return [q, k_cache, v_cache, cache_seqlens, table, params, slopes, *(affine or float_cache)]
+    def split_inputs(q, k_cache, v_cache, cache_seqlens, table, affine, counters=None) -> List[mx.array]:
+        return [q, k_cache, v_cache, cache_seqlens, table, params, slopes, *(affine or float_cache),
+                no_counters() if counters is None else counters]
 
-    if fuses(spec, shape, splits, backend):  # one launch: its first two outputs are the answer
-        def forward(q, k_cache, v_cache, cache_seqlens, table, *affine) -> List[mx.array]:
-            return split_pass(split_inputs(q, k_cache, v_cache, cache_seqlens, table, affine),
-                              lambda: reference(q, k_cache, v_cache, cache_seqlens, table, *affine))[:2]
-
-        return with_reference_vjp(forward, reference)
-
-    merge_pass = BoundLaunch(combine_plan(placeholder(), placeholder(), sink_logits, spec))
+    fused = fuses(spec, shape, splits, backend)  # one launch: outputs 0, 1 the answer
+    count_pass = BoundLaunch(counters_plan(cache_seqlens, spec, shape["BLOCKS"])) if fused and splits > 1 else None
+    merge_pass = None if fused else BoundLaunch(combine_plan(placeholder(), placeholder(), sink_logits, spec))
 
     def forward(q, k_cache, v_cache, cache_seqlens, table, *affine) -> List[mx.array]:
         fell_back = []
@@ -262,10 +258,16 @@ def _prepare(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, cau
             fell_back.append(True)
             return reference(q, k_cache, v_cache, cache_seqlens, table, *affine)
 
-        parts = split_pass(split_inputs(q, k_cache, v_cache, cache_seqlens, table, affine), fallback)
+        counters = None
+        if count_pass is not None:
+            zeroed = count_pass([cache_seqlens], fallback)
+            if fell_back:  # the counters' launch could not run: zeroed is the reference's answer
+                return zeroed
+            counters = zeroed[0]
+        parts = split_pass(split_inputs(q, k_cache, v_cache, cache_seqlens, table, affine, counters), fallback)
         if fell_back:  # the split pass could not run: parts already is the reference's answer
             return parts
-        return merge_pass([parts[2], parts[3], sink_logits], fallback)
+        return parts[:2] if merge_pass is None else merge_pass([parts[2], parts[3], sink_logits], fallback)
 
     return with_reference_vjp(forward, reference)
 

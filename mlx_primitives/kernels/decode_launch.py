@@ -34,6 +34,7 @@ REGISTER_FILE = 65536
 MAX_THREADS_PER_UNIT = 2048
 MAX_STAGES = 6  # K/V steps in shared memory: the one being read and up to five in flight
 COMBINE_WARPS = 4
+COUNTER_THREADS = 256  # most threads of the launch zeroing a fused call's arrival counters
 KERNEL_BITS = (2, 4, 8)  # quantized caches the split-KV kernel reads; others are dequantized first
 QUANT_VEC = 16  # values per staged chunk of a quantized cache
 MMA_ROWS = 16  # rows of a block on the matrix unit (the M of m16n8k16)
@@ -208,13 +209,13 @@ def fuses(spec: AttentionSpec, shape: Dict[str, int], splits: int, backend: str)
 
 def plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec: AttentionSpec, splits: int,
          config, backend: Optional[str] = None, affine: Optional[Sequence[mx.array]] = None,
-         quantization: Optional[Tuple[int, int]] = None) -> Launch:
+         quantization: Optional[Tuple[int, int]] = None, counters: Optional[mx.array] = None) -> Launch:
     """The split-KV launch of ``decode.kern``; ``block_table`` None for a contiguous cache.
 
     Outputs ``[out, lse, o_part, lse_part]``: where the launch fuses the merge (:func:`fuses`),
-    ``out`` and ``lse`` are the answer (``o_part``/``lse_part`` the partials and arrival counters of
-    several splits, the outputs then filled with 0 first); else ``o_part``/``lse_part`` are the
-    partials for :func:`combine_plan` and ``out``/``lse`` placeholders.
+    ``out`` and ``lse`` are the answer (``o_part``/``lse_part`` the partials of several splits, which
+    count themselves in at ``counters``, zeroed for the call by :func:`counters_plan`); else
+    ``o_part``/``lse_part`` are the partials for :func:`combine_plan` and ``out``/``lse`` placeholders.
 
     A quantized cache: ``k_cache``/``v_cache`` the packed words, ``affine`` ``(k_scales, k_biases,
     v_scales, v_biases)`` and ``quantization`` ``(group_size, bits)`` with bits in ``KERNEL_BITS``.
@@ -250,27 +251,48 @@ def plan(q, k_cache, v_cache, cache_seqlens, block_table, slopes, spec: Attentio
     table = no_block_table() if block_table is None else block_table
     return Launch(
         kernel=catalog.DECODE,
-        inputs=[q, k_cache, v_cache, cache_seqlens, table, params, slopes] + list(affine or no_affine()),
+        inputs=[q, k_cache, v_cache, cache_seqlens, table, params, slopes] + list(affine or no_affine())
+        + [no_counters() if counters is None else counters],
         template=template,
         grid=(splits * g["THREADS"], spec.num_kv_heads * g["BLOCKS"], spec.batch),
         threadgroup=(g["THREADS"], 1, 1),
-        output_shapes=_split_outputs(spec, splits, g["BLOCKS"], fuse),
+        output_shapes=_split_outputs(spec, splits, fuse),
         output_dtypes=[q.dtype, mx.float32, mx.float32, mx.float32],
-        init_value=0.0 if fuse and splits > 1 else None,
     )
 
 
-def _split_outputs(spec: AttentionSpec, splits: int, blocks: int, fuse: bool):
+def _split_outputs(spec: AttentionSpec, splits: int, fuse: bool):
     """Shapes of the split pass's ``[out, lse, o_part, lse_part]`` (:func:`plan`)."""
     rows = (spec.batch, spec.num_heads, spec.q_len)
     answer = [(spec.batch, spec.q_len, spec.num_heads, spec.head_dim), rows]
     if fuse and splits == 1:
         return answer + [(1,), (1,)]
     parts = [rows + (splits, spec.head_dim), rows + (splits,)]
-    if not fuse:
-        return [(1,), (1,)] + parts
-    counters = spec.batch * spec.num_kv_heads * blocks
-    return answer + [parts[0], (math.prod(parts[1]) + counters,)]
+    return answer + parts if fuse else [(1,), (1,)] + parts
+
+
+@functools.lru_cache(maxsize=1)
+def no_counters() -> mx.array:
+    """What a launch that does not count its splits passes as ``counters``."""
+    return mx.zeros((1,), mx.int32)
+
+
+def counters_plan(cache_seqlens: mx.array, spec: AttentionSpec, blocks: int) -> Launch:
+    """The launch of ``decode_counters.kern``: the zeroed arrival counters, one per (batch, kv head, row
+    block), of one fused split-KV call (:func:`plan` with several splits; ``blocks`` row blocks a kv head).
+    Zeroing them in a launch of their own, not by MLX's ``init_value`` on the split pass (which fills
+    every output: four fills a call) is one small launch instead of four."""
+    per_seq = spec.num_kv_heads * blocks
+    threads = min(COUNTER_THREADS, next_pow2(spec.batch * per_seq))
+    return Launch(
+        kernel=catalog.DECODE_COUNTERS,
+        inputs=[cache_seqlens],
+        template=(("PER_SEQ", per_seq), ("THREADS", threads)),
+        grid=(threads, 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(spec.batch * per_seq,)],
+        output_dtypes=[mx.int32],
+    )
 
 
 def combine_plan(o_part: mx.array, lse_part: mx.array, sinks: mx.array, spec: AttentionSpec) -> Launch:
@@ -338,6 +360,9 @@ def _fused_examples():
                 for config in configs:
                     yield plan(q, pool, pool, lengths, None, placeholder(), spec, 3, config, "cuda")
     yield _quantized_plan(mx.zeros((2, 1, 4, 128), mx.float16), 4, 64, paged=False, backend="cuda")
+    spec = describe_attention(mx.zeros((2, 1, 4, 64)), mx.zeros((2, 16, 2, 64)), mx.zeros((2, 16, 2, 64)),
+                              layout="BSHD", causal=True)
+    yield counters_plan(lengths, spec, blocks=1)
 
 
 def _mma_examples():

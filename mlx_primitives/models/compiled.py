@@ -5,11 +5,14 @@ Decoding one token is host-bound on a GPU: Python builds each layer's graph (~12
 a 1B Llama) and MLX launches every op on its own. :class:`CompiledDecode` traces the step once per
 batch size and replays it: no Python runs per layer, and MLX fuses the elementwise ops. The trace
 is shape-fixed, so everything that changes from step to step is an array: RoPE offsets, lengths,
-write slots (one int32 ``(4, batch)`` array) and a block table of a fixed width. New keys and
-values are scattered into the layers' page pools; the step returns the updated pools, which
-replace the cache's, so MLX writes them in place where the old pool has no other holder when the
+write slots (four int32 ``(batch,)`` arrays, :class:`Positions`) and a block table of a fixed width.
+New keys and values are scattered into the layers' page pools; the step returns the updated pools,
+which replace the cache's, so MLX writes them in place where the old pool has no other holder when the
 step runs (else it copies the pool; H100, 8 queued steps of a 1B Llama at 8k context: peak memory
-2.9 MB over the start, less than one 8.5 MB pool, so none was copied).
+2.9 MB over the start, less than one 8.5 MB pool, so none was copied). The step also returns the next
+step's positions, computed on the device: a step whose sequences and block table are those of the one
+before takes them instead of arrays built on the host, since the GPU's first read of a host-written
+array stalls on its migration (MLX's CUDA memory is managed; H100: ~200 us a step, 6% of a 1B Llama's).
 
 Attention runs in the split-KV decode kernel (:func:`~mlx_primitives.kernels.decode.bind_decode`)
 where it supports the call on a GPU, otherwise in :func:`masked_decode` (MLX ops of fixed shape
@@ -18,7 +21,7 @@ that read no array on the host, as tracing requires).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -81,22 +84,40 @@ def kernel_decodes(q: mx.array, pool: mx.array, scale: float, softcap: float, wi
     return unsupported(spec, pool.shape[1]) is None
 
 
+class Positions(NamedTuple):
+    """Where a decode step's new token goes, each int32 ``(batch,)``: RoPE offsets, lengths after the new
+    key, and the page and row the key is written to."""
+
+    offsets: mx.array
+    lengths: mx.array
+    pages: mx.array
+    rows: mx.array
+
+    def advanced(self, block_table: mx.array, page_size: int) -> "Positions":
+        """The next step's positions, one more token on, while the block table holds its pages (the
+        page of a key past the table's width is clamped to the last slot; the host uploads the next
+        positions then, since the table changes)."""
+        slot = mx.minimum(self.lengths // page_size, block_table.shape[1] - 1)
+        pages = mx.take_along_axis(block_table, slot[:, None], axis=1)[:, 0]
+        return Positions(self.offsets + 1, self.lengths + 1, pages, self.lengths % page_size)
+
+
 class TracedStep(StepDecode):
     """A decode step's shared state inside the trace, with :class:`~mlx_primitives.models.PagedStep`'s
     interface for :class:`~mlx_primitives.models.PagedLayerCache`: one new token per sequence.
 
     Args:
-        positions: int32 ``(4, batch)``: RoPE offsets, lengths after the new key, write pages, write rows.
+        positions: the step's :class:`Positions`.
         block_table: int32 ``(batch, width)``.
         k_pools, v_pools: the layers' pools; :meth:`write` replaces them with their updated arrays.
     """
 
     new = 1
 
-    def __init__(self, positions: mx.array, block_table: mx.array, k_pools: List[mx.array],
+    def __init__(self, positions: Positions, block_table: mx.array, k_pools: List[mx.array],
                  v_pools: List[mx.array]):
-        self.offset, self.lengths = positions[0], positions[1]
-        self.slots = (positions[2], positions[3])
+        self.offset, self.lengths = positions.offsets, positions.lengths
+        self.slots = (positions.pages, positions.rows)
         self.block_table, self.k_pools, self.v_pools = block_table, k_pools, v_pools
         self._decode: Dict[Tuple[float, float, Window], Callable] = {}  # (scale, softcap, window) -> bound call
 
@@ -136,6 +157,8 @@ class CompiledDecode:
         if not isinstance(self.width, int) or self.width < 1:
             raise ValueError(f"max_pages must be a positive int; got {max_pages!r}")
         self._compiled = mx.compile(self._step)
+        # The last step's table and host positions, and the positions it computed for the step after it.
+        self._last: Optional[Tuple[mx.array, List[int], List[int], Positions]] = None
 
     def __call__(self, seqs: Sequence[int], tokens: mx.array) -> mx.array:
         """Logits ``(len(seqs), vocab)`` after appending ``tokens`` ``(len(seqs),)`` to ``seqs``."""
@@ -145,16 +168,24 @@ class CompiledDecode:
                              f"{cache.page_size} keys")
         offsets = [cache.offset(s) for s in seqs]
         before = cache.reserve_host(seqs, 1)
-        pages, rows = cache.write_slots(seqs, before, 1)
-        positions = mx.array([offsets, [n + 1 for n in before], pages, rows], mx.int32)
         table = cache.device_block_table(seqs, self.width)
-        logits, k_pools, v_pools = self._compiled(tokens.reshape(len(seqs), 1), positions, table, cache.k_pools,
-                                                  cache.v_pools)
+        last = self._last
+        if last is not None and last[0] is table and last[1] == [n - 1 for n in offsets] \
+                and last[2] == [n - 1 for n in before]:
+            positions = last[3]  # one token on from the last step, same pages: already on the device
+        else:
+            pages, rows = cache.write_slots(seqs, before, 1)
+            positions = Positions(*(mx.array(values, mx.int32) for values in
+                                    (offsets, [n + 1 for n in before], pages, rows)))
+        logits, k_pools, v_pools, upcoming = self._compiled(tokens.reshape(len(seqs), 1), positions, table,
+                                                            cache.k_pools, cache.v_pools)
         cache.k_pools[:], cache.v_pools[:] = k_pools, v_pools  # the old pools' last holders go
+        self._last = (table, offsets, before, Positions(*upcoming))
         return logits
 
-    def _step(self, tokens: mx.array, positions: mx.array, table: mx.array, k_pools: List[mx.array],
+    def _step(self, tokens: mx.array, positions: Positions, table: mx.array, k_pools: List[mx.array],
               v_pools: List[mx.array]):
+        positions = Positions(*positions)
         step = TracedStep(positions, table, list(k_pools), list(v_pools))
         logits = self.model(tokens, cache=[PagedLayerCache(step, layer) for layer in range(len(k_pools))])
-        return logits[:, -1], step.k_pools, step.v_pools
+        return logits[:, -1], step.k_pools, step.v_pools, list(positions.advanced(table, self.cache.page_size))

@@ -106,6 +106,30 @@ def test_compiled_step_writes_the_pools_in_place():
     assert cache.length(seqs[0]) == 8
 
 
+def test_compiled_step_takes_the_positions_the_last_step_computed_while_its_pages_stay():
+    """Steps within a page run on the positions the step before computed on the device (equal to the host's);
+    a new page (a new block table) or other sequences bring positions from the host again."""
+    model = random_model(TINY_CONFIGS["llama"], std=0.1)
+    swap_attention(model)
+    cache, seqs = _prefilled(model, [[1, 2, 3, 4, 5], [6, 7]], num_pages=16, page_size=4)
+    step = CompiledDecode(model, cache, max_pages=4)
+    given, upcoming = [], [None]
+    compiled = step._compiled
+    step._compiled = lambda tokens, positions, *rest: given.append(positions) or compiled(tokens, positions, *rest)
+    for token in range(5):  # lengths 5, 2 -> 10, 7: a new page at the third step (second) and the fourth (first)
+        before = [cache.length(s) for s in seqs]
+        step(seqs, mx.array([token, token + 1]))
+        upcoming.append(step._last[3])
+        pages, rows = cache.write_slots(seqs, before, 1)
+        host = [[cache.offset(s) - 1 for s in seqs], [cache.length(s) for s in seqs], pages, rows]
+        assert [np.array(p).tolist() for p in given[-1]] == host
+    assert [g is u for g, u in zip(given, upcoming)] == [False, True, False, False, True]
+    fork = cache.fork(seqs[0])
+    step([fork, seqs[1]], mx.array([1, 2]))
+    assert given[-1] is not upcoming[-1]
+    assert np.array(given[-1].lengths).tolist() == [cache.length(fork), cache.length(seqs[1])]
+
+
 def test_compiled_step_checks_its_width_before_reserving():
     model = random_model(TINY_CONFIGS["llama"], std=0.1)
     swap_attention(model)
