@@ -118,18 +118,12 @@ class TracedStep(StepDecode):
                  v_pools: List[mx.array]):
         self.offset, self.lengths = positions.offsets, positions.lengths
         self.slots = (positions.pages, positions.rows)
-        # One sequence: its (page, row), for one slice update a write instead of a scatter and the nodes MLX
-        # builds around a scatter's indices (4 a write; a 1B Llama's step has 32 writes).
-        self.start = mx.concatenate(self.slots) if positions.pages.shape[0] == 1 else None
         self.block_table, self.k_pools, self.v_pools = block_table, k_pools, v_pools
         self._decode: Dict[Tuple[float, float, Window], Callable] = {}  # (scale, softcap, window) -> bound call
 
-    def write(self, pool: mx.array, new: mx.array) -> mx.array:
-        """``pool`` with ``new`` ``(batch, 1, kv_heads, head_dim)`` written at the step's slots."""
-        if self.start is not None:
-            return mx.slice_update(pool, new, self.start, axes=(0, 1))
+    def write(self, pool: mx.array, new: mx.array) -> None:
+        """Scatter ``new`` ``(batch, 1, kv_heads, head_dim)`` into ``pool`` at the step's slots."""
         pool[self.slots] = new.reshape(-1, *new.shape[2:])
-        return pool
 
     def bind(self, queries: mx.array, k_pool: mx.array, v_pool: mx.array, scale: float, softcap: float,
              window: Window) -> Callable[[mx.array, mx.array, mx.array], mx.array]:

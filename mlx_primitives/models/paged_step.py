@@ -99,13 +99,12 @@ class PagedStep(StepDecode):
             else:
                 self.slots = (mx.array(pages, mx.int32), mx.array(rows, mx.int32))
 
-    def write(self, pool: mx.array, new: mx.array) -> mx.array:
-        """``pool`` with ``new`` ``(batch, self.new, kv_heads, head_dim)`` written at the step's slots (in place)."""
+    def write(self, pool: mx.array, new: mx.array) -> None:
+        """Write ``new`` ``(batch, self.new, kv_heads, head_dim)`` into ``pool`` in place at the step's slots."""
         if isinstance(self.slots[0], slice):
             pool[self.slots] = new
         else:
             pool[self.slots] = new.reshape(-1, *new.shape[2:])
-        return pool
 
     def bind(self, queries: mx.array, k_pool: mx.array, v_pool: mx.array, scale: float, softcap: float,
              window: Window) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
@@ -158,8 +157,8 @@ class PagedLayerCache:
                                           block_table=step.block_table, softmax_scale=scale, causal=True,
                                           window_size=window, softcap=softcap)
         else:
-            k_pool = step.k_pools[self.layer] = step.write(k_pool, k_new)
-            v_pool = step.v_pools[self.layer] = step.write(v_pool, v_new)
+            step.write(k_pool, k_new)
+            step.write(v_pool, v_new)
             out = step.decode(queries, k_pool, v_pool, scale, softcap, window)
         return out.swapaxes(1, 2)
 
