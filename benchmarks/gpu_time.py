@@ -8,9 +8,9 @@ suites' per-call timings; ``ncu`` times each kernel alone (caches flushed, clock
     python3 -m benchmarks.gpu_time --parse LOG
 
 The first runs every case twice and prints ``CASE <name>`` after each; the second pairs ncu's durations with the
-cases by kernel name (a decode call is one ``decode_attention`` kernel, perhaps a ``decode_combine`` after it;
-sdpa's kernels, cuDNN's on CUDA, are everything else) and prints the second run of each decode case and the mean
-of sdpa's two. Shapes: issue 5's decode grid (fp16, q_len 1, Hq 32, Hk 8, D 128, B in {1, 8, 32}, L in {4k, 32k});
+cases by kernel name (a decode call is one ``decode_attention`` kernel, perhaps a ``decode_attention_counters``
+before it and a ``decode_attention_combine`` after it; sdpa's kernels, cuDNN's on CUDA, are everything else) and
+prints the second run of each decode case and the mean of sdpa's two. Shapes: issue 5's decode grid (fp16, q_len 1, Hq 32, Hk 8, D 128, B in {1, 8, 32}, L in {4k, 32k});
 the int8 cache (``mx.quantize``, group 64) at L = 32k for B = 1 and 8. Results: results/h100/decode.md.
 """
 
@@ -70,17 +70,20 @@ def parse(log: str) -> List[Tuple[str, int, float]]:
     lines = log.splitlines()
     names = [line[5:] for line in lines if line.startswith("CASE ")]
     rows = csv.DictReader(io.StringIO("\n".join(line for line in lines if line.startswith('"'))))
-    groups: List[List] = []  # [decode?, ns, kernels]: a decode launch (and its combine), or a run of sdpa kernels
+    groups: List[List] = []  # [kind, ns, kernels]: one decode call's kernels ("decode"), or a run of sdpa's
     for row in rows:
         if row["Metric Name"] != "gpu__time_duration.sum":
             continue
         name, ns = row["Kernel Name"], float(row["Metric Value"].replace(",", ""))
-        decode = "decode_attention" in name
-        if decode or not groups or ("decode_combine" not in name and groups[-1][0]):
-            groups.append([decode, ns, 1])
+        kind = next((k for k in ("counters", "combine") if f"decode_attention_{k}" in name),
+                    "decode" if "decode_attention" in name else "sdpa")
+        last = groups[-1] if groups else None
+        if last and (kind == "combine" or (kind, last[0]) in (("decode", "counters"), ("sdpa", "sdpa"))):
+            last[0] = "decode" if kind == "decode" else last[0]  # a split pass completes its counters' call
+            last[1] += ns
+            last[2] += 1
         else:
-            groups[-1][1] += ns
-            groups[-1][2] += 1
+            groups.append([kind, ns, 1])
     results, at = [], 0
     for name in names:
         if name.endswith("sdpa"):  # both runs' kernels, back to back, form one group
